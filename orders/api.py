@@ -1,0 +1,130 @@
+"""The orders API: JSON in and out, described by OpenAPI at /api/docs."""
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated
+
+from django.shortcuts import get_object_or_404
+from ninja import Field, Header, Router, Schema, Status
+from ninja.pagination import LimitOffsetPagination, paginate
+from pydantic import ConfigDict, StrictInt, StringConstraints, field_validator
+
+from . import services
+from .models import Order, Product
+
+router = Router(tags=["orders"])
+
+Sku = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+
+
+class ItemIn(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    sku: Sku
+    # Strict: "2", 2.0 and true are refused rather than coerced.
+    quantity: StrictInt = Field(gt=0, le=services.MAX_QUANTITY)
+
+
+class OrderIn(Schema):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[ItemIn] = Field(min_length=1, max_length=services.MAX_ITEMS)
+
+    @field_validator("items")
+    @classmethod
+    def skus_unique(cls, items: list[ItemIn]) -> list[ItemIn]:
+        skus = [item.sku for item in items]
+        if len(set(skus)) != len(skus):
+            raise ValueError("each sku may appear only once")
+        return items
+
+
+class ItemOut(Schema):
+    sku: str
+    name: str
+    unit_price: Decimal
+    quantity: int
+
+
+class EventOut(Schema):
+    from_status: str
+    to_status: str
+    note: str
+    created_at: datetime
+
+
+class OrderOut(Schema):
+    id: int
+    status: str
+    status_display: str = Field(alias="get_status_display")
+    total: Decimal
+    currency: str
+    can_cancel: bool
+    created_at: datetime
+    updated_at: datetime
+    items: list[ItemOut]
+    events: list[EventOut]
+
+
+class ProductOut(Schema):
+    sku: str
+    name: str
+    price: Decimal
+    stock: int
+
+
+class ErrorOut(Schema):
+    detail: list[dict] | str
+
+
+def _orders_of(request):
+    return Order.objects.filter(owner=request.auth).prefetch_related("items", "events")
+
+
+@router.get("/products/", response=list[ProductOut], summary="List the catalogue")
+@paginate(LimitOffsetPagination)
+def list_products(request):
+    return Product.objects.order_by("sku")
+
+
+@router.post(
+    "/orders/",
+    response={201: OrderOut, 401: ErrorOut, 409: ErrorOut, 422: ErrorOut},
+    summary="Place an order",
+)
+def create_order(
+    request,
+    payload: OrderIn,
+    idempotency_key: Annotated[
+        str, Header(alias="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
+    ] = "",
+):
+    """Place an order. Sending the same `Idempotency-Key` again returns the same order."""
+    order = services.place_order(
+        owner=request.auth,
+        items=[(item.sku, item.quantity) for item in payload.items],
+        idempotency_key=idempotency_key,
+    )
+    return Status(201, _orders_of(request).get(pk=order.pk))
+
+
+@router.get("/orders/", response=list[OrderOut], summary="List my orders")
+@paginate(LimitOffsetPagination)
+def list_orders(request):
+    return _orders_of(request)
+
+
+@router.get("/orders/{order_id}/", response={200: OrderOut, 404: ErrorOut}, summary="One of my orders")
+def get_order(request, order_id: int):
+    return get_object_or_404(_orders_of(request), pk=order_id)
+
+
+@router.post(
+    "/orders/{order_id}/cancel/",
+    response={200: OrderOut, 404: ErrorOut, 409: ErrorOut},
+    summary="Cancel one of my orders while it is pending or confirmed",
+)
+def cancel_order(request, order_id: int):
+    get_object_or_404(Order, pk=order_id, owner=request.auth)
+    order = services.cancel_order(order_id=order_id, owner=request.auth)
+    return _orders_of(request).get(pk=order.pk)

@@ -1,0 +1,17 @@
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError
+
+from orders.services import issue_api_token
+
+
+class Command(BaseCommand):
+    help = "Create an API bearer token for USERNAME and print it (it is shown only once)."
+
+    def add_arguments(self, parser):
+        parser.add_argument("username")
+
+    def handle(self, *args, username, **options):
+        user = get_user_model().objects.filter(username=username).first()
+        if user is None:
+            raise CommandError(f"no user named {username!r}")
+        self.stdout.write(issue_api_token(user=user))

@@ -1,0 +1,38 @@
+from decimal import Decimal
+
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand
+from django.db import transaction
+
+from orders.models import Product
+
+DEMO_PRODUCTS = [
+    ("MUG-001", "Enamel mug", Decimal("12.50"), 100),
+    ("TEE-001", "Organic T-shirt", Decimal("24.00"), 50),
+    ("BAG-001", "Canvas tote bag", Decimal("15.00"), 40),
+    ("NB-001", "Dot-grid notebook", Decimal("8.90"), 200),
+    ("CAP-001", "Baseball cap", Decimal("19.00"), 5),
+]
+DEMO_USERNAME = "demo"
+DEMO_PASSWORD = "demo-shopper-pass"
+ADMIN_USERNAME = "admin"
+ADMIN_PASSWORD = "admin-operator-pass"
+
+
+class Command(BaseCommand):
+    help = "Create demo products, a demo shopper and a staff user. Safe to run twice."
+
+    @transaction.atomic
+    def handle(self, *args, **options):
+        for sku, name, price, stock in DEMO_PRODUCTS:
+            Product.objects.get_or_create(sku=sku, defaults={"name": name, "price": price, "stock": stock})
+        users = get_user_model().objects
+        if not users.filter(username=DEMO_USERNAME).exists():
+            users.create_user(DEMO_USERNAME, "demo@example.com", DEMO_PASSWORD)
+        if not users.filter(username=ADMIN_USERNAME).exists():
+            users.create_superuser(ADMIN_USERNAME, "admin@example.com", ADMIN_PASSWORD)
+        self.stdout.write(
+            f"Demo data ready: {Product.objects.count()} products.\n"
+            f"  shopper: {DEMO_USERNAME} / {DEMO_PASSWORD}\n"
+            f"  staff:   {ADMIN_USERNAME} / {ADMIN_PASSWORD}  (/admin/)"
+        )
