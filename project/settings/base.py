@@ -21,7 +21,7 @@ env = environ.Env()
 DEBUG = env.bool("DEBUG", default=False)
 
 # A missing key is tolerated only while debugging; production refuses to start.
-_DEV_SECRET_KEY = "insecure-dev-only-key-do-not-use-in-production"
+_DEV_SECRET_KEY = "insecure-dev-only-key-do-not-use-in-production"  # noqa: S105 (refused below unless DEBUG)
 SECRET_KEY = env.str("SECRET_KEY", default=_DEV_SECRET_KEY if DEBUG else "")
 if not DEBUG and (not SECRET_KEY or SECRET_KEY == _DEV_SECRET_KEY or len(SECRET_KEY) < 50):
     raise ImproperlyConfigured(

@@ -1,3 +1,4 @@
+import os
 from decimal import Decimal
 
 from django.contrib.auth import get_user_model
@@ -13,10 +14,11 @@ DEMO_PRODUCTS = [
     ("NB-001", "Dot-grid notebook", Decimal("8.90"), 200),
     ("CAP-001", "Baseball cap", Decimal("19.00"), 5),
 ]
+# Demo accounts for a local run; override the passwords through the environment anywhere else.
 DEMO_USERNAME = "demo"
-DEMO_PASSWORD = "demo-shopper-pass"
+DEMO_PASSWORD = os.environ.get("DEMO_PASSWORD", "demo-shopper-pass")
 ADMIN_USERNAME = "admin"
-ADMIN_PASSWORD = "admin-operator-pass"
+ADMIN_PASSWORD = os.environ.get("DEMO_ADMIN_PASSWORD", "admin-operator-pass")
 
 
 class Command(BaseCommand):
