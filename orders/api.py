@@ -6,6 +6,7 @@ from typing import Annotated
 
 from django.shortcuts import get_object_or_404
 from ninja import Field, Header, Router, Schema, Status
+from ninja.errors import ValidationError
 from ninja.pagination import LimitOffsetPagination, paginate
 from pydantic import ConfigDict, StrictInt, StringConstraints, field_validator
 
@@ -14,7 +15,18 @@ from .models import Order, Product
 
 router = Router(tags=["orders"])
 
-Sku = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+# No control characters: PostgreSQL refuses NUL in text, and no real sku holds one.
+Sku = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
+
+
+class Pagination(LimitOffsetPagination):
+    """Limit and offset with upper bounds: an absurd value is a 422, not a database error."""
+
+    class Input(Schema):
+        limit: int = Field(100, ge=1, le=100)
+        offset: int = Field(0, ge=0, le=2**31 - 1)
 
 
 class ItemIn(Schema):
@@ -82,7 +94,7 @@ def _orders_of(request):
 
 
 @router.get("/products/", response=list[ProductOut], summary="List the catalogue")
-@paginate(LimitOffsetPagination)
+@paginate(Pagination)
 def list_products(request):
     return Product.objects.order_by("sku")
 
@@ -100,16 +112,29 @@ def create_order(
     ] = "",
 ):
     """Place an order. Sending the same `Idempotency-Key` again returns the same order."""
-    order = services.place_order(
-        owner=request.auth,
-        items=[(item.sku, item.quantity) for item in payload.items],
-        idempotency_key=idempotency_key,
-    )
+    try:
+        order = services.place_order(
+            owner=request.auth,
+            items=[(item.sku, item.quantity) for item in payload.items],
+            idempotency_key=idempotency_key,
+        )
+    except services.UnknownProduct as exc:
+        raise ValidationError(
+            [
+                {
+                    "loc": ["body", "payload", "items", index, "sku"],
+                    "msg": f"unknown sku: {item.sku}",
+                    "type": "unknown_sku",
+                }
+                for index, item in enumerate(payload.items)
+                if item.sku in exc.skus
+            ]
+        ) from exc
     return Status(201, _orders_of(request).get(pk=order.pk))
 
 
 @router.get("/orders/", response=list[OrderOut], summary="List my orders")
-@paginate(LimitOffsetPagination)
+@paginate(Pagination)
 def list_orders(request):
     return _orders_of(request)
 

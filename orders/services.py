@@ -175,7 +175,14 @@ def process_order(*, order_id: int) -> Order | None:
             _set_status(order, Order.Status.REJECTED, note=f"out of stock: {', '.join(short)}")
             return order
         _set_status(order, Order.Status.CONFIRMED, note="stock reserved")
+        _dispatch_charge(order.pk)
     return order
+
+
+def _dispatch_charge(order_id: int) -> None:
+    from payments import tasks as payment_tasks
+
+    payment_tasks.charge_order.delay_on_commit(order_id)
 
 
 class _OutOfStock(Exception):
@@ -183,10 +190,11 @@ class _OutOfStock(Exception):
 
 
 def cancel_order(*, order_id: int, owner) -> Order:
-    """Cancel the owner's order while pending or confirmed; confirmed stock is released."""
+    """Cancel the owner's order while pending or confirmed and not yet being charged; stock is released."""
     with transaction.atomic():
         order = Order.objects.select_for_update().get(pk=order_id, owner=owner)
-        if not order.can_cancel:
+        # A claimed payment means the provider may already be charging: too late to cancel.
+        if not order.can_cancel or order.payments.exists():
             raise OrderNotCancellable(order)
         if order.status == Order.Status.CONFIRMED:
             _release_stock(order)
@@ -194,8 +202,52 @@ def cancel_order(*, order_id: int, owner) -> Order:
     return order
 
 
+def mark_paid(*, order_id: int) -> Order | None:
+    """confirmed -> paid, then dispatch fulfillment after commit. Idempotent."""
+    from . import tasks
+
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        if order is None or order.status != Order.Status.CONFIRMED:
+            return order
+        _set_status(order, Order.Status.PAID, note="payment succeeded")
+        tasks.sync_to_fulfillment.delay_on_commit(order.pk)
+    return order
+
+
+def fail_payment(*, order_id: int, reason: str = "") -> Order | None:
+    """confirmed -> payment_failed, releasing the reserved stock. Idempotent."""
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        if order is None or order.status != Order.Status.CONFIRMED:
+            return order
+        _release_stock(order)
+        _set_status(order, Order.Status.PAYMENT_FAILED, note=f"payment declined: {reason}"[:255])
+    return order
+
+
+def sync_to_fulfillment(*, order_id: int) -> Order | None:
+    """Hand a paid order to the warehouse once (key `shipment-order-<id>`): paid -> fulfilled.
+
+    Raises gateway.ProviderUnavailable when the warehouse cannot be reached; retrying is safe.
+    Returns None when the order is gone.
+    """
+    from payments import gateway
+
+    order = Order.objects.filter(pk=order_id).first()
+    if order is None or order.status != Order.Status.PAID:
+        return order
+    items = [{"sku": item.sku, "quantity": item.quantity} for item in order.items.all()]
+    shipment = gateway.create_shipment(order_id=order.pk, items=items, idempotency_key=f"shipment-order-{order.pk}")
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        if order is not None and order.status == Order.Status.PAID:
+            _set_status(order, Order.Status.FULFILLED, note=f"shipment {shipment.id}")
+    return order
+
+
 def redispatch_stale_orders(*, older_than: timedelta | None = None) -> list[int]:
-    """Dispatch process_order again for orders pending too long (e.g. committed while the broker was down).
+    """Dispatch the next task again for orders stuck in pending, confirmed or paid (e.g. committed while the broker was down).
 
     Harmless for orders whose message is merely slow: process_order is idempotent.
     """
@@ -204,16 +256,23 @@ def redispatch_stale_orders(*, older_than: timedelta | None = None) -> list[int]
     if older_than is None:
         older_than = timedelta(seconds=settings.STALE_ORDER_SECONDS)
     cutoff = timezone.now() - older_than
-    ids = list(
-        Order.objects.filter(status=Order.Status.PENDING, created_at__lt=cutoff)
+    from payments import tasks as payment_tasks
+
+    next_step = {
+        Order.Status.PENDING: tasks.process_order,
+        Order.Status.CONFIRMED: payment_tasks.charge_order,
+        Order.Status.PAID: tasks.sync_to_fulfillment,
+    }
+    stale = list(
+        Order.objects.filter(status__in=next_step.keys(), updated_at__lt=cutoff)
         .order_by("id")
-        .values_list("id", flat=True)[:1000]
+        .values_list("id", "status")[:1000]
     )
-    for order_id in ids:
-        tasks.process_order.delay(order_id)
-    if ids:
-        logger.info("re-dispatched %d stale pending orders", len(ids))
-    return ids
+    for order_id, status in stale:
+        next_step[status].delay(order_id)
+    if stale:
+        logger.info("re-dispatched %d stale orders", len(stale))
+    return [order_id for order_id, _ in stale]
 
 
 def issue_api_token(*, user) -> str:

@@ -37,6 +37,10 @@ def order_new(request):
             else:
                 messages.success(request, f"Order #{order.pk} placed.")
                 return redirect("orders:detail", order_id=order.pk)
+        if form.has_error("idempotency_key"):
+            # The posted key can never pass; a fresh one lets the shopper submit the form again.
+            form.data = form.data.copy()
+            form.data["idempotency_key"] = uuid.uuid4().hex
         status = 400
     else:
         form = OrderForm(initial={"idempotency_key": uuid.uuid4().hex}, products=products)
@@ -46,9 +50,7 @@ def order_new(request):
 
 @login_required
 def order_detail(request, order_id: int):
-    order = get_object_or_404(
-        Order.objects.prefetch_related("items", "events"), pk=order_id, owner=request.user
-    )
+    order = get_object_or_404(Order.objects.prefetch_related("items", "events"), pk=order_id, owner=request.user)
     return render(request, "orders/order_detail.html", {"order": order})
 
 

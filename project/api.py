@@ -20,8 +20,30 @@ class BearerToken(HttpBearer):
         return order_services.user_for_token(token)
 
 
+class InputError(Exception):
+    """Bad request input, answered as `{"detail": [{"loc": loc, "msg": msg}]}` with the given status."""
+
+    def __init__(self, status: int, loc: list, msg: str):
+        self.status = status
+        self.loc = loc
+        self.msg = msg
+        super().__init__(msg)
+
+
 class ShopperSession(SessionAuth):
-    """Session auth (CSRF-checked on unsafe methods) that answers with the user."""
+    """Session auth (CSRF-checked on unsafe methods) that answers with the user.
+
+    Consulted only when a user is signed in: otherwise ninja's CSRF check would run
+    first and answer a client without credentials with 403 instead of 401.
+    """
+
+    def __call__(self, request):
+        if not request.user.is_authenticated:
+            return None
+        try:
+            return super().__call__(request)
+        except HttpError as exc:
+            raise InputError(403, ["header", "X-CSRFToken"], "CSRF token missing or incorrect") from exc
 
     def authenticate(self, request, key):
         return request.user if request.user.is_authenticated else None
@@ -33,13 +55,18 @@ class JsonParser(Parser):
     def parse_body(self, request):
         content_type = request.META.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if content_type != "application/json":
-            raise HttpError(415, "Content-Type must be application/json")
+            raise InputError(415, ["header", "Content-Type"], "Content-Type must be application/json")
         try:
-            return json.loads(request.body.decode("utf-8"))
+            text = request.body.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise HttpError(400, "request body is not valid UTF-8") from exc
+            raise InputError(400, ["body"], "request body is not valid UTF-8") from exc
+        try:
+            return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise HttpError(400, f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+            raise InputError(400, ["body"], f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from exc
+        except (ValueError, RecursionError) as exc:
+            # Python's own limits: integers over 4300 digits, nesting deeper than the recursion limit.
+            raise InputError(400, ["body"], "request body is not valid JSON: it exceeds the parser's limits") from exc
 
 
 api = NinjaAPI(
@@ -58,6 +85,19 @@ api.add_router("/", orders_router)
 
 def _error(request, status: int, loc: list, msg: str):
     return api.create_response(request, {"detail": [{"loc": loc, "msg": msg}]}, status=status)
+
+
+@api.exception_handler(InputError)
+def input_error(request, exc: InputError):
+    return _error(request, exc.status, exc.loc, exc.msg)
+
+
+@api.exception_handler(HttpError)
+def http_error(request, exc: HttpError):
+    # ninja wraps any body parser error in a bare HttpError(400); the parser's own error names the field.
+    if isinstance(exc.__cause__, InputError):
+        return input_error(request, exc.__cause__)
+    return api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
 
 
 @api.exception_handler(order_services.OrderError)
@@ -83,7 +123,9 @@ def body_too_big(request, exc):
 
 @api.exception_handler(AuthenticationError)
 def unauthorized(request, exc):
-    response = api.create_response(request, {"detail": "authentication required"}, status=401)
+    response = _error(
+        request, 401, ["header", "Authorization"], "authentication required: send `Authorization: Bearer <token>`"
+    )
     response["WWW-Authenticate"] = "Bearer"
     return response
 

@@ -4,26 +4,44 @@ Configuration lives in Django settings under the CELERY_ namespace.
 """
 
 import functools
+import logging
 import os
 
 from celery import Celery
 from celery.contrib.django.task import DjangoTask
 from django.db import transaction
+from kombu.exceptions import OperationalError
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings.base")
+
+logger = logging.getLogger(__name__)
 
 
 class BaseTask(DjangoTask):
     """Base class of every task in the project."""
 
     def delay_on_commit(self, *args, **kwargs) -> None:
-        """Publish after the current transaction commits.
+        """Publish with `delay` after the current transaction commits.
 
-        A publish that fails after commit (broker down) is logged, not raised: the
-        row is already committed and the periodic sweep re-dispatches it, so the
-        request still answers.
+        A publish that fails after commit because the broker is unreachable is
+        logged, not raised: the row is already committed and a periodic sweep
+        re-dispatches it (for orders, redispatch_stale_orders), so the request still
+        answers. Any other error (a bug, or an eager task failing in tests) is raised.
         """
-        transaction.on_commit(functools.partial(self.delay, *args, **kwargs), robust=True)
+        # Not on_commit(robust=True): it would swallow bugs too, and Django's own error
+        # logging fails on a functools.partial (no __qualname__), turning a broker
+        # outage into a 500 after commit.
+        transaction.on_commit(functools.partial(self._publish_after_commit, "delay", args, kwargs))
+
+    def apply_async_on_commit(self, *args, **kwargs) -> None:
+        """Publish with `apply_async` after the current transaction commits; errors as in delay_on_commit."""
+        transaction.on_commit(functools.partial(self._publish_after_commit, "apply_async", args, kwargs))
+
+    def _publish_after_commit(self, method: str, args: tuple, kwargs: dict) -> None:
+        try:
+            getattr(self, method)(*args, **kwargs)
+        except OperationalError:
+            logger.exception("broker unreachable: %s%r not published after commit", self.name, args)
 
 
 app = Celery("project", task_cls=BaseTask)

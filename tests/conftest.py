@@ -40,3 +40,11 @@ def api_client(client, user):
 @pytest.fixture
 def db_name():
     return connection.settings_dict["NAME"]
+
+
+@pytest.fixture(autouse=True)
+def _no_charge_dispatch_yet(request, monkeypatch):
+    """TEMPORARY while the sandbox provider is being wired into the suite: orders stop at confirmed."""
+    if "payments_flow" in request.keywords:
+        return
+    monkeypatch.setattr("orders.services._dispatch_charge", lambda order_id: None)

@@ -228,12 +228,31 @@ CELERY_TASK_SEND_SENT_EVENT = True
 
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
-    # An order committed while the broker was down has no message; re-dispatch it.
+    # An order whose message was lost (broker down at commit) is stuck; re-dispatch its next step.
     "redispatch-stale-orders": {
         "task": "orders.tasks.redispatch_stale_orders",
         "schedule": env.float("STALE_ORDER_SWEEP_SECONDS", default=30.0),
     },
+    # Fan out the charges of subscriptions whose next period has started.
+    "bill-due-subscriptions": {
+        "task": "payments.tasks.bill_due_subscriptions",
+        "schedule": env.float("BILLING_SWEEP_SECONDS", default=300.0),
+    },
 }
+
+# --- Payment provider and warehouse (the sandbox in development) -------------------
+
+PAYMENT_PROVIDER_URL = env.str("PAYMENT_PROVIDER_URL", default="http://127.0.0.1:8100")
+FULFILLMENT_API_URL = env.str("FULFILLMENT_API_URL", default=PAYMENT_PROVIDER_URL)
+# Connect fast, and read longer than the provider's own processing time.
+PROVIDER_CONNECT_TIMEOUT = env.float("PROVIDER_CONNECT_TIMEOUT", default=3.05)
+PROVIDER_READ_TIMEOUT = env.float("PROVIDER_READ_TIMEOUT", default=10.0)
+_DEV_WEBHOOK_SECRET = "dev-webhook-secret"  # noqa: S105 (refused below unless DEBUG)
+WEBHOOK_SECRET = env.str("WEBHOOK_SECRET", default=_DEV_WEBHOOK_SECRET if DEBUG else "")
+if not DEBUG and not WEBHOOK_SECRET:
+    raise ImproperlyConfigured("WEBHOOK_SECRET must be set when DEBUG is off.")
+# Signed webhooks older (or newer) than this are refused, so a captured one cannot be replayed later.
+WEBHOOK_TOLERANCE_SECONDS = env.int("WEBHOOK_TOLERANCE_SECONDS", default=300)
 
 # Orders still pending this long after creation are dispatched again by the sweep.
 STALE_ORDER_SECONDS = env.int("STALE_ORDER_SECONDS", default=60)

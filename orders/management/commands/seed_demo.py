@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 
 from orders.models import Product
+from payments.models import Plan
 
 DEMO_PRODUCTS = [
     ("MUG-001", "Enamel mug", Decimal("12.50"), 100),
@@ -15,6 +16,11 @@ DEMO_PRODUCTS = [
     ("CAP-001", "Baseball cap", Decimal("19.00"), 5),
 ]
 # Demo accounts for a local run; override the passwords through the environment anywhere else.
+DEMO_PLANS = [
+    ("basic", "Basic box", Decimal("9.00"), Plan.Interval.MONTH),
+    ("pro", "Pro box", Decimal("29.00"), Plan.Interval.MONTH),
+    ("annual", "Annual box", Decimal("290.00"), Plan.Interval.YEAR),
+]
 DEMO_USERNAME = "demo"
 DEMO_PASSWORD = os.environ.get("DEMO_PASSWORD", "demo-shopper-pass")
 ADMIN_USERNAME = "admin"
@@ -28,13 +34,15 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         for sku, name, price, stock in DEMO_PRODUCTS:
             Product.objects.get_or_create(sku=sku, defaults={"name": name, "price": price, "stock": stock})
+        for code, name, price, interval in DEMO_PLANS:
+            Plan.objects.get_or_create(code=code, defaults={"name": name, "price": price, "interval": interval})
         users = get_user_model().objects
         if not users.filter(username=DEMO_USERNAME).exists():
             users.create_user(DEMO_USERNAME, "demo@example.com", DEMO_PASSWORD)
         if not users.filter(username=ADMIN_USERNAME).exists():
             users.create_superuser(ADMIN_USERNAME, "admin@example.com", ADMIN_PASSWORD)
         self.stdout.write(
-            f"Demo data ready: {Product.objects.count()} products.\n"
+            f"Demo data ready: {Product.objects.count()} products, {Plan.objects.count()} plans.\n"
             f"  shopper: {DEMO_USERNAME} / {DEMO_PASSWORD}\n"
             f"  staff:   {ADMIN_USERNAME} / {ADMIN_PASSWORD}  (/admin/)"
         )

@@ -1,0 +1,125 @@
+from datetime import date
+from decimal import Decimal
+
+from dateutil.relativedelta import relativedelta
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class Plan(models.Model):
+    class Interval(models.TextChoices):
+        MONTH = "month"
+        YEAR = "year"
+
+    code = models.SlugField(max_length=50, unique=True)
+    name = models.CharField(max_length=100)
+    price = models.DecimalField(max_digits=10, decimal_places=2)
+    currency = models.CharField(max_length=3, default="EUR")
+    interval = models.CharField(max_length=10, choices=Interval.choices, default=Interval.MONTH)
+    active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["price"]
+        constraints = [models.CheckConstraint(condition=Q(price__gt=0), name="plan_price_positive")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.price} {self.currency}/{self.interval})"
+
+    def period_after(self, start: date) -> date:
+        """The first day of the period that follows one starting on `start`."""
+        return start + (relativedelta(months=1) if self.interval == self.Interval.MONTH else relativedelta(years=1))
+
+
+class Subscription(models.Model):
+    class Status(models.TextChoices):
+        ACTIVE = "active"
+        PAST_DUE = "past_due"
+        CANCELLED = "cancelled"
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="subscriptions")
+    plan = models.ForeignKey(Plan, on_delete=models.PROTECT, related_name="subscriptions")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.ACTIVE)
+    # The period being billed starts on current_period_start; the next one is due on current_period_end.
+    current_period_start = models.DateField()
+    current_period_end = models.DateField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    cancelled_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["status", "current_period_end"])]
+
+    def __str__(self) -> str:
+        return f"Subscription #{self.pk} {self.plan.code} ({self.status})"
+
+    @property
+    def can_cancel(self) -> bool:
+        return self.status != self.Status.CANCELLED
+
+
+class Payment(models.Model):
+    class Status(models.TextChoices):
+        PROCESSING = "processing"
+        SUCCEEDED = "succeeded"
+        DECLINED = "declined"
+
+    FINAL = (Status.SUCCEEDED, Status.DECLINED)
+
+    order = models.ForeignKey("orders.Order", on_delete=models.PROTECT, null=True, blank=True, related_name="payments")
+    subscription = models.ForeignKey(
+        Subscription, on_delete=models.PROTECT, null=True, blank=True, related_name="payments"
+    )
+    billing_period = models.CharField(max_length=10, blank=True, default="")
+    amount = models.DecimalField(max_digits=12, decimal_places=2)
+    currency = models.CharField(max_length=3, default="EUR")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PROCESSING)
+    idempotency_key = models.CharField(max_length=100, unique=True)
+    provider_charge_id = models.CharField(max_length=100, blank=True, default="")
+    failure_reason = models.CharField(max_length=200, blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["subscription", "billing_period"],
+                condition=Q(subscription__isnull=False),
+                name="payment_once_per_subscription_period",
+            ),
+            models.UniqueConstraint(fields=["order"], condition=Q(order__isnull=False), name="payment_once_per_order"),
+            models.CheckConstraint(
+                condition=(Q(order__isnull=False) & Q(subscription__isnull=True))
+                | (Q(order__isnull=True) & Q(subscription__isnull=False)),
+                name="payment_for_order_xor_subscription",
+            ),
+            models.CheckConstraint(condition=Q(amount__gt=Decimal("0")), name="payment_amount_positive"),
+        ]
+
+    def __str__(self) -> str:
+        return f"Payment {self.idempotency_key} ({self.status})"
+
+
+class WebhookEvent(models.Model):
+    """A provider event, stored once by its provider id."""
+
+    class Status(models.TextChoices):
+        RECEIVED = "received"
+        PROCESSED = "processed"
+        INVALID = "invalid"
+
+    provider_event_id = models.CharField(max_length=100, unique=True)
+    type = models.CharField(max_length=100)
+    payload = models.JSONField()
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.RECEIVED)
+    error = models.CharField(max_length=500, blank=True, default="")
+    received_at = models.DateTimeField(auto_now_add=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-received_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.provider_event_id} {self.type}"

@@ -1,0 +1,12 @@
+from django.urls import path
+
+from . import views
+
+app_name = "payments"
+
+urlpatterns = [
+    path("subscriptions/", views.subscriptions, name="subscriptions"),
+    path("subscriptions/subscribe/", views.subscribe, name="subscribe"),
+    path("subscriptions/<int:subscription_id>/cancel/", views.cancel, name="cancel"),
+    path("payments/webhooks/provider/", views.webhook, name="webhook"),
+]

@@ -1,0 +1,65 @@
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from . import services
+from .models import Payment, Plan, Subscription
+
+MAX_WEBHOOK_BYTES = 64 * 1024
+
+
+@login_required
+def subscriptions(request):
+    subs = Subscription.objects.filter(owner=request.user).select_related("plan")
+    payments = Payment.objects.filter(subscription__owner=request.user).select_related("subscription__plan")[:50]
+    plans = Plan.objects.filter(active=True)
+    return render(request, "payments/subscriptions.html", {"subscriptions": subs, "payments": payments, "plans": plans})
+
+
+@login_required
+@require_POST
+def subscribe(request):
+    plan_code = request.POST.get("plan", "")
+    if not isinstance(plan_code, str) or len(plan_code) > 50:
+        plan_code = ""
+    try:
+        subscription = services.subscribe(owner=request.user, plan_code=plan_code)
+    except services.SubscriptionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, f"Subscribed to {subscription.plan.name}. The first payment is on its way.")
+    return redirect("payments:subscriptions")
+
+
+@login_required
+@require_POST
+def cancel(request, subscription_id: int):
+    get_object_or_404(Subscription, pk=subscription_id, owner=request.user)
+    try:
+        services.cancel_subscription(subscription_id=subscription_id, owner=request.user)
+    except services.SubscriptionError as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "Subscription cancelled.")
+    return redirect("payments:subscriptions")
+
+
+@csrf_exempt  # Authenticated by the provider's HMAC signature instead of a CSRF token.
+@require_POST
+def webhook(request):
+    if int(request.META.get("CONTENT_LENGTH") or 0) > MAX_WEBHOOK_BYTES:
+        return JsonResponse({"detail": "body too large"}, status=413)
+    try:
+        event, created = services.receive_webhook(
+            body=request.body,
+            signature_header=request.headers.get("Sandbox-Signature", ""),
+            secret=settings.WEBHOOK_SECRET,
+            tolerance=settings.WEBHOOK_TOLERANCE_SECONDS,
+        )
+    except services.WebhookRejected as exc:
+        return JsonResponse({"detail": str(exc)}, status=400)
+    return JsonResponse({"id": event.provider_event_id, "duplicate": not created}, status=200)

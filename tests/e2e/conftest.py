@@ -1,0 +1,166 @@
+"""Real Celery worker processes, started with the Procfile's command, against the test database and broker.
+
+`start_worker("critical")` starts `celery -A project worker -Q critical ...` on the
+pytest database and the test Redis database, waits until it is ready, and stops it
+(SIGTERM, then SIGKILL) when the test ends. A failing test shows each worker's log.
+Tests that use it need `pytest.mark.django_db(transaction=True)`: the worker only
+sees committed rows.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import redis
+from django.conf import settings
+from django.db import connection
+
+from project.celery import app
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKERS = pytest.StashKey[list["Worker"]]()
+
+
+@dataclass
+class Worker:
+    """A worker process started by `start_worker`."""
+
+    name: str
+    queues: tuple[str, ...]
+    process: subprocess.Popen
+    log_path: Path
+    nodename: str = ""  # e.g. critical-test@host, known once ready; for app.control destinations
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_ready(self, timeout: float) -> None:
+        ready = re.compile(rf"({re.escape(self.name)}@\S+) ready\.")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if match := ready.search(self.log()):
+                self.nodename = match.group(1)
+                return
+            if self.process.poll() is not None:
+                raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n{self.log()}")
+            time.sleep(0.1)
+        raise TimeoutError(f"worker {self.name} not ready after {timeout} s:\n{self.log()}")
+
+    def stop(self, timeout: float = 15) -> int:
+        """Warm shutdown (SIGTERM); SIGKILL for the whole process group if it does not finish in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # The worker runs in its own session: its group is this worker and its pool children.
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def database_url(settings_dict: Mapping) -> str:
+    credentials = quote(settings_dict["USER"] or "", safe="")
+    if settings_dict["PASSWORD"]:
+        credentials += ":" + quote(settings_dict["PASSWORD"], safe="")
+    host = settings_dict["HOST"] or "127.0.0.1"
+    port = settings_dict["PORT"] or "5432"
+    return f"postgres://{credentials}@{host}:{port}/{settings_dict['NAME']}"
+
+
+@pytest.fixture
+def broker() -> Iterator[redis.Redis]:
+    """The test broker, emptied, with this process publishing to it for real (eager mode off)."""
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    client.flushdb()
+    was_eager = app.conf.task_always_eager
+    app.conf.task_always_eager = False
+    try:
+        yield client
+    finally:
+        app.conf.task_always_eager = was_eager
+        # Retries and unacknowledged messages the workers put back must not leak into the next test.
+        client.flushdb()
+        client.close()
+
+
+@pytest.fixture
+def worker_env(django_db_setup) -> dict[str, str]:
+    """Production settings, pointed at the pytest database and the test broker."""
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="project.settings.base",
+        DEBUG="false",
+        SECRET_KEY="e2e-worker-only-" + "s" * 60,
+        DATABASE_URL=database_url(connection.settings_dict),
+        REDIS_URL=settings.CELERY_BROKER_URL,
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@pytest.fixture
+def start_worker(request, broker, worker_env, tmp_path) -> Iterator[Callable[..., Worker]]:
+    """Factory: start_worker(*queues, concurrency=1, pool="prefork", name=None, options=(), env=None)."""
+    workers: list[Worker] = []
+    request.node.stash[WORKERS] = workers
+    # Stops every worker at teardown, last started first, even when stopping one of them fails.
+    stops = ExitStack()
+
+    def start(
+        *queues: str,
+        concurrency: int = 1,
+        pool: str = "prefork",
+        name: str | None = None,
+        options: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        ready_timeout: float = 30,
+    ) -> Worker:
+        assert queues, "name the queues the worker consumes"
+        name = name or f"{queues[0]}-test"
+        log_path = tmp_path / f"{name}-{len(workers)}.log"
+        command = [
+            sys.executable, "-m", "celery", "-A", "project", "worker",
+            "-Q", ",".join(queues),
+            "-c", str(concurrency),
+            "--pool", pool,
+            "-n", f"{name}@%h",
+            "--loglevel=INFO",
+            *options,
+        ]  # fmt: skip
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                env={**worker_env, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        worker = Worker(name=name, queues=queues, process=process, log_path=log_path)
+        workers.append(worker)
+        stops.callback(worker.stop)
+        worker.wait_ready(ready_timeout)
+        return worker
+
+    with stops:
+        yield start
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed:
+        for worker in item.stash.get(WORKERS, []):
+            report.sections.append((f"celery worker {worker.name} log", worker.log()))
+    return report
