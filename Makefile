@@ -17,16 +17,17 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
-# Runs web, three workers, beat and Flower under honcho; Ctrl-C stops them all.
+# Runs web, three workers, beat, Flower and the sandbox provider under honcho; Ctrl-C stops them all.
 # Without DATABASE_URL/REDIS_URL: SQLite in var/ and the filesystem broker in var/broker (wiped here).
 run: $(VENV)/.runtime
 	rm -rf $(VAR_DIR)/broker
 	mkdir -p $(VAR_DIR)/broker/queue $(VAR_DIR)/broker/control $(VAR_DIR)/broker/processed
-	export DEBUG=$${DEBUG:-true} PATH=$(CURDIR)/$(BIN):$$PATH && \
+	export DEBUG=$${DEBUG:-true} PATH=$(CURDIR)/$(BIN):$$PATH \
+	  SHOP_WEBHOOK_URL=$${SHOP_WEBHOOK_URL:-http://127.0.0.1:8000/payments/webhooks/provider/} && \
 	  python manage.py migrate --noinput && \
 	  python manage.py collectstatic --noinput -v 0 && \
 	  python manage.py seed_demo && \
-	  echo "Shop: http://127.0.0.1:8000/   Flower: http://127.0.0.1:5555/" && \
+	  echo "Shop: http://127.0.0.1:8000/   Flower: http://127.0.0.1:5555/   Sandbox provider: http://127.0.0.1:8100/v1/faults" && \
 	  exec honcho start -f Procfile
 
 test: $(VENV)/.dev

@@ -134,6 +134,11 @@ def _set_status(order: Order, to_status: str, note: str = "") -> None:
     OrderEvent.objects.create(order=order, from_status=order.status, to_status=to_status, note=note)
     order.status = to_status
     order.save(update_fields=["status", "updated_at"])
+    from notifications import services as notifications
+
+    kind = notifications.ORDER_STATUS_KINDS.get(to_status)
+    if kind:
+        notifications.notify(kind=kind, object_type="order", object_id=order.pk, recipient_id=order.owner_id)
 
 
 def _lock_order(order_id: int) -> Order | None:
@@ -247,9 +252,10 @@ def sync_to_fulfillment(*, order_id: int) -> Order | None:
 
 
 def redispatch_stale_orders(*, older_than: timedelta | None = None) -> list[int]:
-    """Dispatch the next task again for orders stuck in pending, confirmed or paid (e.g. committed while the broker was down).
+    """Dispatch the next task again for orders stuck in pending, confirmed or paid.
 
-    Harmless for orders whose message is merely slow: process_order is idempotent.
+    Such an order lost its message (committed while the broker was down). Harmless for
+    orders whose message is merely slow: every step is idempotent.
     """
     from . import tasks
 

@@ -8,8 +8,8 @@ the charge it already made instead of making a second one.
 """
 
 import hashlib
-import json
 import hmac
+import json
 import logging
 import time
 from datetime import date
@@ -193,6 +193,11 @@ def _apply_to_subscription(subscription_id: int, payment: Payment, period_start:
     else:
         subscription.status = Subscription.Status.PAST_DUE
     subscription.save(update_fields=["status", "current_period_start", "current_period_end"])
+    from notifications import services as notifications
+
+    kind = notifications.SUBSCRIPTION_PAYMENT_KINDS.get(payment.status)
+    if kind:
+        notifications.notify(kind=kind, object_type="payment", object_id=payment.pk, recipient_id=subscription.owner_id)
 
 
 def bill_due_subscriptions(*, today: date | None = None) -> list[tuple[int, str]]:
@@ -242,7 +247,11 @@ def receive_webhook(*, body: bytes, signature_header: str, secret: str, toleranc
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise WebhookRejected("body is not JSON") from exc
-    if not isinstance(payload, dict) or not isinstance(payload.get("id"), str) or not isinstance(payload.get("type"), str):
+    if (
+        not isinstance(payload, dict)
+        or not isinstance(payload.get("id"), str)
+        or not isinstance(payload.get("type"), str)
+    ):
         raise WebhookRejected("body must be an object with string id and type")
     if not 0 < len(payload["id"]) <= 100 or len(payload["type"]) > 100:
         raise WebhookRejected("id or type has an invalid length")

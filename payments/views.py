@@ -7,6 +7,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from . import services
+from .forms import SubscribeForm
 from .models import Payment, Plan, Subscription
 
 MAX_WEBHOOK_BYTES = 64 * 1024
@@ -23,11 +24,12 @@ def subscriptions(request):
 @login_required
 @require_POST
 def subscribe(request):
-    plan_code = request.POST.get("plan", "")
-    if not isinstance(plan_code, str) or len(plan_code) > 50:
-        plan_code = ""
+    form = SubscribeForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "unknown plan: choose one of the plans listed")
+        return redirect("payments:subscriptions")
     try:
-        subscription = services.subscribe(owner=request.user, plan_code=plan_code)
+        subscription = services.subscribe(owner=request.user, plan_code=form.cleaned_data["plan"])
     except services.SubscriptionError as exc:
         messages.error(request, str(exc))
     else:

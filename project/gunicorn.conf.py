@@ -13,3 +13,6 @@ max_requests = 2000
 max_requests_jitter = 200
 accesslog = "-"
 errorlog = "-"
+# Gunicorn 27 opens a control socket at one per-user path by default; several
+# gunicorns on one host (web, the sandbox, tests) would fight over it.
+control_socket_disable = True

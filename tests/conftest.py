@@ -2,9 +2,12 @@ import pytest
 import redis
 from django.conf import settings
 from django.db import connection
+from django.test import override_settings
 
 from orders.services import issue_api_token
 from tests.factories import ProductFactory, UserFactory
+
+pytest_plugins = ["tests.sandbox_fixtures"]
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,9 +45,10 @@ def db_name():
     return connection.settings_dict["NAME"]
 
 
-@pytest.fixture(autouse=True)
-def _no_charge_dispatch_yet(request, monkeypatch):
-    """TEMPORARY while the sandbox provider is being wired into the suite: orders stop at confirmed."""
-    if "payments_flow" in request.keywords:
-        return
-    monkeypatch.setattr("orders.services._dispatch_charge", lambda order_id: None)
+@pytest.fixture(scope="session", autouse=True)
+def payment_provider(sandbox_process):
+    """The shop talks to a real sandbox process (started once per session) as its provider and warehouse."""
+    override = override_settings(PAYMENT_PROVIDER_URL=sandbox_process.url, FULFILLMENT_API_URL=sandbox_process.url)
+    override.enable()
+    yield sandbox_process
+    override.disable()

@@ -24,3 +24,45 @@ class ProductFactory(factory.django.DjangoModelFactory):
     name = factory.Sequence(lambda n: f"Product {n}")
     price = Decimal("10.00")
     stock = 100
+
+
+class OrderFactory(factory.django.DjangoModelFactory):
+    """A confirmed order with one line, made directly: no service runs, nothing is dispatched."""
+
+    class Meta:
+        model = "orders.Order"
+        skip_postgeneration_save = True
+
+    owner = factory.SubFactory(UserFactory)
+    status = "confirmed"
+    total = Decimal("20.00")
+    item = factory.RelatedFactory(
+        "tests.factories.OrderItemFactory", factory_related_name="order", quantity=2, unit_price=Decimal("10.00")
+    )
+
+
+class OrderItemFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = "orders.OrderItem"
+
+    order = factory.SubFactory(OrderFactory, item=None)
+    product = factory.SubFactory(ProductFactory)
+    sku = factory.SelfAttribute("product.sku")
+    name = factory.SelfAttribute("product.name")
+    unit_price = factory.SelfAttribute("product.price")
+    quantity = 1
+
+
+class NotificationFactory(factory.django.DjangoModelFactory):
+    """A pending order_confirmed notification for a new order, made directly: nothing is dispatched."""
+
+    class Meta:
+        model = "notifications.Notification"
+
+    class Params:
+        order = factory.SubFactory(OrderFactory)
+
+    recipient = factory.SelfAttribute("order.owner")
+    kind = "order_confirmed"
+    object_type = "order"
+    object_id = factory.SelfAttribute("order.pk")

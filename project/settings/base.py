@@ -24,9 +24,7 @@ DEBUG = env.bool("DEBUG", default=False)
 _DEV_SECRET_KEY = "insecure-dev-only-key-do-not-use-in-production"  # noqa: S105 (refused below unless DEBUG)
 SECRET_KEY = env.str("SECRET_KEY", default=_DEV_SECRET_KEY if DEBUG else "")
 if not DEBUG and (not SECRET_KEY or SECRET_KEY == _DEV_SECRET_KEY or len(SECRET_KEY) < 50):
-    raise ImproperlyConfigured(
-        "SECRET_KEY must be set to a random value of at least 50 characters when DEBUG is off."
-    )
+    raise ImproperlyConfigured("SECRET_KEY must be set to a random value of at least 50 characters when DEBUG is off.")
 
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
@@ -134,6 +132,25 @@ SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
 
+# --- Email ------------------------------------------------------------------
+# EMAIL_URL picks the backend: consolemail:// (the default: `make run` prints emails
+# to the worker's output), smtp://mailpit:1025 in compose, smtp+tls://user:pass@host:587
+# in production. Tests use locmem (project/settings/test.py).
+# https://django-environ.readthedocs.io/en/latest/types.html#environ-env-email-url
+
+_EMAIL = env.email_url("EMAIL_URL", default="consolemail://")
+EMAIL_BACKEND = _EMAIL["EMAIL_BACKEND"]
+EMAIL_HOST = _EMAIL["EMAIL_HOST"] or "localhost"
+EMAIL_PORT = _EMAIL["EMAIL_PORT"] or 25
+EMAIL_HOST_USER = _EMAIL["EMAIL_HOST_USER"] or ""
+EMAIL_HOST_PASSWORD = _EMAIL["EMAIL_HOST_PASSWORD"] or ""
+EMAIL_USE_TLS = _EMAIL.get("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = _EMAIL.get("EMAIL_USE_SSL", False)
+# A notification is sent while its row is locked: a hung mail server must not hold
+# the lock (and a worker) for long. A timeout raises and the task retries later.
+EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="shop@example.com")
+
 # --- Logging ----------------------------------------------------------------
 
 LOGGING = {
@@ -187,8 +204,7 @@ CELERY_RESULT_BACKEND = None
 # Queues: critical (orders, payments), bulk (reports), default (everything else).
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_QUEUES = [
-    Queue(name, Exchange(name, type="direct"), routing_key=name)
-    for name in ("critical", "bulk", "default")
+    Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("critical", "bulk", "default")
 ]
 CELERY_TASK_ROUTES = {
     "orders.tasks.*": {"queue": "critical", "routing_key": "critical"},
@@ -232,6 +248,11 @@ CELERY_BEAT_SCHEDULE = {
     "redispatch-stale-orders": {
         "task": "orders.tasks.redispatch_stale_orders",
         "schedule": env.float("STALE_ORDER_SWEEP_SECONDS", default=30.0),
+    },
+    # A notification whose message was lost (broker down at commit) is sent now.
+    "redispatch-pending-notifications": {
+        "task": "notifications.tasks.redispatch_pending_notifications",
+        "schedule": 300.0,
     },
     # Fan out the charges of subscriptions whose next period has started.
     "bill-due-subscriptions": {

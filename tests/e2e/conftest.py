@@ -94,8 +94,8 @@ def broker() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def worker_env(django_db_setup) -> dict[str, str]:
-    """Production settings, pointed at the pytest database and the test broker."""
+def worker_env(django_db_setup, payment_provider) -> dict[str, str]:
+    """Production settings, pointed at the pytest database, the test broker and the session's sandbox."""
     env = dict(os.environ)
     env.update(
         DJANGO_SETTINGS_MODULE="project.settings.base",
@@ -103,6 +103,9 @@ def worker_env(django_db_setup) -> dict[str, str]:
         SECRET_KEY="e2e-worker-only-" + "s" * 60,
         DATABASE_URL=database_url(connection.settings_dict),
         REDIS_URL=settings.CELERY_BROKER_URL,
+        WEBHOOK_SECRET=settings.WEBHOOK_SECRET,
+        PAYMENT_PROVIDER_URL=payment_provider.url,
+        FULFILLMENT_API_URL=payment_provider.url,
         PYTHONUNBUFFERED="1",
     )
     return env

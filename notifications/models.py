@@ -1,0 +1,50 @@
+from django.conf import settings
+from django.db import models
+
+
+class Notification(models.Model):
+    """One customer email about one object, sent at most once.
+
+    The unique (kind, object_type, object_id) is what makes a second notify or a
+    second task delivery a no-op.
+    """
+
+    class Kind(models.TextChoices):
+        ORDER_CONFIRMED = "order_confirmed"
+        ORDER_PAID = "order_paid"
+        ORDER_PAYMENT_FAILED = "order_payment_failed"
+        ORDER_FULFILLED = "order_fulfilled"
+        SUBSCRIPTION_CHARGED = "subscription_charged"
+        SUBSCRIPTION_DECLINED = "subscription_declined"
+
+    class ObjectType(models.TextChoices):
+        ORDER = "order"
+        PAYMENT = "payment"
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENT = "sent"
+        FAILED = "failed"
+
+    recipient = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notifications")
+    kind = models.CharField(max_length=40, choices=Kind.choices)
+    object_type = models.CharField(max_length=20, choices=ObjectType.choices)
+    object_id = models.PositiveBigIntegerField()
+    # Filled from the templates when sent: the record of what the customer received.
+    subject = models.CharField(max_length=255, blank=True, default="")
+    body_text = models.TextField(blank=True, default="")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    error = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind", "object_type", "object_id"], name="notification_once_per_kind_object"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.object_type} #{self.object_id} ({self.status})"

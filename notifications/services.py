@@ -1,0 +1,148 @@
+"""Customer emails, each sent at most once.
+
+`notify` records the intent (one Notification per kind and object, enforced by a
+unique constraint) and dispatches the send after commit. `send_notification` sends
+while holding the row lock and marks the row sent in that same transaction, so two
+deliveries of the task, concurrent or not, send one email.
+"""
+
+import logging
+import smtplib
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.mail import EmailMultiAlternatives
+from django.db import models, transaction
+from django.template.loader import render_to_string
+from django.utils import timezone
+
+from orders.models import Order
+from payments.models import Payment
+
+from .models import Notification
+
+logger = logging.getLogger(__name__)
+
+# Failures of the mail server or the network on the way to it: worth another attempt.
+DELIVERY_ERRORS = (ConnectionError, smtplib.SMTPException, TimeoutError)
+
+ORDER_STATUS_KINDS = {
+    Order.Status.CONFIRMED: Notification.Kind.ORDER_CONFIRMED,
+    Order.Status.PAID: Notification.Kind.ORDER_PAID,
+    Order.Status.PAYMENT_FAILED: Notification.Kind.ORDER_PAYMENT_FAILED,
+    Order.Status.FULFILLED: Notification.Kind.ORDER_FULFILLED,
+}
+SUBSCRIPTION_PAYMENT_KINDS = {
+    Payment.Status.SUCCEEDED: Notification.Kind.SUBSCRIPTION_CHARGED,
+    Payment.Status.DECLINED: Notification.Kind.SUBSCRIPTION_DECLINED,
+}
+
+
+def notify(*, kind: str, object_type: str, object_id: int, recipient_id: int) -> Notification:
+    """Record that the recipient gets the `kind` email about this object; dispatch the send after commit.
+
+    Safe inside the caller's transaction: if it rolls back, neither the row nor the
+    send survives. A second call for the same kind and object is a no-op.
+    """
+    from . import tasks
+
+    notification, created = Notification.objects.get_or_create(
+        kind=kind, object_type=object_type, object_id=object_id, defaults={"recipient_id": recipient_id}
+    )
+    if created:
+        tasks.send_notification.delay_on_commit(notification.pk)
+    return notification
+
+
+def _load_object(notification: Notification) -> models.Model | None:
+    if notification.object_type == Notification.ObjectType.ORDER:
+        return Order.objects.prefetch_related("items").filter(pk=notification.object_id).first()
+    if notification.object_type == Notification.ObjectType.PAYMENT:
+        return Payment.objects.select_related("subscription__plan").filter(pk=notification.object_id).first()
+    return None
+
+
+def _render(notification: Notification, obj: models.Model) -> tuple[str, str, str]:
+    """Subject, text body and HTML body from notifications/<kind>_subject.txt, <kind>.txt and <kind>.html."""
+    context = {"recipient": notification.recipient, "notification": notification, notification.object_type: obj}
+    name = f"notifications/{notification.kind}"
+    # A header cannot hold a line break (Django refuses it): the subject is one line.
+    subject = " ".join(render_to_string(f"{name}_subject.txt", context).split())
+    return subject, render_to_string(f"{name}.txt", context), render_to_string(f"{name}.html", context)
+
+
+def _fail(notification: Notification, error: str) -> Notification:
+    notification.status = Notification.Status.FAILED
+    notification.error = error[:500]
+    notification.save(update_fields=["status", "error"])
+    logger.warning("notification %s not sent: %s", notification.pk, error)
+    return notification
+
+
+def send_notification(*, notification_id: int) -> Notification | None:
+    """Send the notification's email unless it was already sent; returns None when the row is gone.
+
+    Raises one of DELIVERY_ERRORS when the mail server cannot take the message (the
+    row records the error and stays unsent, so retrying is safe). A recipient without
+    an address or an object that no longer exists marks the row failed without sending.
+    """
+    try:
+        with transaction.atomic():
+            # The lock is held while sending, and the row is marked sent before it is
+            # released: a concurrent delivery waits here, then finds it sent.
+            notification = (
+                Notification.objects.select_for_update(of=("self",))
+                .select_related("recipient")
+                .filter(pk=notification_id)
+                .first()
+            )
+            if notification is None:
+                logger.warning("send_notification: notification %s does not exist", notification_id)
+                return None
+            if notification.status == Notification.Status.SENT:
+                return notification
+            if not notification.recipient.email:
+                return _fail(notification, "recipient has no email address")
+            obj = _load_object(notification)
+            if obj is None:
+                return _fail(notification, f"{notification.object_type} {notification.object_id} does not exist")
+            subject, body_text, body_html = _render(notification, obj)
+            message = EmailMultiAlternatives(
+                subject=subject,
+                body=body_text,
+                from_email=settings.DEFAULT_FROM_EMAIL,
+                to=[notification.recipient.email],
+            )
+            message.attach_alternative(body_html, "text/html")
+            message.send()
+            notification.subject = subject
+            notification.body_text = body_text
+            notification.status = Notification.Status.SENT
+            notification.sent_at = timezone.now()
+            notification.error = ""
+            notification.save(update_fields=["subject", "body_text", "status", "sent_at", "error"])
+    except DELIVERY_ERRORS as exc:
+        # Recorded after the failed transaction rolled back; the caller decides about retrying.
+        Notification.objects.filter(pk=notification_id).exclude(status=Notification.Status.SENT).update(
+            status=Notification.Status.FAILED, error=f"{type(exc).__name__}: {exc}"[:500]
+        )
+        raise
+    return notification
+
+
+def redispatch_pending(*, older_than: timedelta = timedelta(minutes=5)) -> list[int]:
+    """Dispatch send_notification again for notifications still pending (their message was lost).
+
+    Harmless for one whose message is merely slow: sending is at most once per row.
+    """
+    from . import tasks
+
+    cutoff = timezone.now() - older_than
+    ids = list(
+        Notification.objects.filter(status=Notification.Status.PENDING, created_at__lt=cutoff)
+        .order_by("id")
+        .values_list("id", flat=True)[:1000]
+    )
+    for notification_id in ids:
+        tasks.send_notification.delay(notification_id)
+    return ids

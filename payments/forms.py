@@ -1,0 +1,5 @@
+from django import forms
+
+
+class SubscribeForm(forms.Form):
+    plan = forms.SlugField(max_length=50)

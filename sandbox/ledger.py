@@ -1,0 +1,362 @@
+"""The provider's and warehouse's books: idempotency keys, charges, shipments, and queries over them.
+
+A create is three steps: claim the idempotency key (committed as `in_flight`), do the work, then record the
+result and the stored response in one transaction. So a charge exists exactly when its key holds a response.
+"""
+
+import hashlib
+import json
+import random
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from sandbox import db, faults, webhooks
+
+CHARGES = "charges"
+SHIPMENTS = "shipments"
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+# Idempotency ------------------------------------------------------------------------------------------------
+
+
+class ClaimOutcome(StrEnum):
+    CLAIMED = "claimed"  # this request owns the key and must do the work
+    REPLAY = "replay"  # same key, same parameters, finished: answer with the stored response
+    MISMATCH = "mismatch"  # same key, other parameters
+    IN_FLIGHT = "in_flight"  # same key, another request is doing the work right now
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    status: int | None = None
+    body: str | None = None
+
+
+def fingerprint(params: dict[str, Any]) -> str:
+    """A digest of normalized parameters: the same request always gives the same fingerprint."""
+    return hashlib.sha256(_dumps(params).encode()).hexdigest()
+
+
+def claim_idempotency_key(*, scope: str, key: str, request_fingerprint: str) -> Claim:
+    """Claim `key` within `scope` (charges and shipments are separate services with separate keys)."""
+    with db.write() as conn:
+        row = conn.execute(
+            "SELECT fingerprint, state, response_status, response_body FROM idempotency_keys"
+            " WHERE scope = ? AND key = ?",
+            (scope, key),
+        ).fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO idempotency_keys (scope, key, fingerprint, state, created)"
+                " VALUES (?, ?, ?, 'in_flight', ?)",
+                (scope, key, request_fingerprint, time.time()),
+            )
+            return Claim(ClaimOutcome.CLAIMED)
+    if row["fingerprint"] != request_fingerprint:
+        return Claim(ClaimOutcome.MISMATCH)
+    if row["state"] == "in_flight":
+        return Claim(ClaimOutcome.IN_FLIGHT)
+    return Claim(ClaimOutcome.REPLAY, row["response_status"], row["response_body"])
+
+
+def release_idempotency_key(*, scope: str, key: str) -> None:
+    """Forget an in-flight claim whose work did not happen, so a retry with the key starts afresh."""
+    with db.write() as conn:
+        conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ? AND state = 'in_flight'", (scope, key))
+
+
+def release_abandoned_claims() -> int:
+    """Drop every in-flight claim; call only at server start, when no request can be in flight."""
+    with db.write() as conn:
+        return conn.execute("DELETE FROM idempotency_keys WHERE state = 'in_flight'").rowcount
+
+
+def _store_response(conn: sqlite3.Connection, *, scope: str, key: str, status: int, body: str) -> None:
+    conn.execute(
+        "UPDATE idempotency_keys SET state = 'done', response_status = ?, response_body = ?"
+        " WHERE scope = ? AND key = ?",
+        (status, body, scope, key),
+    )
+
+
+# Creates ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Created:
+    status: int
+    body: str
+    # The fault `fail_after_*_next` fired: the work is recorded but the client gets a 500 instead.
+    response_lost: bool
+
+
+def _format_amount(amount_minor: int) -> str:
+    return f"{amount_minor // 100}.{amount_minor % 100:02d}"
+
+
+def _charge_from_row(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "charge",
+        "status": row["status"],
+        "amount": _format_amount(row["amount_minor"]),
+        "amount_minor": row["amount_minor"],
+        "currency": row["currency"],
+        "reference": row["reference"],
+        "description": row["description"],
+        "metadata": json.loads(row["metadata"]),
+        "idempotency_key": row["idempotency_key"],
+        "failure_code": row["failure_code"],
+        "created": row["created"],
+    }
+
+
+def is_declined(*, metadata: dict[str, Any], decline_rate: float) -> bool:
+    """`metadata.force` of "decline" or "succeed" decides; otherwise a decline with probability `decline_rate`."""
+    force = metadata.get("force")
+    if force == "decline":
+        return True
+    if force == "succeed":
+        return False
+    return bool(decline_rate) and random.random() < decline_rate
+
+
+def create_charge(*, idempotency_key: str, params: dict[str, Any], current_faults: faults.Faults) -> Created:
+    """Record a charge, its stored response and its webhook event in one transaction.
+
+    Call only while holding the claim on `idempotency_key` in the charges scope.
+    """
+    declined = is_declined(metadata=params["metadata"], decline_rate=current_faults.decline_rate)
+    status = "declined" if declined else "succeeded"
+    charge_id = f"ch_{secrets.token_hex(12)}"
+    with db.write() as conn:
+        conn.execute(
+            "INSERT INTO charges (id, status, amount_minor, currency, reference, description, metadata,"
+            " idempotency_key, failure_code, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                charge_id,
+                status,
+                params["amount_minor"],
+                params["currency"],
+                params["reference"],
+                params["description"],
+                _dumps(params["metadata"]),
+                idempotency_key,
+                "card_declined" if declined else None,
+                int(time.time()),
+            ),
+        )
+        charge = _charge_from_row(conn.execute("SELECT * FROM charges WHERE id = ?", (charge_id,)).fetchone())
+        if declined:
+            http_status = 402
+            body = {
+                "error": {
+                    "type": "card_declined",
+                    "code": "card_declined",
+                    "message": "The card was declined.",
+                    "charge": charge,
+                }
+            }
+        else:
+            http_status, body = 201, charge
+        body_text = _dumps(body)
+        webhooks.enqueue_event(conn, event_type=f"charge.{status}", charge=charge)
+        _store_response(conn, scope=CHARGES, key=idempotency_key, status=http_status, body=body_text)
+        lost = faults.consume_counter(conn, "fail_after_charge_next")
+    webhooks.deliverer.wake()
+    return Created(http_status, body_text, response_lost=lost)
+
+
+def _shipment_from_row(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "shipment",
+        "status": row["status"],
+        "order_id": row["order_id"],
+        "items": json.loads(row["items"]),
+        "metadata": json.loads(row["metadata"]),
+        "idempotency_key": row["idempotency_key"],
+        "created": row["created"],
+    }
+
+
+def create_shipment(*, idempotency_key: str, params: dict[str, Any], current_faults: faults.Faults) -> Created:
+    """Record an accepted shipment and its stored response in one transaction.
+
+    Call only while holding the claim on `idempotency_key` in the shipments scope.
+    """
+    shipment_id = f"shp_{secrets.token_hex(12)}"
+    with db.write() as conn:
+        conn.execute(
+            "INSERT INTO shipments (id, status, order_id, items, metadata, idempotency_key, created)"
+            " VALUES (?, 'accepted', ?, ?, ?, ?, ?)",
+            (
+                shipment_id,
+                params["order_id"],
+                _dumps(params["items"]),
+                _dumps(params["metadata"]),
+                idempotency_key,
+                int(time.time()),
+            ),
+        )
+        shipment = _shipment_from_row(conn.execute("SELECT * FROM shipments WHERE id = ?", (shipment_id,)).fetchone())
+        body_text = _dumps(shipment)
+        _store_response(conn, scope=SHIPMENTS, key=idempotency_key, status=201, body=body_text)
+        lost = faults.consume_counter(conn, "fail_after_shipment_next")
+    return Created(201, body_text, response_lost=lost)
+
+
+# Queries ----------------------------------------------------------------------------------------------------
+
+
+def list_charges(
+    *, reference: str | None = None, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT
+) -> list[dict[str, Any]]:
+    """Charges in the order they were made, optionally filtered."""
+    clauses, args = [], []
+    if reference is not None:
+        clauses.append("reference = ?")
+        args.append(reference)
+    if status is not None:
+        clauses.append("status = ?")
+        args.append(status)
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = db.connection().execute(f"SELECT * FROM charges {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()  # noqa: S608 (clauses are constants)
+    return [_charge_from_row(row) for row in rows]
+
+
+def get_charge(*, charge_id: str) -> dict[str, Any] | None:
+    row = db.connection().execute("SELECT * FROM charges WHERE id = ?", (charge_id,)).fetchone()
+    return _charge_from_row(row) if row else None
+
+
+def list_shipments(*, order_id: int | None = None, limit: int = DEFAULT_LIST_LIMIT) -> list[dict[str, Any]]:
+    """Shipments in the order they were accepted, optionally for one order."""
+    if order_id is None:
+        rows = db.connection().execute("SELECT * FROM shipments ORDER BY seq LIMIT ?", (limit,)).fetchall()
+    else:
+        rows = (
+            db.connection()
+            .execute("SELECT * FROM shipments WHERE order_id = ? ORDER BY seq LIMIT ?", (order_id, limit))
+            .fetchall()
+        )
+    return [_shipment_from_row(row) for row in rows]
+
+
+def get_shipment(*, shipment_id: str) -> dict[str, Any] | None:
+    row = db.connection().execute("SELECT * FROM shipments WHERE id = ?", (shipment_id,)).fetchone()
+    return _shipment_from_row(row) if row else None
+
+
+def list_events(*, charge_id: str | None = None, limit: int = DEFAULT_LIST_LIMIT) -> list[dict[str, Any]]:
+    """Webhook events with their delivery state and every attempt."""
+    conn = db.connection()
+    if charge_id is None:
+        rows = conn.execute("SELECT * FROM webhook_events ORDER BY seq LIMIT ?", (limit,)).fetchall()
+    else:
+        rows = conn.execute(
+            "SELECT * FROM webhook_events WHERE charge_id = ? ORDER BY seq LIMIT ?", (charge_id, limit)
+        ).fetchall()
+    events = []
+    for row in rows:
+        attempts = conn.execute(
+            "SELECT attempt, attempted_at, status_code, error, duration_ms FROM webhook_attempts"
+            " WHERE event_id = ? ORDER BY attempt",
+            (row["id"],),
+        ).fetchall()
+        events.append(
+            {
+                "id": row["id"],
+                "object": "event",
+                "type": row["type"],
+                "created": row["created"],
+                "charge_id": row["charge_id"],
+                "payload": json.loads(row["body"]),
+                "delivery": {
+                    "endpoint": row["endpoint"],
+                    "status": row["delivery_status"],
+                    "attempt_count": row["attempt_count"],
+                    "next_attempt_at": row["next_attempt_at"] if row["delivery_status"] == "pending" else None,
+                    "delivered_at": row["delivered_at"],
+                    "attempts": [dict(attempt) for attempt in attempts],
+                },
+            }
+        )
+    return events
+
+
+def summarize_ledger() -> dict[str, Any]:
+    """Counts that let a test assert "one charge per reference" and "one shipment per order"."""
+    conn = db.connection()
+    # One read transaction, so the counts agree with each other.
+    conn.execute("BEGIN")
+    try:
+        charge_rows = conn.execute(
+            "SELECT reference, status, COUNT(*) AS n FROM charges GROUP BY reference, status"
+        ).fetchall()
+        shipment_rows = conn.execute("SELECT order_id, COUNT(*) AS n FROM shipments GROUP BY order_id").fetchall()
+        key_rows = conn.execute(
+            "SELECT scope, state, COUNT(*) AS n FROM idempotency_keys GROUP BY scope, state"
+        ).fetchall()
+        event_rows = conn.execute(
+            "SELECT delivery_status, COUNT(*) AS n FROM webhook_events GROUP BY delivery_status"
+        ).fetchall()
+        attempt_count = conn.execute("SELECT COUNT(*) FROM webhook_attempts").fetchone()[0]
+    finally:
+        conn.execute("COMMIT")
+
+    by_status = {"succeeded": 0, "declined": 0}
+    by_reference: dict[str, dict[str, int]] = {}
+    for row in charge_rows:
+        by_status[row["status"]] += row["n"]
+        counts = by_reference.setdefault(row["reference"], {"succeeded": 0, "declined": 0, "total": 0})
+        counts[row["status"]] += row["n"]
+        counts["total"] += row["n"]
+    by_order_id = {str(row["order_id"]): row["n"] for row in shipment_rows}
+    keys_by_scope = {CHARGES: 0, SHIPMENTS: 0}
+    in_flight = 0
+    for row in key_rows:
+        keys_by_scope[row["scope"]] = keys_by_scope.get(row["scope"], 0) + row["n"]
+        in_flight += row["n"] if row["state"] == "in_flight" else 0
+    events_by_status = {"pending": 0, "delivered": 0, "failed": 0, "skipped": 0}
+    for row in event_rows:
+        events_by_status[row["delivery_status"]] = row["n"]
+    return {
+        "charges": {
+            "total": sum(by_status.values()),
+            "by_status": by_status,
+            "by_reference": by_reference,
+            "references_charged_more_than_once": sorted(
+                reference for reference, counts in by_reference.items() if counts["succeeded"] > 1
+            ),
+        },
+        "shipments": {
+            "total": sum(by_order_id.values()),
+            "by_order_id": by_order_id,
+            "orders_shipped_more_than_once": sorted((int(o) for o, n in by_order_id.items() if n > 1)),
+        },
+        "idempotency_keys": {"total": sum(keys_by_scope.values()), "in_flight": in_flight, "by_scope": keys_by_scope},
+        "webhooks": {
+            "total": sum(events_by_status.values()),
+            "by_status": events_by_status,
+            "attempts": attempt_count,
+        },
+    }
+
+
+def reset_ledger() -> None:
+    """Wipe charges, shipments, keys and webhook events (for tests); fault settings are reset separately."""
+    with db.write() as conn:
+        for table in ("charges", "shipments", "idempotency_keys", "webhook_events", "webhook_attempts"):
+            conn.execute(f"DELETE FROM {table}")  # noqa: S608 (constant table names)

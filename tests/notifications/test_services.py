@@ -1,0 +1,247 @@
+"""notify and send_notification: one row and one email per kind and object, from the status changes that promise one."""
+
+import smtplib
+from datetime import timedelta
+from decimal import Decimal
+from unittest import mock
+
+import pytest
+from django.core import mail
+from django.db import transaction
+from django.utils import timezone
+
+from notifications.models import Notification
+from notifications.services import notify, send_notification
+from orders.models import Order
+from orders.services import fail_payment, mark_paid, place_order, process_order
+from payments import gateway
+from payments.models import Plan, Subscription
+from payments.services import charge_subscription
+from tests.factories import NotificationFactory, OrderFactory, ProductFactory, UserFactory
+
+pytestmark = pytest.mark.django_db
+
+
+def test_notify_twice_makes_one_row_and_one_email(django_capture_on_commit_callbacks):
+    order = OrderFactory()
+
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        first = notify(kind="order_confirmed", object_type="order", object_id=order.pk, recipient_id=order.owner_id)
+        again = notify(kind="order_confirmed", object_type="order", object_id=order.pk, recipient_id=order.owner_id)
+
+    assert again.pk == first.pk
+    assert len(callbacks) == 1
+    assert Notification.objects.count() == 1
+    assert len(mail.outbox) == 1
+    first.refresh_from_db()
+    assert first.status == Notification.Status.SENT
+    assert first.sent_at is not None
+
+
+def test_notify_in_a_transaction_that_rolls_back_leaves_no_row_and_sends_nothing(django_capture_on_commit_callbacks):
+    order = OrderFactory()
+
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(RuntimeError):
+        with transaction.atomic():
+            notify(kind="order_confirmed", object_type="order", object_id=order.pk, recipient_id=order.owner_id)
+            raise RuntimeError("the caller's work failed")
+
+    assert not Notification.objects.exists()
+    assert mail.outbox == []
+
+
+def _emails_of_kind(kind: str) -> list[mail.EmailMessage]:
+    subjects = set(
+        Notification.objects.filter(kind=kind, status=Notification.Status.SENT).values_list("subject", flat=True)
+    )
+    return [message for message in mail.outbox if message.subject in subjects]
+
+
+def test_confirmed_order_emails_its_owner_once_in_text_and_html(django_capture_on_commit_callbacks):
+    owner = UserFactory(email="ada@example.com")
+    ProductFactory(sku="MUG-001", name="Mug & Saucer", price=Decimal("12.50"), stock=10)
+    order = place_order(owner=owner, items=[("MUG-001", 2)])
+
+    with django_capture_on_commit_callbacks(execute=True):
+        process_order(order_id=order.pk)
+
+    # The order may go on to be charged and fulfilled in the same commit; those have their own emails.
+    [message] = _emails_of_kind("order_confirmed")
+    assert message.to == ["ada@example.com"]
+    assert f"#{order.pk}" in message.subject
+    assert "confirmed" in message.subject
+    # Plain text is not HTML-escaped; the HTML part is.
+    assert "2 x Mug & Saucer (MUG-001)" in message.body
+    assert "Total: 25.00 EUR" in message.body
+    [(html, mimetype)] = message.alternatives
+    assert mimetype == "text/html"
+    assert f"#{order.pk}" in html
+    assert "Mug &amp; Saucer" in html
+    notification = Notification.objects.get(kind="order_confirmed")
+    assert (notification.object_type, notification.object_id) == ("order", order.pk)
+    assert notification.recipient == owner
+    assert notification.subject == message.subject
+    assert notification.body_text == message.body
+
+
+def test_processing_the_same_order_again_sends_no_second_email(django_capture_on_commit_callbacks):
+    ProductFactory(sku="MUG-001", stock=10)
+    order = place_order(owner=UserFactory(), items=[("MUG-001", 1)])
+
+    with django_capture_on_commit_callbacks(execute=True):
+        process_order(order_id=order.pk)
+    sent = len(mail.outbox)
+    with django_capture_on_commit_callbacks(execute=True):
+        process_order(order_id=order.pk)
+
+    assert len(mail.outbox) == sent
+    assert len(_emails_of_kind("order_confirmed")) == 1
+
+
+def test_rejected_order_sends_no_email(django_capture_on_commit_callbacks):
+    ProductFactory(sku="MUG-001", stock=0)
+    order = place_order(owner=UserFactory(), items=[("MUG-001", 1)])
+
+    with django_capture_on_commit_callbacks(execute=True):
+        process_order(order_id=order.pk)
+
+    order.refresh_from_db()
+    assert order.status == Order.Status.REJECTED
+    assert not Notification.objects.exists()
+    assert mail.outbox == []
+
+
+def test_failed_payment_emails_the_owner(django_capture_on_commit_callbacks):
+    order = OrderFactory()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        fail_payment(order_id=order.pk, reason="card_declined")
+
+    [message] = mail.outbox
+    assert message.subject == f"Payment failed for order #{order.pk}"
+    assert message.to == [order.owner.email]
+
+
+def test_paid_order_records_its_notification_for_after_commit(django_capture_on_commit_callbacks):
+    order = OrderFactory()
+
+    # Not executed: the commit would also dispatch the warehouse sync, which is not under test here.
+    with django_capture_on_commit_callbacks() as callbacks:
+        mark_paid(order_id=order.pk)
+
+    notification = Notification.objects.get(kind=Notification.Kind.ORDER_PAID)
+    assert (notification.object_id, notification.recipient_id) == (order.pk, order.owner_id)
+    assert notification.status == Notification.Status.PENDING
+    assert len(callbacks) == 2  # the email and the warehouse sync
+
+
+@pytest.mark.parametrize("kind", [kind for kind, _ in Notification.Kind.choices if kind.startswith("order_")])
+def test_every_order_email_renders_with_the_order_number(kind):
+    notification = NotificationFactory(kind=kind)
+
+    send_notification(notification_id=notification.pk)
+
+    [message] = mail.outbox
+    assert f"#{notification.object_id}" in message.subject
+    assert f"#{notification.object_id}" in message.body
+    assert message.alternatives
+
+
+@pytest.fixture
+def subscription(user):
+    plan = Plan.objects.create(code="coffee-monthly", name="Coffee Club", price=Decimal("9.00"))
+    today = timezone.localdate()
+    return Subscription.objects.create(owner=user, plan=plan, current_period_start=today, current_period_end=today)
+
+
+def _charge(subscription: Subscription, django_capture_on_commit_callbacks, outcome) -> None:
+    period = subscription.current_period_end.isoformat()
+    with mock.patch("payments.gateway.charge", side_effect=[outcome]):
+        with django_capture_on_commit_callbacks(execute=True):
+            charge_subscription(subscription_id=subscription.pk, billing_period=period)
+
+
+def test_subscription_charge_emails_the_subscriber(subscription, django_capture_on_commit_callbacks):
+    charge = gateway.Charge(id="ch_1", status="succeeded", amount=Decimal("9.00"), currency="EUR", reference="r")
+
+    _charge(subscription, django_capture_on_commit_callbacks, charge)
+
+    [message] = mail.outbox
+    assert message.to == [subscription.owner.email]
+    assert message.subject == "Your Coffee Club subscription: payment received"
+    next_due = subscription.current_period_end + timedelta(days=1)  # at least a month later
+    assert "9.00 EUR" in message.body
+    assert str(next_due.year) in message.body
+    notification = Notification.objects.get()
+    assert (notification.kind, notification.object_type) == ("subscription_charged", "payment")
+    assert notification.object_id == subscription.payments.get().pk
+
+
+def test_subscription_decline_emails_the_subscriber(subscription, django_capture_on_commit_callbacks):
+    _charge(subscription, django_capture_on_commit_callbacks, gateway.CardDeclined("ch_2", "insufficient_funds"))
+
+    [message] = mail.outbox
+    assert message.subject == "Your Coffee Club subscription: payment declined"
+    assert "insufficient_funds" in message.body
+    assert Notification.objects.get().kind == Notification.Kind.SUBSCRIPTION_DECLINED
+
+
+def test_recipient_without_an_address_is_marked_failed_without_sending():
+    notification = NotificationFactory(order=OrderFactory(owner=UserFactory(email="")))
+
+    send_notification(notification_id=notification.pk)
+
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.FAILED
+    assert notification.error == "recipient has no email address"
+    assert mail.outbox == []
+
+
+def test_notification_for_a_vanished_object_is_marked_failed_without_sending():
+    notification = NotificationFactory(object_id=999_999)
+
+    send_notification(notification_id=notification.pk)
+
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.FAILED
+    assert notification.error == "order 999999 does not exist"
+    assert mail.outbox == []
+
+
+def test_mail_server_error_is_recorded_and_raised_and_a_retry_sends():
+    notification = NotificationFactory()
+    refused = smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+
+    with mock.patch("django.core.mail.backends.locmem.EmailBackend.send_messages", side_effect=refused):
+        with pytest.raises(smtplib.SMTPServerDisconnected):
+            send_notification(notification_id=notification.pk)
+
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.FAILED
+    assert notification.error == "SMTPServerDisconnected: Connection unexpectedly closed"
+    assert notification.sent_at is None
+
+    send_notification(notification_id=notification.pk)
+
+    notification.refresh_from_db()
+    assert notification.status == Notification.Status.SENT
+    assert notification.error == ""
+    assert len(mail.outbox) == 1
+
+
+def test_pending_notifications_left_behind_are_dispatched_again():
+    from datetime import timedelta
+    from unittest import mock
+
+    from django.utils import timezone
+
+    from notifications.models import Notification
+    from notifications.services import redispatch_pending
+    from tests.factories import NotificationFactory
+
+    stale = NotificationFactory()
+    Notification.objects.filter(pk=stale.pk).update(created_at=timezone.now() - timedelta(hours=1))
+    NotificationFactory()  # fresh: its own message is probably still on the way
+    with mock.patch("notifications.tasks.send_notification.delay") as delay:
+        assert redispatch_pending(older_than=timedelta(minutes=5)) == [stale.pk]
+    delay.assert_called_once_with(stale.pk)
