@@ -12,7 +12,7 @@ from decimal import Decimal
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import Exists, F, OuterRef
 from django.utils import timezone
 
 from .models import ApiToken, Order, OrderEvent, OrderItem, Product
@@ -263,14 +263,23 @@ def redispatch_stale_orders(*, older_than: timedelta | None = None) -> list[int]
         older_than = timedelta(seconds=settings.STALE_ORDER_SECONDS)
     cutoff = timezone.now() - older_than
     from payments import tasks as payment_tasks
+    from payments.models import Payment
 
     next_step = {
         Order.Status.PENDING: tasks.process_order,
         Order.Status.CONFIRMED: payment_tasks.charge_order,
         Order.Status.PAID: tasks.sync_to_fulfillment,
     }
+    # A charge still being retried with backoff is not lost: leave it to its own retries
+    # until it has been quiet for longer than its whole retry budget.
+    charge_in_flight = Payment.objects.filter(
+        order=OuterRef("pk"),
+        status=Payment.Status.PROCESSING,
+        updated_at__gte=timezone.now() - timedelta(seconds=settings.CHARGE_RETRY_WINDOW_SECONDS),
+    )
     stale = list(
         Order.objects.filter(status__in=next_step.keys(), updated_at__lt=cutoff)
+        .exclude(Exists(charge_in_flight))
         .order_by("id")
         .values_list("id", "status")[:1000]
     )

@@ -16,6 +16,7 @@ from datetime import date
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from orders import services as order_services
@@ -52,7 +53,8 @@ def _claim(*, key: str, **fields) -> Payment:
 
 def _call_provider(payment: Payment) -> gateway.Charge | gateway.CardDeclined:
     """Charge through the provider with the payment's key; a decline is returned, transient errors raise."""
-    Payment.objects.filter(pk=payment.pk).update(attempts=payment.attempts + 1)
+    # F(): two deliveries of the same work (a retry and a sweep re-dispatch) must not lose a count.
+    Payment.objects.filter(pk=payment.pk).update(attempts=F("attempts") + 1, updated_at=timezone.now())
     try:
         return gateway.charge(
             amount=payment.amount,

@@ -275,5 +275,9 @@ if not DEBUG and not WEBHOOK_SECRET:
 # Signed webhooks older (or newer) than this are refused, so a captured one cannot be replayed later.
 WEBHOOK_TOLERANCE_SECONDS = env.int("WEBHOOK_TOLERANCE_SECONDS", default=300)
 
+# charge_order's retries (8, backoff capped at 600 s) are over well within this window;
+# the sweep leaves a charge alone while it was attempted more recently.
+CHARGE_RETRY_WINDOW_SECONDS = env.int("CHARGE_RETRY_WINDOW_SECONDS", default=1800)
+
 # Orders still pending this long after creation are dispatched again by the sweep.
 STALE_ORDER_SECONDS = env.int("STALE_ORDER_SECONDS", default=60)

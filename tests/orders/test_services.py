@@ -216,3 +216,19 @@ def test_redispatch_honours_an_explicit_cutoff(user, product):
         assert redispatch_stale_orders(older_than=timedelta(minutes=3)) == [older.pk, newer.pk]
 
     assert process_dispatch.call_args_list == [mock.call(older.pk), mock.call(older.pk), mock.call(newer.pk)]
+
+
+def test_redispatch_leaves_a_charge_that_is_still_retrying_alone(user, product, settings, charge_dispatch):
+    from payments.models import Payment
+
+    settings.CHARGE_RETRY_WINDOW_SECONDS = 1800
+    retrying = place_order(owner=user, items=[("MUG-001", 1)])
+    abandoned = place_order(owner=user, items=[("MUG-001", 1)])
+    for order in (retrying, abandoned):
+        process_order(order_id=order.pk)
+        Payment.objects.create(order=order, amount=order.total, idempotency_key=f"order-{order.pk}")
+        _age(order, 3600)
+    Payment.objects.filter(order=abandoned).update(updated_at=timezone.now() - timedelta(seconds=1801))
+
+    assert redispatch_stale_orders() == [abandoned.pk]
+    charge_dispatch.assert_called_once_with(abandoned.pk)
