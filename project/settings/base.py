@@ -172,6 +172,10 @@ if REDIS_URL:
         # exceed the longest countdown/ETA plus the hard time limit, or a slow task
         # runs twice while the first copy is still going.
         "visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=3600),
+        # How often a worker looks for messages whose visibility timeout has passed (those of a
+        # worker that died): every interval x throttle seconds (kombu's defaults: 10 x 10).
+        "unacked_restore_interval": env.int("CELERY_UNACKED_RESTORE_INTERVAL", default=10),
+        "unacked_restore_throttle": env.int("CELERY_UNACKED_RESTORE_THROTTLE", default=10),
         # Fail fast when Redis is unreachable instead of hanging a request.
         "socket_timeout": 5,
         "socket_connect_timeout": 5,

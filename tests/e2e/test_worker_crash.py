@@ -1,0 +1,53 @@
+"""SIGKILL of a whole worker mid-task: the message was never acknowledged, so it is delivered again."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from orders.models import Order
+from orders.services import place_order
+from payments.models import Payment
+from tests.factories import ProductFactory, UserFactory
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+# Short enough for a test; production keeps an hour (longer than any countdown plus time limit).
+FAST_REDELIVERY = {
+    "CELERY_VISIBILITY_TIMEOUT": "5",
+    "CELERY_UNACKED_RESTORE_INTERVAL": "1",
+    "CELERY_UNACKED_RESTORE_THROTTLE": "1",
+}
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def test_charge_interrupted_by_killing_the_whole_worker_completes_after_a_worker_returns(start_worker, sandbox):
+    ProductFactory(sku="CRASH", stock=5)
+    order = place_order(owner=UserFactory(), items=[("CRASH", 1)])  # queued until a worker starts
+    sandbox.set_faults(latency_ms=3000)  # keeps the charge in flight long enough to kill the worker
+    first = start_worker("critical", name="doomed", env=FAST_REDELIVERY)
+
+    wait_for(lambda: Payment.objects.filter(order=order).exists(), 20, "the charge to be in flight")
+    time.sleep(0.5)
+    os.killpg(first.process.pid, signal.SIGKILL)  # main process and pool children, no warm shutdown
+    first.process.wait(5)
+    assert Order.objects.get(pk=order.pk).status == Order.Status.CONFIRMED
+
+    start_worker("critical", name="survivor", env=FAST_REDELIVERY)
+    wait_for(
+        lambda: Order.objects.get(pk=order.pk).status == Order.Status.FULFILLED,
+        60,
+        "the redelivered charge to pay and fulfil the order",
+    )
+    # The provider was called twice with the same key and charged once.
+    assert len(sandbox.charges(reference=f"order-{order.pk}")) == 1
+    assert Payment.objects.get(order=order).attempts >= 2
