@@ -1,0 +1,128 @@
+"""Real processes for end-to-end tests: a private redis-server, and any command from the Procfile."""
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
+    """Poll until condition() is truthy and return its value; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+class RedisServer:
+    """A redis-server of the test's own on a free port, so stopping it disturbs nothing else.
+
+    `aof=True` keeps queued messages across a restart, as the compose file's Redis does.
+    """
+
+    def __init__(self, directory: Path, *, aof: bool = False):
+        self.port = free_port()
+        self.directory = directory
+        self.aof = aof
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is required for this test"
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.aof else ["--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--dir", str(self.directory)]
+            + persistence,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(self.answers, 10, "redis-server to start")
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+
+class Processes:
+    """Starts commands with their logs in a folder; stops them all at the end (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.started: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(self, name: str, command: list[str], env: dict) -> subprocess.Popen:
+        log_path = self.log_dir / f"{name}-{len(self.started)}.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.started.append((name, process))
+        return process
+
+    def web(self, env: dict, *, workers: int = 2) -> str:
+        """gunicorn with the production config on a free port; returns its base URL once it answers."""
+        port = free_port()
+        self.spawn(
+            "web",
+            [sys.executable, "-m", "gunicorn", "project.wsgi", "-c", "project/gunicorn.conf.py"],
+            {**env, "GUNICORN_BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(workers)},
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http_ok(f"{base}/healthz"), 30, "gunicorn to answer")
+        return base
+
+    def beat(self, env: dict) -> subprocess.Popen:
+        schedule = self.log_dir / f"beat-schedule-{len(self.started)}"
+        return self.spawn("beat", [sys.executable, "-m", "celery", "-A", "project", "beat", "-s", str(schedule)], env)
+
+    def logs(self) -> str:
+        paths = sorted(self.log_dir.glob("*.log"))
+        return "\n".join(f"--- {path.name}\n{path.read_text(errors='replace')[-4000:]}" for path in paths)
+
+    def stop_all(self) -> None:
+        for _, process in reversed(self.started):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for _, process in reversed(self.started):
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
