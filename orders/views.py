@@ -50,8 +50,11 @@ def order_new(request):
 
 @login_required
 def order_detail(request, order_id: int):
-    order = get_object_or_404(Order.objects.prefetch_related("items", "events"), pk=order_id, owner=request.user)
-    return render(request, "orders/order_detail.html", {"order": order})
+    order = get_object_or_404(
+        Order.objects.prefetch_related("items", "events", "payments"), pk=order_id, owner=request.user
+    )
+    payment = next(iter(order.payments.all()), None)
+    return render(request, "orders/order_detail.html", {"order": order, "payment": payment})
 
 
 @login_required

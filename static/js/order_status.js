@@ -30,6 +30,12 @@
       if (response.ok) {
         const order = await response.json();
         render(order);
+        // The receipt is rendered by the server: fetch the page again once the payment has an outcome.
+        const receipt = document.getElementById("receipt");
+        if (receipt && receipt.dataset.final !== "1" && ["paid", "fulfilled", "payment_failed"].includes(order.status)) {
+          window.location.reload();
+          return;
+        }
         if (["fulfilled", "rejected", "payment_failed", "cancelled"].includes(order.status)) {
           progressEl.hidden = true;
           return;

@@ -253,3 +253,23 @@ def test_placing_an_order_via_page_shows_it_placed(shopper_client, product):
     order = Order.objects.get()
     assert response.redirect_chain == [(f"/orders/{order.pk}/", 302)]
     assert f"Order #{order.pk} placed." in page_text(response)
+
+
+def test_order_page_shows_the_receipt_once_paid(client, user, product, sandbox, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True):
+        order = place_order(owner=user, items=[("MUG-001", 2)])
+    client.force_login(user)
+    page = client.get(f"/orders/{order.pk}/").content.decode()
+    payment = order.payments.get()
+    assert 'data-final="1"' in page
+    assert payment.provider_charge_id in page and f"order-{order.pk}" in page and "Succeeded" in page
+
+
+def test_order_page_without_payment_says_so(client, user, product):
+    from unittest import mock
+
+    with mock.patch("orders.tasks.process_order.delay"):
+        order = place_order(owner=user, items=[("MUG-001", 1)])
+    client.force_login(user)
+    page = client.get(f"/orders/{order.pk}/").content.decode()
+    assert "No payment yet" in page and 'data-final="0"' in page
