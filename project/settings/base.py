@@ -153,11 +153,30 @@ DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="shop@example.com")
 
 # --- Logging ----------------------------------------------------------------
 
+# Every line carries the task id and order id it belongs to (project/logging.py);
+# LOG_FORMAT=json writes JSON lines for a log shipper.
+LOG_FORMAT = env.str("LOG_FORMAT", default="plain")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"task_context": {"()": "project.logging.TaskContextFilter"}},
+    "formatters": {
+        "plain": {
+            "format": "%(asctime)s %(levelname)s %(name)s [task=%(task_id)s order=%(order_id)s] %(message)s",
+        },
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(process)d %(task_id)s %(task_name)s %(order_id)s %(message)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "json" if LOG_FORMAT == "json" else "plain",
+            "filters": ["task_context"],
+        },
+    },
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
 }
 
@@ -241,6 +260,9 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "interval_step": 0.5,
     "interval_max": 1,
 }
+
+# Workers log through Django's LOGGING (above), so task lines carry the task and order ids.
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # Workers send events so Flower can show tasks live.
 CELERY_WORKER_SEND_TASK_EVENTS = True
