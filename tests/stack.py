@@ -96,9 +96,9 @@ class Processes:
         self.started.append((name, process))
         return process
 
-    def web(self, env: dict, *, workers: int = 2) -> str:
-        """gunicorn with the production config on a free port; returns its base URL once it answers."""
-        port = free_port()
+    def web(self, env: dict, *, workers: int = 2, port: int | None = None) -> str:
+        """gunicorn with the production config (on a free port by default); returns its base URL once it answers."""
+        port = port or free_port()
         self.spawn(
             "web",
             [sys.executable, "-m", "gunicorn", "project.wsgi", "-c", "project/gunicorn.conf.py"],
@@ -126,3 +126,54 @@ class Processes:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(5)
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of the test's own (initdb in a temporary folder, run as the postgres user).
+
+    Restarting it disturbs nothing else. Trust authentication on 127.0.0.1 only.
+    """
+
+    def __init__(self):
+        import glob
+        import tempfile
+
+        versions = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+        assert versions, "PostgreSQL server binaries are required for this test"
+        self.bin = Path(versions[-1])
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="pg-test-"))
+        shutil.chown(self.directory, "postgres", "postgres")
+        self.data = self.directory / "data"
+        self._as_postgres(
+            [self.bin / "initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]
+        )
+
+    def url(self, database: str) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _as_postgres(self, argv: list, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["runuser", "-u", "postgres", "--", *map(str, argv)],
+            cwd=self.directory,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=check,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._as_postgres(
+            [self.bin / "pg_ctl", "-D", self.data, "-l", self.directory / "server.log", "-w", "-o", options, "start"]
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        self._as_postgres([self.bin / "pg_ctl", "-D", self.data, "-m", mode, "-w", "stop"], check=False)
+
+    def create_database(self, name: str) -> None:
+        self._as_postgres([self.bin / "createdb", "-h", "127.0.0.1", "-p", self.port, "-U", "postgres", name])
+
+    def destroy(self) -> None:
+        self.stop("immediate")
+        shutil.rmtree(self.directory, ignore_errors=True)
