@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: run test lint format clean
+.PHONY: run test lint format clean bench bench-pipeline bench-reports
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,17 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
 	touch $@
 
+$(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
+	$(BIN)/python -m pip install -q -r requirements-bench.txt
+	touch $@
+
 # Runs web, three workers, beat, Flower and the sandbox provider under honcho; Ctrl-C stops them all.
 # Without DATABASE_URL/REDIS_URL: SQLite in var/ and the filesystem broker in var/broker (wiped here).
+# Metrics: every process starts with PROMETHEUS_MULTIPROC_DIR set (ops/metrics.py); var/metrics is wiped here.
 run: $(VENV)/.runtime
-	rm -rf $(VAR_DIR)/broker
-	mkdir -p $(VAR_DIR)/broker/queue $(VAR_DIR)/broker/control $(VAR_DIR)/broker/processed
-	export DEBUG=$${DEBUG:-true} PATH=$(CURDIR)/$(BIN):$$PATH \
+	rm -rf $(VAR_DIR)/broker $(VAR_DIR)/metrics
+	mkdir -p $(VAR_DIR)/broker/queue $(VAR_DIR)/broker/control $(VAR_DIR)/broker/processed $(VAR_DIR)/metrics
+	export DEBUG=$${DEBUG:-true} PATH=$(CURDIR)/$(BIN):$$PATH PROMETHEUS_MULTIPROC_DIR=$(VAR_DIR)/metrics \
 	  SHOP_WEBHOOK_URL=$${SHOP_WEBHOOK_URL:-http://127.0.0.1:8000/payments/webhooks/provider/} && \
 	  python manage.py migrate --noinput && \
 	  python manage.py collectstatic --noinput -v 0 && \
@@ -32,6 +37,18 @@ run: $(VENV)/.runtime
 
 test: $(VENV)/.dev
 	$(BIN)/pytest
+
+# Performance harness; results go to bench/results/. Needs PostgreSQL and Redis (see each script's docstring).
+bench: bench-pipeline bench-reports
+
+# The order pipeline against ceilings from the same run (a bare INSERT view, no-op tasks) on the
+# Procfile's processes: bench/results/<date>.json and .png, and the table in the README.
+bench-pipeline: $(VENV)/.bench
+	$(BIN)/python -m bench.pipeline
+
+# A sales report over 250,000 order lines on a real bulk worker (-c 2): time and each pool process's peak memory.
+bench-reports: $(VENV)/.runtime
+	$(BIN)/python bench/report_scale.py
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

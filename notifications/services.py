@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from orders.models import Order
 from payments.models import Payment
+from project.celery import TRANSIENT_ERRORS
 
 from .models import Notification
 
@@ -25,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 # Failures of the mail server or the network on the way to it: worth another attempt.
 DELIVERY_ERRORS = (ConnectionError, smtplib.SMTPException, TimeoutError)
+# What the send task retries: the mail server or the database being briefly unavailable.
+RETRYABLE_ERRORS = (*DELIVERY_ERRORS, *TRANSIENT_ERRORS)
 
 ORDER_STATUS_KINDS = {
     Order.Status.CONFIRMED: Notification.Kind.ORDER_CONFIRMED,

@@ -10,7 +10,7 @@ from . import services
 
 
 @shared_task(
-    autoretry_for=services.DELIVERY_ERRORS,
+    autoretry_for=services.RETRYABLE_ERRORS,
     max_retries=5,
     retry_backoff=True,
     retry_backoff_max=600,

@@ -6,4 +6,4 @@ class OpsConfig(AppConfig):
 
     def ready(self) -> None:
         # Celery signal handlers (dead letters, metrics) connect on import.
-        pass
+        from . import deadletters, metrics  # noqa: F401

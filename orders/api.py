@@ -4,6 +4,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
+from django.db.models import prefetch_related_objects
 from django.shortcuts import get_object_or_404
 from ninja import Field, Header, Router, Schema, Status
 from ninja.errors import ValidationError
@@ -65,6 +66,17 @@ class EventOut(Schema):
     created_at: datetime
 
 
+class PaymentOut(Schema):
+    status: str
+    status_display: str = Field(alias="get_status_display")
+    amount: Decimal
+    currency: str
+    provider_charge_id: str
+    reference: str = Field(alias="idempotency_key")
+    failure_reason: str
+    updated_at: datetime
+
+
 class OrderOut(Schema):
     id: int
     status: str
@@ -76,6 +88,12 @@ class OrderOut(Schema):
     updated_at: datetime
     items: list[ItemOut]
     events: list[EventOut]
+    # The order's charge, once it is claimed: the order page's receipt follows it without a reload.
+    payment: PaymentOut | None
+
+    @staticmethod
+    def resolve_payment(order: Order):
+        return next(iter(order.payments.all()), None)
 
 
 class ProductOut(Schema):
@@ -90,7 +108,7 @@ class ErrorOut(Schema):
 
 
 def _orders_of(request):
-    return Order.objects.filter(owner=request.auth).prefetch_related("items", "events")
+    return Order.objects.filter(owner=request.auth).prefetch_related("items", "events", "payments")
 
 
 @router.get("/products/", response=list[ProductOut], summary="List the catalogue")
@@ -130,7 +148,9 @@ def create_order(
                 if item.sku in exc.skus
             ]
         ) from exc
-    return Status(201, _orders_of(request).get(pk=order.pk))
+    # The order in hand, with what OrderOut shows of it loaded: not read again by owner and id.
+    prefetch_related_objects([order], "items", "events", "payments")
+    return Status(201, order)
 
 
 @router.get("/orders/", response=list[OrderOut], summary="List my orders")

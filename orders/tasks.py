@@ -2,6 +2,8 @@
 
 from celery import shared_task
 
+from project.celery import TRANSIENT_ERRORS
+
 from . import services
 
 
@@ -18,7 +20,7 @@ def redispatch_stale_orders() -> int:
 
 @shared_task(
     bind=True,
-    autoretry_for=(ConnectionError, TimeoutError),
+    autoretry_for=TRANSIENT_ERRORS,
     max_retries=5,
     retry_backoff=True,
     retry_backoff_max=600,

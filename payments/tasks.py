@@ -1,18 +1,19 @@
 """Queue adapters for payment services (routed to the critical queue).
 
-Retries: only the provider being unreachable (gateway.ProviderUnavailable is a
-ConnectionError) is retried, with exponential backoff and jitter; a decline or a
-validation error fails at once.
+Retries: only transient errors (the provider unreachable: gateway.ProviderUnavailable
+is a ConnectionError; the database restarting) are retried, with exponential backoff
+and jitter; a decline or a validation error fails at once.
 """
 
 from celery import shared_task
 from django.core.exceptions import ValidationError
 
+from project.celery import TRANSIENT_ERRORS
+
 from . import services
 
-TRANSIENT = (ConnectionError, TimeoutError)
 RETRY_POLICY = {
-    "autoretry_for": TRANSIENT,
+    "autoretry_for": TRANSIENT_ERRORS,
     "retry_backoff": True,
     "retry_backoff_max": 600,
     "retry_jitter": True,
@@ -38,7 +39,7 @@ def bill_due_subscriptions() -> int:
 
 @shared_task(
     bind=True,
-    autoretry_for=(ConnectionError, TimeoutError),
+    autoretry_for=TRANSIENT_ERRORS,
     dont_autoretry_for=(ValidationError,),
     max_retries=3,
     retry_backoff=True,

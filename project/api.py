@@ -69,7 +69,64 @@ class JsonParser(Parser):
             raise InputError(400, ["body"], "request body is not valid JSON: it exceeds the parser's limits") from exc
 
 
-api = NinjaAPI(
+ERROR_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "properties": {
+        "detail": {
+            "anyOf": [
+                {"type": "string"},
+                {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"loc": {"type": "array"}, "msg": {"type": "string"}},
+                        "required": ["loc", "msg"],
+                    },
+                },
+            ]
+        }
+    },
+    "required": ["detail"],
+}
+UNSAFE_METHODS = {"post", "put", "patch", "delete"}
+
+
+def shared_errors(method: str, operation: dict) -> dict[int, str]:
+    """The error answers this module gives an operation, whatever its router declares."""
+    errors = {401: "No or unknown credentials"}
+    parameters = operation.get("parameters", [])
+    if any(parameter["in"] == "path" for parameter in parameters):
+        errors[404] = "Not found, or not the caller's"
+    if method in UNSAFE_METHODS:
+        errors[403] = "Session without a valid CSRF token"
+    if "requestBody" in operation:
+        errors[400] = "Body is not valid UTF-8 JSON"
+        errors[413] = "Body is larger than 256 KiB"
+        errors[415] = "Content-Type is not application/json"
+    if parameters or "requestBody" in operation:
+        errors[422] = "Invalid input; `detail` names each field"
+    return errors
+
+
+class ShopAPI(NinjaAPI):
+    """NinjaAPI whose schema also declares the errors of the shared handlers below, so clients
+    (and the schemathesis suite, tests/security/test_api_fuzz.py) know every status an operation answers."""
+
+    def get_openapi_schema(self, **kwargs):
+        schema = super().get_openapi_schema(**kwargs)
+        schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        for operations in schema["paths"].values():
+            for method, operation in operations.items():
+                declared = {int(status) for status in operation["responses"]}
+                for status, description in shared_errors(method, operation).items():
+                    if status not in declared:
+                        operation["responses"][status] = {"description": description, "content": error}
+        return schema
+
+
+api = ShopAPI(
     title="Shop API",
     version="1.0.0",
     description="Orders and the catalogue. Authenticate with `Authorization: Bearer <token>` "
@@ -81,6 +138,7 @@ api = NinjaAPI(
     urls_namespace="api",
 )
 api.add_router("/", orders_router)
+api.add_router("/", "reports.api.router")
 
 
 def _error(request, status: int, loc: list, msg: str):

@@ -9,6 +9,8 @@ import os
 
 from celery import Celery
 from celery.contrib.django.task import DjangoTask
+from django.db import InterfaceError as DatabaseInterfaceError
+from django.db import OperationalError as DatabaseOperationalError
 from django.db import transaction
 from kombu.exceptions import OperationalError
 
@@ -17,8 +19,25 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings.base")
 logger = logging.getLogger(__name__)
 
 
+# Transient for every task: the broker or the database restarting, a peer timing out.
+TRANSIENT_ERRORS = (ConnectionError, TimeoutError, DatabaseOperationalError, DatabaseInterfaceError)
+
+
 class BaseTask(DjangoTask):
     """Base class of every task in the project."""
+
+    # A task that declares no retry policy of its own still survives a database restart:
+    # retried with exponential backoff and jitter. Tasks with their own policy use TRANSIENT_ERRORS.
+    autoretry_for = (DatabaseOperationalError, DatabaseInterfaceError)
+    max_retries = 5
+    retry_backoff = True
+    retry_backoff_max = 600
+    retry_jitter = True
+
+    # Bounds the requeue of a task whose pool process dies (TASK_MAX_WORKER_LOST). Celery makes
+    # that decision in Request.on_failure, where no signal fires, and its documented hook there
+    # is the task's Request class. Loaded by name when a worker starts.
+    Request = "ops.worker:WorkerLostBoundRequest"
 
     def delay_on_commit(self, *args, **kwargs) -> None:
         """Publish with `delay` after the current transaction commits.

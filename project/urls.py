@@ -10,6 +10,7 @@ urlpatterns = [
     path("", order_views.home, name="home"),
     path("orders/", include("orders.urls")),
     path("", include("payments.urls")),
+    path("reports/", include("reports.urls")),
     path("accounts/login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("api/", api.urls),

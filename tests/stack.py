@@ -1,5 +1,6 @@
 """Real processes for end-to-end tests: a private redis-server, and any command from the Procfile."""
 
+import re
 import shutil
 import signal
 import socket
@@ -107,6 +108,29 @@ class Processes:
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{base}/healthz"), 30, "gunicorn to answer")
         return base
+
+    def workers(self, env: dict, queues: dict[str, int], *, suffix: str = "", timeout: float = 60) -> None:
+        """The Procfile's worker line for each queue, with its concurrency and node name `<queue><suffix>@host`;
+        returns once every one of them is ready."""
+        pending: dict[str, tuple[subprocess.Popen, Path]] = {}
+        for queue, concurrency in queues.items():
+            name = f"{queue}{suffix}"
+            command = [
+                sys.executable, "-m", "celery", "-A", "project", "worker",
+                "-Q", queue, "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel=INFO",
+            ]  # fmt: skip
+            process = self.spawn(f"worker-{name}", command, env)
+            pending[name] = (process, self.log_dir / f"worker-{name}-{len(self.started) - 1}.log")
+
+        def all_ready() -> bool:
+            for name, (process, log_path) in list(pending.items()):
+                log = log_path.read_text(errors="replace")
+                assert process.poll() is None, f"worker {name} exited:\n{log[-4000:]}"
+                if re.search(rf"{re.escape(name)}@\S+ ready\.", log):
+                    del pending[name]
+            return not pending
+
+        wait_for(all_ready, timeout, f"workers for {', '.join(queues)} to be ready")
 
     def beat(self, env: dict) -> subprocess.Popen:
         schedule = self.log_dir / f"beat-schedule-{len(self.started)}"

@@ -5,9 +5,11 @@ transport under ./var, so `make run` needs no server. Set DATABASE_URL and
 REDIS_URL to run on PostgreSQL and Redis.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 from kombu import Exchange, Queue
 
@@ -38,6 +40,9 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "ninja",
+    "django_prometheus",
+    "axes",
+    "csp",
     "orders",
     "payments",
     "reports",
@@ -46,7 +51,10 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First and last: django-prometheus times each request across every other middleware.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "csp.middleware.CSPMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -54,6 +62,11 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # A restarting database answers 503 + Retry-After, not 500 (ops/middleware.py).
+    "ops.middleware.DatabaseUnavailableMiddleware",
+    # Turns django-axes' lockout into a 429 (AXES_* below).
+    "axes.middleware.AxesMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "project.urls"
@@ -99,6 +112,18 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# django-axes first: it refuses a locked-out username+IP before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Login throttling: 5 failures for one username from one IP lock that pair out for 15 minutes
+# (a 429, even with the right password); a successful login resets the count. The client IP is
+# REMOTE_ADDR: behind a proxy, set AXES_CLIENT_IP_CALLABLE. https://django-axes.readthedocs.io/en/latest/4_configuration.html
+AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("AXES_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "orders:list"
 LOGOUT_REDIRECT_URL = "login"
@@ -110,7 +135,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
@@ -123,7 +148,11 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
 
 SESSION_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=not DEBUG)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
+# Behind TLS (production: .env.example) set SECURE_SSL_REDIRECT=true and SECURE_COOKIES=true; then
+# `manage.py check --deploy --fail-level WARNING` is clean (tests/security/test_settings.py). Off by
+# default so `make run` and plain-http trials work. Probes and the Prometheus scrape stay on http.
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = True
@@ -131,6 +160,21 @@ SECURE_HSTS_PRELOAD = True
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
+# Content-Security-Policy (django-csp): everything from this origin, no inline script or style
+# (pages load static JS files; the admin and /api/docs need nothing else), no framing.
+# https://django-csp.readthedocs.io/en/latest/configuration.html
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        "img-src": [SELF, "data:"],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
 
 # --- Email ------------------------------------------------------------------
 # EMAIL_URL picks the backend: consolemail:// (the default: `make run` prints emails
@@ -166,7 +210,8 @@ LOGGING = {
         },
         "json": {
             "()": "pythonjsonlogger.json.JsonFormatter",
-            "format": "%(asctime)s %(levelname)s %(name)s %(process)d %(task_id)s %(task_name)s %(order_id)s %(message)s",
+            "format": "%(asctime)s %(levelname)s %(name)s %(process)d "
+            "%(task_id)s %(task_name)s %(order_id)s %(message)s",
             "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
         },
     },
@@ -235,6 +280,8 @@ CELERY_TASK_ROUTES = {
     "reports.tasks.*": {"queue": "bulk", "routing_key": "bulk"},
     "notifications.tasks.*": {"queue": "default", "routing_key": "default"},
 }
+# More task modules for a worker to import: the e2e tests load their test-only tasks this way.
+CELERY_IMPORTS = env.list("CELERY_EXTRA_IMPORTS", default=[])
 
 # Each pool process reserves one message at a time, so a long task never holds
 # others hostage in its prefetch buffer.
@@ -247,6 +294,18 @@ CELERY_WORKER_MAX_MEMORY_PER_CHILD = 200_000
 # process dies mid-task: a crash means redelivery, not loss. Tasks are idempotent.
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# The bound on that redelivery: a task whose pool process dies on this many deliveries
+# fails into the dead letters instead of looping (ops/worker.py).
+TASK_MAX_WORKER_LOST = env.int("TASK_MAX_WORKER_LOST", default=3)
+# Seconds the parent waits for the result of a pool process that died before calling it lost.
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-lost-wait
+CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
+# Celery's consumer, except that a body that fails to decode is reported like the other
+# refused messages (task_rejected, so it reaches the dead letters), and a message that would
+# stop the worker (undecoded content type, JSON that is not [args, kwargs, embed]) is refused
+# instead (ops/worker.py).
+# https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-consumer
+CELERY_WORKER_CONSUMER = "ops.worker:DeadLetterConsumer"
 # When the broker connection drops, unacknowledged messages go back to the queue
 # anyway; cancel the tasks running for them instead of finishing them twice.
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-cancel-long-running-tasks-on-connection-loss
@@ -307,3 +366,34 @@ CHARGE_RETRY_WINDOW_SECONDS = env.int("CHARGE_RETRY_WINDOW_SECONDS", default=180
 
 # Orders still pending this long after creation are dispatched again by the sweep.
 STALE_ORDER_SECONDS = env.int("STALE_ORDER_SECONDS", default=60)
+
+# --- Reports ------------------------------------------------------------------
+
+# Generated report files. Private: no URL serves MEDIA_ROOT; every download goes through
+# an owner-checked view. Web and the bulk worker must share this directory.
+MEDIA_ROOT = Path(env.str("MEDIA_ROOT", default=str(VAR_DIR / "media")))
+MEDIA_URL = "/media/"
+# generate_report's time limits in seconds, read when the worker starts: the soft limit
+# marks the report failed ("timeout"), the hard one kills a task that ignores the soft one.
+# https://docs.celeryq.dev/en/stable/userguide/workers.html#time-limits
+REPORT_SOFT_TIME_LIMIT = env.int("REPORT_SOFT_TIME_LIMIT", default=300)
+REPORT_TIME_LIMIT = env.int("REPORT_TIME_LIMIT", default=360)
+if not 0 < REPORT_SOFT_TIME_LIMIT < REPORT_TIME_LIMIT:
+    raise ImproperlyConfigured("REPORT_SOFT_TIME_LIMIT must be positive and below REPORT_TIME_LIMIT.")
+# Report kind -> the function that builds its rows (reports.services.ReportSource).
+REPORT_KINDS = {"sales": "reports.services.sales_source"}
+
+# --- Metrics ------------------------------------------------------------------
+# Web /metrics and each worker's metrics port (ops/metrics.py). Processes share their
+# values through PROMETHEUS_MULTIPROC_DIR, which must be in the environment a process
+# starts with (the Makefile and docker-compose.yml set it).
+
+# When set, web /metrics answers only `Authorization: Bearer <METRICS_TOKEN>` (401 otherwise).
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+# A worker's parent process serves its pool's metrics on the port for its node name
+# (`-n critical@%h` -> 9101), so the Procfile and docker-compose.yml commands stay the same.
+# CELERY_METRICS_PORT overrides it for one worker; 0 serves none.
+WORKER_METRICS_PORTS = {"critical": 9101, "bulk": 9102, "default": 9103}
+WORKER_METRICS_PORT = env.int("CELERY_METRICS_PORT", default=None)
+# Loopback for `make run`; docker-compose.yml opens it to the Prometheus container.
+WORKER_METRICS_ADDR = env.str("CELERY_METRICS_ADDR", default="127.0.0.1")

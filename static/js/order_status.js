@@ -1,4 +1,4 @@
-// Polls the order's API resource and updates status and history without a reload.
+// Polls the order's API resource and updates status, receipt and history without a reload.
 (function () {
   "use strict";
   const section = document.getElementById("order");
@@ -8,12 +8,53 @@
   const progressEl = document.getElementById("order-progress");
   const eventsEl = document.getElementById("order-events");
   const cancelForm = document.getElementById("cancel-form");
+  const receiptEl = document.getElementById("receipt");
   let delay = 1000;
+
+  function entry(term, ...nodes) {
+    const dt = document.createElement("dt");
+    dt.textContent = term;
+    const dd = document.createElement("dd");
+    dd.append(...nodes);
+    return [dt, dd];
+  }
+
+  function code(text) {
+    const el = document.createElement("code");
+    el.textContent = text || "—";
+    return el;
+  }
+
+  // The same receipt the server renders (orders/order_detail.html), from the order's payment.
+  function renderReceipt(payment) {
+    if (!receiptEl || !payment) return;
+    const status = document.createElement("span");
+    status.className = "status status-" + payment.status;
+    status.textContent = payment.status_display;
+    const paymentNodes = [status];
+    if (payment.failure_reason) {
+      const reason = document.createElement("span");
+      reason.className = "muted";
+      reason.textContent = payment.failure_reason;
+      paymentNodes.push(" ", reason);
+    }
+    const list = document.createElement("dl");
+    list.append(
+      ...entry("Payment", ...paymentNodes),
+      ...entry("Amount", "€" + payment.amount + " " + payment.currency),
+      ...entry("Charge", code(payment.provider_charge_id)),
+      ...entry("Reference", code(payment.reference)),
+      ...entry("Date", payment.updated_at.slice(0, 16).replace("T", " "))
+    );
+    receiptEl.replaceChildren(receiptEl.querySelector("h2"), list);
+    receiptEl.dataset.final = ["succeeded", "declined"].includes(payment.status) ? "1" : "0";
+  }
 
   function render(order) {
     statusEl.textContent = order.status_display;
     statusEl.className = "status status-" + order.status;
     cancelForm.hidden = !order.can_cancel;
+    renderReceipt(order.payment);
     eventsEl.replaceChildren(...order.events.map(function (event) {
       const li = document.createElement("li");
       const time = document.createElement("time");
@@ -30,12 +71,6 @@
       if (response.ok) {
         const order = await response.json();
         render(order);
-        // The receipt is rendered by the server: fetch the page again once the payment has an outcome.
-        const receipt = document.getElementById("receipt");
-        if (receipt && receipt.dataset.final !== "1" && ["paid", "fulfilled", "payment_failed"].includes(order.status)) {
-          window.location.reload();
-          return;
-        }
         if (["fulfilled", "rejected", "payment_failed", "cancelled"].includes(order.status)) {
           progressEl.hidden = true;
           return;

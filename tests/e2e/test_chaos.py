@@ -157,6 +157,7 @@ def run_chaos(stack, start_worker):
     stop, chaos_log = threading.Event(), []
     chaos_thread = threading.Thread(target=chaos, args=(stack, start_worker, stop, chaos_log), daemon=True)
     chaos_thread.start()
+
     def paced(plan):
         time.sleep(0.2)  # about 30 orders a second: the load and the failures overlap
         return place(stack["base"], *plan, statuses)

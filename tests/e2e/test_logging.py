@@ -13,7 +13,7 @@ from tests.stack import wait_for
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 
-def test_worker_logs_json_lines_with_task_and_order_ids(start_worker):
+def test_worker_logs_json_lines_with_task_and_order_ids(start_worker, sandbox):
     ProductFactory(sku="LOGS", stock=5)
     worker = start_worker("critical", env={"LOG_FORMAT": "json"})
     order = place_order(owner=UserFactory(), items=[("LOGS", 1)])

@@ -19,6 +19,7 @@ from datetime import datetime
 
 import pytest
 from celery.utils.time import get_exponential_backoff_interval
+from django.db import InterfaceError, OperationalError
 
 from orders.models import Order, OrderEvent
 from orders.services import place_order
@@ -92,7 +93,8 @@ def statuses_of(order: Order) -> list[str]:
 
 
 def test_charge_order_retries_with_capped_exponential_backoff_and_full_jitter():
-    assert tasks.charge_order.autoretry_for == (ConnectionError, TimeoutError)
+    # The provider unreachable (ProviderUnavailable is a ConnectionError) or the database restarting.
+    assert tasks.charge_order.autoretry_for == (ConnectionError, TimeoutError, OperationalError, InterfaceError)
     assert tasks.charge_order.retry_backoff is True
     assert tasks.charge_order.retry_jitter is True
     assert tasks.charge_order.retry_backoff_max == 600

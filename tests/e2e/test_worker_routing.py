@@ -35,7 +35,7 @@ def test_task_routes():
 
 @pytest.mark.worker
 @pytest.mark.django_db(transaction=True)
-def test_critical_worker_carries_orders_to_fulfilled_and_leaves_other_queues_alone(start_worker, broker):
+def test_critical_worker_carries_orders_to_fulfilled_and_leaves_other_queues_alone(start_worker, broker, sandbox):
     product = ProductFactory(sku="ROUTED", stock=5)
     shopper = UserFactory()
     worker = start_worker("critical")

@@ -4,6 +4,7 @@ import smtplib
 
 import pytest
 from django.core import mail
+from django.db import InterfaceError, OperationalError
 
 from notifications import tasks
 from notifications.models import Notification
@@ -27,9 +28,16 @@ def test_task_for_a_missing_notification_sends_nothing():
     assert mail.outbox == []
 
 
-def test_task_is_on_the_default_queue_and_retries_only_mail_delivery_errors():
+def test_task_is_on_the_default_queue_and_retries_only_transient_errors():
     route = app.amqp.router.route({}, tasks.send_notification.name)
     assert route["queue"].name == "default"
-    assert set(tasks.send_notification.autoretry_for) == {ConnectionError, smtplib.SMTPException, TimeoutError}
+    # The mail server or the database being briefly unavailable; a template bug is not retried.
+    assert set(tasks.send_notification.autoretry_for) == {
+        ConnectionError,
+        smtplib.SMTPException,
+        TimeoutError,
+        OperationalError,
+        InterfaceError,
+    }
     assert tasks.send_notification.max_retries == 5
     assert tasks.send_notification.retry_backoff

@@ -1,0 +1,1 @@
+"""`make bench`: the performance harness (bench.pipeline, report_scale.py) and its results."""

@@ -1,0 +1,99 @@
+"""Every final task failure and every refused message becomes a FailedTask, from Celery's signals.
+
+Where each one fires (Celery 5.7):
+- `task_failure`, in the pool process, when a task raises anything but Retry: a
+  non-retryable error, or retries exhausted (`Task.retry` raises the original error
+  or MaxRetriesExceededError once `max_retries` is reached). A retry sends
+  `task_retry` instead and is not final. The task's own `atomic` blocks have
+  already rolled back by then.
+- `task_failure`, in the worker's parent process, for the hard time limit (sent by
+  `Request.on_failure` and again by `Request.on_timeout`: recorded once) and for a
+  lost pool process once ops.worker's bound stops requeueing it.
+- `task_rejected` (disallowed content type such as pickle, invalid task, and, through
+  ops.worker.DeadLetterConsumer, an undecodable body) and `task_unknown` (no task of
+  that name), in the parent, after the message is logged and removed from the queue.
+"""
+
+import logging
+import uuid
+
+from celery import signals
+from kombu.utils.encoding import safe_repr
+
+from .models import FailedTask
+from .services import queue_for, record_failure
+
+logger = logging.getLogger(__name__)
+
+# A refused message's body is kept as its repr, cut to this length: enough to recognise its producer.
+BODY_EXCERPT = 1024
+# The task name of a refused message that never became a task call.
+UNDECODABLE = "<undecodable>"
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`, without repeating a type that the message already names (TimeLimitExceeded(360,))."""
+    name, text = type(exc).__name__, str(exc)
+    if not text:
+        return name
+    return text if text.startswith(name) else f"{name}: {text}"
+
+
+@signals.task_failure.connect(dispatch_uid="ops.deadletters.record_task_failure")
+def record_task_failure(sender=None, task_id=None, exception=None, args=None, kwargs=None, einfo=None, **extra):
+    request = sender.request
+    if request.is_eager:
+        # Run in-process by apply() or eager mode: no message was lost and there is none to replay.
+        return
+    delivery_info = request.delivery_info or {}
+    losses = getattr(exception, "losses", 1)  # ops.worker.WorkerLostTooOften: one attempt per lost delivery
+    try:
+        record_failure(
+            task_id=task_id,
+            task_name=sender.name,
+            queue=delivery_info.get("routing_key") or queue_for(sender.name),
+            args=args or (),
+            kwargs=kwargs or {},
+            exception=describe(exception),
+            traceback=getattr(einfo, "traceback", "") or "",
+            attempts=(request.retries or 0) + losses,
+            worker=request.hostname or "",
+        )
+    except Exception:
+        # The log line is the only record left: make it complete.
+        logger.exception("dead letter not recorded: %s[%s] args=%r kwargs=%r", sender.name, task_id, args, kwargs)
+
+
+def _record_refused(message, reason: str, task_name: str) -> None:
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    properties = message.properties or {}
+    task_id = headers.get("id") or properties.get("correlation_id") or f"refused-{uuid.uuid4()}"
+    body = safe_repr(message.body)  # the raw bytes, never decoded
+    try:
+        record_failure(
+            task_id=str(task_id),
+            task_name=str(task_name),
+            kind=FailedTask.Kind.REFUSED,
+            queue=(message.delivery_info or {}).get("routing_key") or "",
+            headers=headers,
+            exception=reason,
+            traceback=(
+                f"content-type: {message.content_type}\ncontent-encoding: {message.content_encoding}\n"
+                f"body ({len(message.body or b'')} bytes): {body[:BODY_EXCERPT]}"
+            ),
+        )
+    except Exception:
+        logger.exception("refused message not recorded: %s headers=%r", reason, headers)
+
+
+@signals.task_rejected.connect(dispatch_uid="ops.deadletters.record_rejected_message")
+def record_rejected_message(sender=None, message=None, exc=None, **extra):
+    # Not under the name the message claims (it is in the headers): a poison message must
+    # not pass for a failure of a real task, in the admin or in the dead-letter metrics.
+    reason = describe(exc) if exc is not None else "unknown message format"
+    _record_refused(message, reason, task_name=UNDECODABLE)
+
+
+@signals.task_unknown.connect(dispatch_uid="ops.deadletters.record_unknown_task")
+def record_unknown_task(sender=None, message=None, exc=None, name=None, id=None, **extra):  # noqa: A002 (signal's name)
+    _record_refused(message, f"NotRegistered: no task named {name!r}", task_name=name)

@@ -1,0 +1,240 @@
+"""Dead letters, proven with a real worker: final failures, lost workers and poison messages.
+
+The worker imports the test-only tasks of tests/e2e/deadletter_tasks.py through
+CELERY_EXTRA_IMPORTS. Poison messages are published raw with kombu, the way any
+producer on the broker could, with Celery's protocol 2 headers
+(celery/app/amqp.py, as_task_v2).
+"""
+
+import json
+import pickle
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from ops.models import FailedTask
+from orders.models import Product
+from project.celery import app
+from tests.e2e import deadletter_tasks as tasks
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+WORKER_ENV = {
+    "CELERY_EXTRA_IMPORTS": tasks.__name__,
+    # A dead pool process is declared lost after 1 s instead of 10, to keep the test short.
+    "CELERY_WORKER_LOST_WAIT": "1",
+}
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+    return result
+
+
+def dead_letter(task_id: str) -> FailedTask | None:
+    return FailedTask.objects.filter(task_id=task_id).first()
+
+
+def test_final_failures_are_recorded_once_with_their_attempts(start_worker, broker):
+    worker = start_worker("default", env=WORKER_ENV)
+    unreachable = tasks.always_unreachable.delay()
+    invalid = tasks.write_then_fail.delay("ROLLED-BACK")
+    timed_out = tasks.outlive_time_limit.delay()
+
+    for result in (unreachable, invalid, timed_out):
+        wait_until(lambda result=result: dead_letter(result.id), 30, f"the dead letter of {result.id}")
+
+    retried = dead_letter(unreachable.id)
+    assert (retried.task_name, retried.queue, retried.kind) == (tasks.always_unreachable.name, "default", "failed")
+    assert retried.attempts == 3  # the first run and max_retries=2 retries
+    assert retried.exception == "ConnectionError: provider unreachable"
+    assert "raise ConnectionError" in retried.traceback
+    assert worker.log().count(f"[{unreachable.id}] retry:") == 2
+
+    failed = dead_letter(invalid.id)
+    assert (failed.attempts, failed.exception, failed.args) == (1, "ValueError: invalid: ROLLED-BACK", ["ROLLED-BACK"])
+    # The task's transaction rolled back; its dead letter, written on another connection, did not.
+    assert not Product.objects.filter(sku="ROLLED-BACK").exists()
+
+    killed = dead_letter(timed_out.id)
+    assert (killed.exception, killed.queue, killed.attempts) == ("TimeLimitExceeded(1,)", "default", 1)
+    # Celery sends task_failure twice for a hard time limit (Request.on_failure, then on_timeout): still one row.
+    assert "Task handler raised error: TimeLimitExceeded(1)" in worker.log()
+    assert f"Hard time limit (1s) exceeded for {tasks.outlive_time_limit.name}[{timed_out.id}]" in worker.log()
+    time.sleep(1)
+    assert FailedTask.objects.count() == 3
+
+
+def test_a_task_that_kills_its_pool_process_is_redelivered_then_dead_lettered_after_the_bound(
+    start_worker, broker, tmp_path
+):
+    limit = settings.TASK_MAX_WORKER_LOST
+    worker = start_worker("default", env={**WORKER_ENV, "TASK_MAX_WORKER_LOST": str(limit)})
+
+    # Killed once: the message goes back to the queue and the second delivery completes.
+    once = tmp_path / "once.log"
+    recovered = tasks.kill_own_process.delay(str(once), kills=1)
+    wait_until(lambda: "done" in once.read_text() if once.exists() else False, 30, "the redelivered task to complete")
+    starts = [line.split()[1] for line in once.read_text().splitlines() if line.startswith("start")]
+    assert len(starts) == 2 and starts[0] != starts[1]  # two pool processes: the first one died
+    assert dead_letter(recovered.id) is None
+
+    # Killed on every delivery: after `limit` losses it is failed, not requeued again.
+    always = tmp_path / "always.log"
+    doomed = tasks.kill_own_process.delay(str(always))
+    failed = wait_until(lambda: dead_letter(doomed.id), 30, "the task killing its worker to be dead-lettered")
+    assert failed.exception.startswith("WorkerLostTooOften: WorkerLostError(")
+    assert failed.attempts == limit
+    assert f"not requeued again (TASK_MAX_WORKER_LOST={limit})" in failed.exception
+
+    # The worker is alive and consumes the next message; the doomed task never runs again.
+    after = tmp_path / "after.log"
+    tasks.append_line.delay(str(after), "still consuming")
+    wait_until(after.exists, 15, "the worker to run the next task")
+    assert worker.process.poll() is None
+    assert always.read_text().count("start") == limit
+    assert broker.llen("default") == 0
+    assert broker.exists(f"ops:worker-lost:{doomed.id}") == 0
+
+
+# --- Poison messages ------------------------------------------------------------------
+
+
+class CreatesFileWhenUnpickled:
+    """A pickle that runs code: unpickling it calls open(path, "w")."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def protocol2_headers(task_name: str, task_id: str) -> dict:
+    return {
+        "lang": "py",
+        "task": task_name,
+        "id": task_id,
+        "shadow": None,
+        "eta": None,
+        "expires": None,
+        "group": None,
+        "group_index": None,
+        "retries": 0,
+        "timelimit": [None, None],
+        "root_id": task_id,
+        "parent_id": None,
+        "argsrepr": "",
+        "kwargsrepr": "",
+        "origin": "poison@test",
+        "ignore_result": True,
+        "replaced_task_nesting": 0,
+        "stamped_headers": None,
+        "stamps": {},
+    }
+
+
+def publish_raw(
+    body: bytes,
+    *,
+    task_name: str = tasks.append_line.name,
+    content_type: str = "application/json",
+    content_encoding: str = "utf-8",
+    queue: str = "default",
+) -> str:
+    task_id = str(uuid.uuid4())
+    with app.connection_for_write() as connection:
+        connection.Producer().publish(
+            body,
+            exchange=queue,
+            routing_key=queue,
+            content_type=content_type,
+            content_encoding=content_encoding,
+            headers=protocol2_headers(task_name, task_id),
+            correlation_id=task_id,
+        )
+    return task_id
+
+
+def json_body(args: list, kwargs: dict) -> bytes:
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    return json.dumps([args, kwargs, embed]).encode()
+
+
+def test_poison_messages_are_refused_logged_and_recorded_and_the_worker_keeps_consuming(start_worker, broker, tmp_path):
+    # The payload is real: unpickled, it creates its file.
+    control = tmp_path / "control-unpickled"
+    pickle.loads(pickle.dumps(CreatesFileWhenUnpickled(control)))  # noqa: S301 (proving the payload works)
+    assert control.exists()
+    marker = tmp_path / "worker-unpickled"
+    ran = tmp_path / "ran.log"
+
+    worker = start_worker("default", env=WORKER_ENV)
+    pickled = publish_raw(
+        pickle.dumps(CreatesFileWhenUnpickled(marker)),
+        content_type="application/x-python-serialize",
+        content_encoding="binary",
+    )
+    invalid_json = publish_raw(b'[["' + str(ran).encode() + b'", "x"], {')
+    unknown = publish_raw(json_body([], {}), task_name="tests.e2e.no_such_task")
+    wrong_arguments = publish_raw(json_body([str(ran)], {"colour": "red"}))
+    # Two that stop a bare Celery 5.7 worker ("Unrecoverable error"), see ops.worker.DeadLetterConsumer:
+    # a content type kombu trusts without decoding, and JSON that is not [args, kwargs, embed].
+    trusted_bytes = publish_raw(
+        json_body([str(ran), "x"], {}), content_type="application/data", content_encoding="binary"
+    )
+    wrong_shape = publish_raw(b"{}")
+    # Then an ordinary task on the same queue, behind them.
+    tasks.append_line.delay(str(ran), "after the poison")
+
+    wait_until(ran.exists, 20, "the worker to run the task published after the poison")
+    assert ran.read_text() == "after the poison\n"  # none of the poison ran
+    assert not marker.exists()  # the pickle was never unpickled
+    assert worker.process.poll() is None
+    ids = (pickled, invalid_json, unknown, wrong_arguments, trusted_bytes, wrong_shape)
+    wait_until(lambda: FailedTask.objects.filter(task_id__in=ids).count() == len(ids), 10, "a dead letter for each")
+
+    def refused(task_id: str) -> tuple[str, str, str]:
+        row = dead_letter(task_id)
+        assert row.headers["id"] == task_id  # the raw headers, for tracing the producer
+        return row.kind, row.task_name, row.queue
+
+    assert refused(pickled) == refused(invalid_json) == ("refused", "<undecodable>", "default")
+    assert refused(trusted_bytes) == refused(wrong_shape) == ("refused", "<undecodable>", "default")
+    assert refused(unknown) == ("refused", "tests.e2e.no_such_task", "default")
+
+    assert dead_letter(pickled).exception.startswith("ContentDisallowed: Refusing to deserialize untrusted content")
+    assert "content-type: application/x-python-serialize" in dead_letter(pickled).traceback
+    assert dead_letter(invalid_json).exception.startswith("DecodeError:")
+    assert dead_letter(unknown).exception == "NotRegistered: no task named 'tests.e2e.no_such_task'"
+    assert dead_letter(trusted_bytes).exception.startswith(
+        "ContentDisallowed: Refusing content of type 'application/data'"
+    )
+    assert dead_letter(wrong_shape).exception == "InvalidTaskError: task message body is not [args, kwargs, embed]: {}"
+
+    # Wrong arguments reach the task, which fails: an ordinary dead letter, arguments kept as JSON.
+    wrong = dead_letter(wrong_arguments)
+    assert (wrong.kind, wrong.task_name, wrong.args, wrong.kwargs) == (
+        "failed",
+        tasks.append_line.name,
+        [str(ran)],
+        {"colour": "red"},
+    )
+    assert wrong.exception.startswith("TypeError:")
+
+    log = worker.log()
+    assert "Refusing to deserialize untrusted content of type pickle" in log
+    assert "Can't decode message body" in log
+    assert "Received unregistered task of type 'tests.e2e.no_such_task'" in log
+    assert log.count("Received invalid task message") == 3  # pickle, trusted bytes, wrong shape
+    assert "Unrecoverable error" not in log
+    assert broker.llen("default") == 0
+    assert broker.hlen("unacked") == 0

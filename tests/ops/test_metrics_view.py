@@ -1,0 +1,99 @@
+"""Web /metrics: the bearer token, queue depth from the real broker, dead letters from the database."""
+
+import pytest
+import redis
+from django.conf import settings
+from django.test import override_settings
+
+from ops.models import FailedTask
+from project.celery import app
+from tests.metrics import samples
+
+pytestmark = pytest.mark.django_db
+
+TOKEN = "metrics-test-token"  # noqa: S105
+
+
+@pytest.fixture
+def redis_broker():
+    """The test broker, empty before and after, with this process publishing to it for real (eager mode off)."""
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    client.flushdb()
+    was_eager = app.conf.task_always_eager
+    app.conf.task_always_eager = False
+    try:
+        yield client
+    finally:
+        app.conf.task_always_eager = was_eager
+        client.flushdb()
+        client.close()
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer wrong-token", TOKEN, f"Basic {TOKEN}", f"Bearer {TOKEN}x", f"bearer {TOKEN}"],
+)
+def test_metrics_refuse_a_missing_or_wrong_token(client, authorization):
+    headers = {} if authorization is None else {"HTTP_AUTHORIZATION": authorization}
+    response = client.get("/metrics", **headers)
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"].startswith("Bearer")
+    assert b"celery_" not in response.content
+
+
+@override_settings(METRICS_TOKEN=TOKEN)
+def test_metrics_answer_the_token(client):
+    response = client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
+    assert response.status_code == 200
+    assert response["Content-Type"].startswith("text/plain")
+    depth = samples(response.content.decode(), "celery_queue_depth")
+    assert set(depth) == {(("queue", "critical"),), (("queue", "bulk"),), (("queue", "default"),)}
+    assert b"django_http_requests_total_by_view_transport_method_total" in response.content
+
+
+@override_settings(METRICS_TOKEN="")
+def test_metrics_are_open_when_no_token_is_set(client):
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert b"celery_queue_depth" in response.content
+
+
+@override_settings(METRICS_TOKEN="")
+def test_queue_depth_counts_each_queue_with_its_priority_lists(client, redis_broker):
+    app.send_task("orders.tasks.process_order", args=[1])
+    app.send_task("orders.tasks.process_order", args=[2], priority=9)
+    app.send_task("orders.tasks.process_order", args=[3], priority=5)
+    app.send_task("reports.tasks.generate_report", args=[4], priority=3)
+    # kombu's Redis transport keeps a list per priority step next to the queue's own.
+    assert redis_broker.llen("critical") == 1
+    assert redis_broker.llen("critical\x06\x169") == 1
+    assert redis_broker.llen("critical\x06\x163") == 1
+    assert redis_broker.llen("bulk\x06\x163") == 1
+
+    depth = samples(client.get("/metrics").content.decode(), "celery_queue_depth")
+
+    assert depth == {(("queue", "critical"),): 3, (("queue", "bulk"),): 1, (("queue", "default"),): 0}
+
+
+@override_settings(METRICS_TOKEN="")
+def test_dead_letters_count_unresolved_failures_by_task(client):
+    for number, (name, resolved) in enumerate(
+        [
+            ("orders.tasks.process_order", False),
+            ("orders.tasks.process_order", False),
+            ("orders.tasks.process_order", True),
+            ("reports.tasks.generate_report", False),
+            ("made.up.by.a.producer", False),
+        ]
+    ):
+        FailedTask.objects.create(task_id=f"t-{number}", task_name=name, resolved=resolved, exception="boom")
+
+    dead = samples(client.get("/metrics").content.decode(), "celery_dead_letters")
+
+    assert dead[(("name", "orders.tasks.process_order"),)] == 2
+    assert dead[(("name", "reports.tasks.generate_report"),)] == 1
+    # A task with none has a series at 0; a name that is not a task is not a label of its own.
+    assert dead[(("name", "payments.tasks.charge_order"),)] == 0
+    assert dead[(("name", "unknown"),)] == 1
+    assert (("name", "made.up.by.a.producer"),) not in dead
