@@ -17,7 +17,7 @@ WORKDIR /app
 COPY --chown=app:app . .
 # collectstatic needs settings that import; these throwaway values never reach a running container.
 RUN SECRET_KEY=build-only-$(python -c "print('x'*60)") WEBHOOK_SECRET=build-only \
-    python manage.py collectstatic --noinput -v 0 && mkdir -p /app/var && chown -R app:app /app/var /app/staticfiles
+    python manage.py collectstatic --noinput -v 0 && mkdir -p /app/var/media /app/var/sandbox /app/var/metrics && chown -R app:app /app/var /app/staticfiles
 USER app
 EXPOSE 8000
 CMD ["gunicorn", "project.wsgi", "-c", "project/gunicorn.conf.py"]
