@@ -24,11 +24,14 @@ $(VENV)/.bench: $(VENV)/.dev requirements-bench.txt
 # Runs web, three workers, beat, Flower and the sandbox provider under honcho; Ctrl-C stops them all.
 # Without DATABASE_URL/REDIS_URL: SQLite in var/ and the filesystem broker in var/broker (wiped here).
 # Metrics: every process starts with PROMETHEUS_MULTIPROC_DIR set (ops/metrics.py); var/metrics is wiped here.
+# The sandbox keeps one ledger per shop database: a fresh database reuses order ids, and
+# with them the provider's idempotency keys (order-1, ...).
 run: $(VENV)/.runtime
 	rm -rf $(VAR_DIR)/broker $(VAR_DIR)/metrics
 	mkdir -p $(VAR_DIR)/broker/queue $(VAR_DIR)/broker/control $(VAR_DIR)/broker/processed $(VAR_DIR)/metrics
 	export DEBUG=$${DEBUG:-true} PATH=$(CURDIR)/$(BIN):$$PATH PROMETHEUS_MULTIPROC_DIR=$(VAR_DIR)/metrics \
-	  SHOP_WEBHOOK_URL=$${SHOP_WEBHOOK_URL:-http://127.0.0.1:8000/payments/webhooks/provider/} && \
+	  SHOP_WEBHOOK_URL=$${SHOP_WEBHOOK_URL:-http://127.0.0.1:8000/payments/webhooks/provider/} \
+	  SANDBOX_DB=$${SANDBOX_DB:-$(VAR_DIR)/sandbox-$$(printf %s "$$DATABASE_URL" | cksum | cut -d" " -f1).sqlite3} && \
 	  python manage.py migrate --noinput && \
 	  python manage.py collectstatic --noinput -v 0 && \
 	  python manage.py seed_demo && \
