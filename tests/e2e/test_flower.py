@@ -1,0 +1,66 @@
+"""Flower, as the operator sees it: behind basic auth, fed by worker events, showing all three queues."""
+
+import sys
+
+import pytest
+import requests
+
+from orders.services import place_order
+from tests.factories import ProductFactory, UserFactory
+from tests.stack import Processes, free_port, http_ok, wait_for
+
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+
+AUTH = ("operator", "flower-e2e-pass")
+
+
+@pytest.fixture
+def processes(tmp_path):
+    running = Processes(tmp_path)
+    yield running
+    running.stop_all()
+
+
+def test_flower_shows_every_queue_and_the_tasks_workers_report(processes, start_worker, worker_env, sandbox):
+    for queue in ("critical", "bulk", "default"):
+        start_worker(queue, name=f"{queue}-flower")
+    port = free_port()
+    processes.spawn(
+        "flower",
+        [sys.executable, "-m", "celery", "-A", "project", "flower", "--address=127.0.0.1", f"--port={port}"],
+        {**worker_env, "FLOWER_BASIC_AUTH": ":".join(AUTH)},
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_for(lambda: requests.get(base, timeout=2).status_code == 401 if _up(base) else False, 30, "Flower to answer")
+    assert not http_ok(f"{base}/api/workers")  # no credentials, no data
+
+    def queues() -> set[str]:
+        response = requests.get(f"{base}/api/queues/length", auth=AUTH, timeout=10)
+        if response.status_code != 200:
+            return set()
+        return {queue["name"] for queue in response.json()["active_queues"]}
+
+    assert wait_for(lambda: queues() >= {"critical", "bulk", "default"}, 30, "Flower to list the three queues")
+
+    ProductFactory(sku="FLOWER", stock=3)
+    order = place_order(owner=UserFactory(), items=[("FLOWER", 1)])
+
+    def seen_task_names() -> set[str]:
+        response = requests.get(f"{base}/api/tasks", auth=AUTH, timeout=10)
+        return {task["name"] for task in response.json().values()} if response.status_code == 200 else set()
+
+    # Worker events reach Flower: the order's tasks appear with their names.
+    names = wait_for(
+        lambda: (seen := seen_task_names()) >= {"orders.tasks.process_order", "payments.tasks.charge_order"} and seen,
+        30,
+        f"Flower to see order {order.pk}'s tasks",
+    )
+    assert "notifications.tasks.send_notification" in names or "orders.tasks.sync_to_fulfillment" in names
+
+
+def _up(base: str) -> bool:
+    try:
+        requests.get(base, timeout=2)
+        return True
+    except requests.ConnectionError:
+        return False
