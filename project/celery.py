@@ -9,9 +9,10 @@ import os
 
 from celery import Celery
 from celery.contrib.django.task import DjangoTask
+from celery.signals import task_postrun, task_prerun
 from django.db import InterfaceError as DatabaseInterfaceError
 from django.db import OperationalError as DatabaseOperationalError
-from django.db import transaction
+from django.db import close_old_connections, transaction
 from kombu.exceptions import OperationalError
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings.base")
@@ -66,3 +67,16 @@ class BaseTask(DjangoTask):
 app = Celery("project", task_cls=BaseTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+
+@task_prerun.connect(dispatch_uid="project.celery.close_old_connections_before_task")
+@task_postrun.connect(dispatch_uid="project.celery.close_old_connections_after_task")
+def close_old_database_connections(task=None, **kwargs) -> None:
+    """Around each task, what Django does around each request: drop a connection past CONN_MAX_AGE or broken.
+
+    The connection is otherwise kept from task to task (CELERY_DB_REUSE_MAX in settings), and the
+    next query health-checks it first (CONN_HEALTH_CHECKS), so a database restart costs one check.
+    """
+    if task is not None and getattr(task.request, "is_eager", False):
+        return  # run inside the caller's transaction (eager tests): its connection is not ours to close
+    close_old_connections()

@@ -290,6 +290,12 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # so leaks are bounded.
 CELERY_WORKER_MAX_TASKS_PER_CHILD = 1000
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = 200_000
+# Keep a pool process's database connection from task to task, as web workers do from request to
+# request (CONN_MAX_AGE, CONN_HEALTH_CHECKS above). Unset, Celery's Django fixup closes it before and
+# after every task and each task opens a new one (8 per order). Set, the fixup closes it every N tasks,
+# and project/celery.py drops an expired or broken one around each task, as Django does around a request.
+# Read by celery/fixups/django.py (DjangoWorkerFixup); not in the settings reference.
+CELERY_DB_REUSE_MAX = CELERY_WORKER_MAX_TASKS_PER_CHILD
 # Acknowledge after the task finishes, and put the message back when the pool
 # process dies mid-task: a crash means redelivery, not loss. Tasks are idempotent.
 CELERY_TASK_ACKS_LATE = True
