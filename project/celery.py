@@ -14,8 +14,13 @@ from django.db import InterfaceError as DatabaseInterfaceError
 from django.db import OperationalError as DatabaseOperationalError
 from django.db import close_old_connections, transaction
 from kombu.exceptions import OperationalError
+from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings.base")
+
+# redis:// URLs get kombu's Redis transport with one fix (project/broker.py). Registered under
+# the alias rather than through broker_transport, so URLs keep their redis:// scheme (Flower reads it).
+TRANSPORT_ALIASES["redis"] = "project.broker:RedisTransport"
 
 logger = logging.getLogger(__name__)
 

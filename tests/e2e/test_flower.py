@@ -1,11 +1,13 @@
 """Flower, as the operator sees it: behind basic auth, fed by worker events, showing all three queues."""
 
 import sys
+import time
 
 import pytest
 import requests
 
 from orders.services import place_order
+from project.celery import app
 from tests.factories import ProductFactory, UserFactory
 from tests.stack import Processes, free_port, http_ok, wait_for
 
@@ -42,12 +44,20 @@ def test_flower_shows_every_queue_and_the_tasks_workers_report(processes, start_
 
     assert wait_for(lambda: queues() >= {"critical", "bulk", "default"}, 30, "Flower to list the three queues")
 
-    ProductFactory(sku="FLOWER", stock=3)
-    order = place_order(owner=UserFactory(), items=[("FLOWER", 1)])
-
     def seen_task_names() -> set[str]:
         response = requests.get(f"{base}/api/tasks", auth=AUTH, timeout=10)
         return {task["name"] for task in response.json().values()} if response.status_code == 200 else set()
+
+    def probe_seen() -> bool:
+        # Events sent before Flower's receiver is bound are gone: probe until the stream is live.
+        app.send_task("orders.tasks.redispatch_stale_orders", queue="critical")
+        time.sleep(0.5)
+        return "orders.tasks.redispatch_stale_orders" in seen_task_names()
+
+    wait_for(probe_seen, 30, "Flower to receive worker events")
+
+    ProductFactory(sku="FLOWER", stock=3)
+    order = place_order(owner=UserFactory(), items=[("FLOWER", 1)])
 
     # Worker events reach Flower: the order's tasks appear with their names.
     names = wait_for(
