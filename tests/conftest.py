@@ -52,3 +52,21 @@ def payment_provider(sandbox_process):
     override.enable()
     yield sandbox_process
     override.disable()
+
+
+@pytest.fixture
+def broker():
+    """The test broker, emptied, with this process publishing to it for real (eager mode off)."""
+    from project.celery import app
+
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
+    client.flushdb()
+    was_eager = app.conf.task_always_eager
+    app.conf.task_always_eager = False
+    try:
+        yield client
+    finally:
+        app.conf.task_always_eager = was_eager
+        # Retries and unacknowledged messages the workers put back must not leak into the next test.
+        client.flushdb()
+        client.close()

@@ -20,11 +20,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-import redis
 from django.conf import settings
 from django.db import connection
-
-from project.celery import app
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKERS = pytest.StashKey[list["Worker"]]()
@@ -75,22 +72,6 @@ def database_url(settings_dict: Mapping) -> str:
     host = settings_dict["HOST"] or "127.0.0.1"
     port = settings_dict["PORT"] or "5432"
     return f"postgres://{credentials}@{host}:{port}/{settings_dict['NAME']}"
-
-
-@pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    """The test broker, emptied, with this process publishing to it for real (eager mode off)."""
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.flushdb()
-    was_eager = app.conf.task_always_eager
-    app.conf.task_always_eager = False
-    try:
-        yield client
-    finally:
-        app.conf.task_always_eager = was_eager
-        # Retries and unacknowledged messages the workers put back must not leak into the next test.
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture

@@ -1,8 +1,6 @@
 """Web /metrics: the bearer token, queue depth from the real broker, dead letters from the database."""
 
 import pytest
-import redis
-from django.conf import settings
 from django.test import override_settings
 
 from ops.models import FailedTask
@@ -12,21 +10,6 @@ from tests.metrics import samples
 pytestmark = pytest.mark.django_db
 
 TOKEN = "metrics-test-token"  # noqa: S105
-
-
-@pytest.fixture
-def redis_broker():
-    """The test broker, empty before and after, with this process publishing to it for real (eager mode off)."""
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.flushdb()
-    was_eager = app.conf.task_always_eager
-    app.conf.task_always_eager = False
-    try:
-        yield client
-    finally:
-        app.conf.task_always_eager = was_eager
-        client.flushdb()
-        client.close()
 
 
 @override_settings(METRICS_TOKEN=TOKEN)
@@ -60,16 +43,16 @@ def test_metrics_are_open_when_no_token_is_set(client):
 
 
 @override_settings(METRICS_TOKEN="")
-def test_queue_depth_counts_each_queue_with_its_priority_lists(client, redis_broker):
+def test_queue_depth_counts_each_queue_with_its_priority_lists(client, broker):
     app.send_task("orders.tasks.process_order", args=[1])
     app.send_task("orders.tasks.process_order", args=[2], priority=9)
     app.send_task("orders.tasks.process_order", args=[3], priority=5)
     app.send_task("reports.tasks.generate_report", args=[4], priority=3)
     # kombu's Redis transport keeps a list per priority step next to the queue's own.
-    assert redis_broker.llen("critical") == 1
-    assert redis_broker.llen("critical\x06\x169") == 1
-    assert redis_broker.llen("critical\x06\x163") == 1
-    assert redis_broker.llen("bulk\x06\x163") == 1
+    assert broker.llen("critical") == 1
+    assert broker.llen("critical\x06\x169") == 1
+    assert broker.llen("critical\x06\x163") == 1
+    assert broker.llen("bulk\x06\x163") == 1
 
     depth = samples(client.get("/metrics").content.decode(), "celery_queue_depth")
 
