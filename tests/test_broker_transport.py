@@ -29,3 +29,21 @@ def test_restore_unacked_that_fails_on_a_dead_connection_does_not_raise(error):
             assert qos.restore_unacked() is None
         assert not qos._delivered
         channel.close()
+
+
+def test_ack_and_reject_on_a_channel_closed_by_a_lost_connection_are_skipped():
+    from django.conf import settings
+
+    with Connection(settings.CELERY_BROKER_URL, transport=RedisTransport) as connection:
+        channel = connection.channel()
+        qos = channel.qos
+        channel.close()  # what a lost connection does: channel.connection becomes None
+        assert channel.connection is None
+        with (
+            mock.patch("kombu.transport.redis.QoS.ack") as ack,
+            mock.patch("kombu.transport.redis.QoS.reject") as reject,
+        ):
+            assert qos.ack("tag-1") is None
+            assert qos.reject("tag-2", requeue=True) is None
+        ack.assert_not_called()
+        reject.assert_not_called()
