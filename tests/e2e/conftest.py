@@ -23,6 +23,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from tests.stack import Processes
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKERS = pytest.StashKey[list["Worker"]]()
 
@@ -148,3 +150,11 @@ def pytest_runtest_makereport(item, call):
         for worker in item.stash.get(WORKERS, []):
             report.sections.append((f"celery worker {worker.name} log", worker.log()))
     return report
+
+
+@pytest.fixture
+def processes(tmp_path) -> Iterator[Processes]:
+    """Procfile commands (web, beat, ...) started by the test, all stopped at teardown."""
+    running = Processes(tmp_path)
+    yield running
+    running.stop_all()

@@ -13,7 +13,7 @@ from orders.models import Order
 from orders.services import issue_api_token, place_order
 from project.celery import app
 from tests.factories import ProductFactory, UserFactory
-from tests.stack import Processes, RedisServer, wait_for
+from tests.stack import RedisServer, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -28,13 +28,6 @@ def private_redis(tmp_path):
     server.start()
     yield server
     server.kill()
-
-
-@pytest.fixture
-def processes(tmp_path):
-    running = Processes(tmp_path)
-    yield running
-    running.stop_all()
 
 
 def test_orders_placed_while_redis_is_down_are_kept_and_processed_when_it_returns(

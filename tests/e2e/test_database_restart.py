@@ -14,7 +14,7 @@ import time
 import pytest
 import requests
 
-from tests.stack import REPO_ROOT, PostgresServer, Processes, wait_for
+from tests.stack import REPO_ROOT, PostgresServer, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -28,13 +28,6 @@ def private_postgres():
     server.create_database("shop")
     yield server
     server.destroy()
-
-
-@pytest.fixture
-def processes(tmp_path):
-    running = Processes(tmp_path)
-    yield running
-    running.stop_all()
 
 
 def manage(env: dict, *args: str) -> str:

@@ -10,7 +10,6 @@ import json
 import pickle
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from ops.models import FailedTask
 from orders.models import Product
 from project.celery import app
 from tests.e2e import deadletter_tasks as tasks
+from tests.stack import wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -28,15 +28,6 @@ WORKER_ENV = {
     # A dead pool process is declared lost after 1 s instead of 10, to keep the test short.
     "CELERY_WORKER_LOST_WAIT": "1",
 }
-
-
-def wait_until(condition: Callable[[], object], timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-    return result
 
 
 def dead_letter(task_id: str) -> FailedTask | None:
@@ -50,7 +41,7 @@ def test_final_failures_are_recorded_once_with_their_attempts(start_worker, brok
     timed_out = tasks.outlive_time_limit.delay()
 
     for result in (unreachable, invalid, timed_out):
-        wait_until(lambda result=result: dead_letter(result.id), 30, f"the dead letter of {result.id}")
+        wait_for(lambda result=result: dead_letter(result.id), 30, f"the dead letter of {result.id}")
 
     retried = dead_letter(unreachable.id)
     assert (retried.task_name, retried.queue, retried.kind) == (tasks.always_unreachable.name, "default", "failed")
@@ -82,7 +73,7 @@ def test_a_task_that_kills_its_pool_process_is_redelivered_then_dead_lettered_af
     # Killed once: the message goes back to the queue and the second delivery completes.
     once = tmp_path / "once.log"
     recovered = tasks.kill_own_process.delay(str(once), kills=1)
-    wait_until(lambda: "done" in once.read_text() if once.exists() else False, 30, "the redelivered task to complete")
+    wait_for(lambda: "done" in once.read_text() if once.exists() else False, 30, "the redelivered task to complete")
     starts = [line.split()[1] for line in once.read_text().splitlines() if line.startswith("start")]
     assert len(starts) == 2 and starts[0] != starts[1]  # two pool processes: the first one died
     assert dead_letter(recovered.id) is None
@@ -90,7 +81,7 @@ def test_a_task_that_kills_its_pool_process_is_redelivered_then_dead_lettered_af
     # Killed on every delivery: after `limit` losses it is failed, not requeued again.
     always = tmp_path / "always.log"
     doomed = tasks.kill_own_process.delay(str(always))
-    failed = wait_until(lambda: dead_letter(doomed.id), 30, "the task killing its worker to be dead-lettered")
+    failed = wait_for(lambda: dead_letter(doomed.id), 30, "the task killing its worker to be dead-lettered")
     assert failed.exception.startswith("WorkerLostTooOften: WorkerLostError(")
     assert failed.attempts == limit
     assert f"not requeued again (TASK_MAX_WORKER_LOST={limit})" in failed.exception
@@ -98,7 +89,7 @@ def test_a_task_that_kills_its_pool_process_is_redelivered_then_dead_lettered_af
     # The worker is alive and consumes the next message; the doomed task never runs again.
     after = tmp_path / "after.log"
     tasks.append_line.delay(str(after), "still consuming")
-    wait_until(after.exists, 15, "the worker to run the next task")
+    wait_for(after.exists, 15, "the worker to run the next task")
     assert worker.process.poll() is None
     assert always.read_text().count("start") == limit
     assert broker.llen("default") == 0
@@ -195,12 +186,12 @@ def test_poison_messages_are_refused_logged_and_recorded_and_the_worker_keeps_co
     # Then an ordinary task on the same queue, behind them.
     tasks.append_line.delay(str(ran), "after the poison")
 
-    wait_until(ran.exists, 20, "the worker to run the task published after the poison")
+    wait_for(ran.exists, 20, "the worker to run the task published after the poison")
     assert ran.read_text() == "after the poison\n"  # none of the poison ran
     assert not marker.exists()  # the pickle was never unpickled
     assert worker.process.poll() is None
     ids = (pickled, invalid_json, unknown, wrong_arguments, trusted_bytes, wrong_shape)
-    wait_until(lambda: FailedTask.objects.filter(task_id__in=ids).count() == len(ids), 10, "a dead letter for each")
+    wait_for(lambda: FailedTask.objects.filter(task_id__in=ids).count() == len(ids), 10, "a dead letter for each")
 
     def refused(task_id: str) -> tuple[str, str, str]:
         row = dead_letter(task_id)

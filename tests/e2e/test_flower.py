@@ -9,18 +9,11 @@ import requests
 from orders.services import place_order
 from project.celery import app
 from tests.factories import ProductFactory, UserFactory
-from tests.stack import Processes, free_port, http_ok, wait_for
+from tests.stack import free_port, http_ok, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
 AUTH = ("operator", "flower-e2e-pass")
-
-
-@pytest.fixture
-def processes(tmp_path):
-    running = Processes(tmp_path)
-    yield running
-    running.stop_all()
 
 
 def test_flower_shows_every_queue_and_the_tasks_workers_report(processes, start_worker, worker_env, sandbox):

@@ -12,8 +12,6 @@ failed, and each end of a task as `succeeded in` or `raised unexpected`.
 
 import re
 import socket
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -26,6 +24,7 @@ from orders.services import place_order
 from payments import tasks
 from payments.models import Payment, WebhookEvent
 from tests.factories import ProductFactory, UserFactory
+from tests.stack import wait_for
 
 CHARGE_ORDER = "payments.tasks.charge_order"
 PROCESS_WEBHOOK = "payments.tasks.process_webhook"
@@ -72,14 +71,6 @@ def measured_gaps(retries: list[LogLine], end: LogLine, delays: list[int]) -> li
     return [round(gap, 3) for gap in gaps]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
-
-
 def unreachable_url() -> str:
     """A local URL nothing listens on: connecting is refused at once."""
     with socket.socket() as probe:
@@ -119,7 +110,7 @@ def test_provider_failing_three_times_is_retried_with_backoff_then_the_order_is_
 
     order = place_order(owner=UserFactory(), items=[(product.sku, 2)])  # process_order -> charge_order
 
-    wait_until(
+    wait_for(
         lambda: Order.objects.get(pk=order.pk).status == Order.Status.FULFILLED,
         timeout=30,
         what=f"order {order.pk} to be paid and fulfilled",
@@ -165,7 +156,7 @@ def test_declined_charge_is_not_retried_and_releases_the_stock(start_worker, san
 
     order = place_order(owner=UserFactory(), items=[(product.sku, 2)])
 
-    wait_until(
+    wait_for(
         lambda: Order.objects.get(pk=order.pk).status == Order.Status.PAYMENT_FAILED,
         timeout=20,
         what=f"order {order.pk} to fail its payment",
@@ -200,7 +191,7 @@ def test_webhook_that_fails_validation_fails_at_once(start_worker, sandbox):
 
     result = tasks.process_webhook.delay(event.pk)
 
-    wait_until(
+    wait_for(
         lambda: task_lines(worker.log(), PROCESS_WEBHOOK, "raised unexpected"),
         timeout=15,
         what="process_webhook to fail",
@@ -230,7 +221,7 @@ def test_webhook_whose_provider_lookup_fails_is_retried_three_times_then_fails(s
 
     result = tasks.process_webhook.delay(event.pk)
 
-    wait_until(
+    wait_for(
         lambda: task_lines(worker.log(), PROCESS_WEBHOOK, "raised unexpected"),
         timeout=20,  # retry delays at most 1 + 2 + 4 s
         what="process_webhook to exhaust its retries",

@@ -15,8 +15,7 @@ import pytest
 from reports import services, tasks
 from reports.models import Report
 from tests.factories import OrderFactory, UserFactory
-
-from .test_worker_routing import wait_until
+from tests.stack import wait_for
 
 SOFT, HARD = 2, 4
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -44,7 +43,7 @@ def bulk_worker(start_worker, media):
 
 
 def finished(report_id: int, timeout: float) -> Report:
-    wait_until(lambda: Report.objects.get(pk=report_id).is_finished, timeout, f"report {report_id} to finish")
+    wait_for(lambda: Report.objects.get(pk=report_id).is_finished, timeout, f"report {report_id} to finish")
     return Report.objects.get(pk=report_id)
 
 
@@ -85,7 +84,7 @@ def test_report_ignoring_the_soft_limit_is_killed_recorded_failed_and_the_next_r
     OrderFactory(owner=owner)
     OrderFactory(owner=owner)
     stubborn_id = enqueue(owner, "ignores_soft_limit")
-    wait_until(lambda: Report.objects.get(pk=stubborn_id).status == "running", 10, "the stubborn report to start")
+    wait_for(lambda: Report.objects.get(pk=stubborn_id).status == "running", 10, "the stubborn report to start")
     # Requested through the service, as the site does: dispatched after commit to the same worker.
     next_report = services.request_report(owner=owner, kind="sales", filters={}, format="csv")
     started = time.monotonic()

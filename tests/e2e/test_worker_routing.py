@@ -1,8 +1,6 @@
 """Routing, proven with a real worker: the critical worker processes orders and nothing else."""
 
 import json
-import time
-from collections.abc import Callable
 
 import pytest
 
@@ -10,14 +8,7 @@ from orders.models import Order, OrderEvent
 from orders.services import place_order
 from project.celery import app
 from tests.factories import ProductFactory, UserFactory
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.1)
+from tests.stack import wait_for
 
 
 def queue_of(task_name: str) -> str:
@@ -48,7 +39,7 @@ def test_critical_worker_carries_orders_to_fulfilled_and_leaves_other_queues_alo
     order = place_order(owner=shopper, items=[("ROUTED", 2)])  # commits: the message goes to critical
 
     # process_order, charge_order and sync_to_fulfillment all run on the critical worker.
-    wait_until(
+    wait_for(
         lambda: Order.objects.get(pk=order.pk).status == Order.Status.FULFILLED,
         timeout=30,
         what=f"the worker to carry order {order.pk} to fulfilled",
