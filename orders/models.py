@@ -32,6 +32,8 @@ class Order(models.Model):
         REJECTED = "rejected"
         PAYMENT_FAILED = "payment_failed"
         CANCELLED = "cancelled"
+        # A step could not finish by itself: the shopper sees a plain message, staff resolve it in the admin.
+        ON_HOLD = "on_hold"
 
     CANCELLABLE = (Status.PENDING, Status.CONFIRMED)
     TERMINAL = (Status.FULFILLED, Status.REJECTED, Status.PAYMENT_FAILED, Status.CANCELLED)
@@ -41,6 +43,8 @@ class Order(models.Model):
     total = models.DecimalField(max_digits=12, decimal_places=2, default=Decimal("0.00"))
     currency = models.CharField(max_length=3, default="EUR")
     idempotency_key = models.CharField(max_length=64, blank=True, default="")
+    # Why the order is on hold, in words staff and the shopper can read; empty otherwise.
+    hold_reason = models.CharField(max_length=255, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -43,12 +43,22 @@ class Subscription(models.Model):
     # The period being billed starts on current_period_start; the next one is due on current_period_end.
     current_period_start = models.DateField()
     current_period_end = models.DateField()
+    # The first period's start: monthly periods fall on its day of the month (or the month's last day).
+    billing_anchor = models.DateField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["status", "current_period_end"])]
+        constraints = [
+            # One live subscription per owner and plan: a double-submitted form cannot start two.
+            models.UniqueConstraint(
+                fields=["owner", "plan"],
+                condition=~Q(status="cancelled"),
+                name="subscription_live_once_per_owner_plan",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"Subscription #{self.pk} {self.plan.code} ({self.status})"
@@ -63,8 +73,11 @@ class Payment(models.Model):
         PROCESSING = "processing"
         SUCCEEDED = "succeeded"
         DECLINED = "declined"
+        # The provider gave an answer that cannot be recorded as an outcome (a permanent error, or a
+        # charge whose amount, currency or reference does not match): staff decide.
+        NEEDS_ATTENTION = "needs_attention"
 
-    FINAL = (Status.SUCCEEDED, Status.DECLINED)
+    FINAL = (Status.SUCCEEDED, Status.DECLINED, Status.NEEDS_ATTENTION)
 
     order = models.ForeignKey("orders.Order", on_delete=models.PROTECT, null=True, blank=True, related_name="payments")
     subscription = models.ForeignKey(

@@ -43,6 +43,7 @@ INSTALLED_APPS = [
     "django_prometheus",
     "axes",
     "csp",
+    "core",
     "orders",
     "payments",
     "reports",
