@@ -44,7 +44,9 @@ class OutboxItem(models.Model):
         ordering = ["-id"]
         indexes = [
             # The relay's only query: open items that are due.
-            models.Index(fields=["next_attempt_at"], condition=Q(state__in=["pending", "published"]), name="outbox_due"),
+            models.Index(
+                fields=["next_attempt_at"], condition=Q(state__in=["pending", "published"]), name="outbox_due"
+            ),
             models.Index(fields=["task_name", "state"]),
         ]
 

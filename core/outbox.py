@@ -1,1 +1,271 @@
-"""The transactional outbox (being written)."""
+"""The transactional outbox: every piece of work that must follow a commit.
+
+`enqueue("orders.tasks.process_order", order.pk)` writes an OutboxItem in the caller's
+transaction, so the intent commits or rolls back with the business change. Right after
+commit the message is published (the fast path: no added latency) and the item marked
+`published`; if that did not happen (the broker was down, the process died), the relay
+publishes it when it is due. The broker owns a published message: nothing publishes it
+again while it is queued, running or waiting for a Celery retry, so a backlog or an
+outage makes no duplicates. Only an item not heard of for OUTBOX_LOST_AFTER_SECONDS
+(its message lost with the broker's data) is published again.
+
+Every message of an item carries the item's task id, so the worker's signals find it:
+`task_success` marks it done, a final `task_failure` marks it failed (or, for a task
+registered with `resume_after_failure`, parks it to try again later) and sends
+`work_failed`, which the owners of the work turn into a visible state. The relay gives up
+on an item after OUTBOX_MAX_ATTEMPTS publishes: failed, `work_failed`, one dead letter.
+A broker outage costs no attempts: an unreachable broker is not the item's fault.
+
+Costs on the fast path: one INSERT (with the business change) and one UPDATE (published);
+a second UPDATE marks the item done when its task finishes.
+"""
+
+import functools
+import logging
+import random
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from celery import current_app, signals
+from django.conf import settings
+from django.db import connection, connections, transaction
+from django.db.models import F
+from django.dispatch import Signal
+from django.utils import timezone
+from kombu.exceptions import OperationalError as BrokerUnreachable
+
+from .models import OutboxItem
+
+logger = logging.getLogger(__name__)
+
+# Sent when an item of work failed for good or was parked (item=, reason=, by_relay=, parked=),
+# after the item's row says so. Owners of the work connect to it and make the failure visible.
+work_failed = Signal()
+# Sent when an item that had failed once finished after all (item_task_id=).
+work_recovered = Signal()
+
+# Task name -> seconds: after a final failure the item is published again this much later, up to
+# OUTBOX_MAX_ATTEMPTS publishes in all, instead of ending failed (work that resumes by itself).
+_resume_after: dict[str, float] = {}
+
+FAILURE_WRITE_TIMEOUT_SECONDS = 15
+
+
+def resume_after_failure(task_name: str, seconds: float) -> None:
+    """Park instead of fail: a final failure of `task_name` is published again `seconds` later."""
+    _resume_after[task_name] = seconds
+
+
+def enqueue(task_name: str, *args: Any, delay: float = 0) -> OutboxItem:
+    """Record a task call to publish after the current transaction commits; returns the item.
+
+    Call inside `transaction.atomic`: the row commits or rolls back with the change that
+    causes it. With `delay`, the relay publishes it that many seconds later instead.
+    """
+    if not connection.in_atomic_block:
+        raise RuntimeError("outbox.enqueue must be called inside transaction.atomic()")
+    now = timezone.now()
+    # Until the fast path has had its chance, the relay leaves the item alone.
+    wait = delay if delay > 0 else settings.OUTBOX_FAST_PATH_GRACE_SECONDS
+    item = OutboxItem.objects.create(
+        task_name=task_name, args=list(args), next_attempt_at=now + timedelta(seconds=wait)
+    )
+    if delay <= 0:
+        transaction.on_commit(functools.partial(_publish_after_commit, item.pk, str(item.task_id), task_name, args))
+    return item
+
+
+def enqueue_once(task_name: str, *args: Any) -> OutboxItem | None:
+    """`enqueue`, unless an item of the same task and arguments is still open (pending or published); None then.
+
+    For sweeps that find the same due work again and again (billing): one item per piece of work.
+    Call inside `transaction.atomic`.
+    """
+    if OutboxItem.objects.filter(task_name=task_name, args=list(args), state__in=OutboxItem.OPEN).exists():
+        return None
+    return enqueue(task_name, *args)
+
+
+def _task(task_name: str):
+    try:
+        return current_app.tasks[task_name]
+    except KeyError:
+        # Outside a worker, task modules are imported on first use.
+        current_app.loader.import_default_modules()
+        return current_app.tasks[task_name]
+
+
+def _backoff(attempt: int) -> timedelta:
+    """Exponential with full jitter, capped: the same shape as the tasks' own retries."""
+    ceiling = min(settings.OUTBOX_BACKOFF_MAX_SECONDS, settings.OUTBOX_BACKOFF_BASE_SECONDS * 2**attempt)
+    return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
+
+
+def _publish(item_id: int, task_id: str, task_name: str, args, kwargs, *, from_state: str) -> bool:
+    """Send one message of the item and record it; False (and a later attempt) when the broker is unreachable."""
+    try:
+        _task(task_name).apply_async(args=list(args), kwargs=dict(kwargs or {}), task_id=task_id)
+    except BrokerUnreachable as exc:
+        logger.warning("broker unreachable: outbox item %s (%s) stays %s: %s", item_id, task_name, from_state, exc)
+        OutboxItem.objects.filter(pk=item_id, state=from_state).update(
+            next_attempt_at=timezone.now() + _backoff(0), last_error=f"broker unreachable: {exc}"[:500]
+        )
+        return False
+    now = timezone.now()
+    OutboxItem.objects.filter(pk=item_id, state=from_state).update(
+        state=OutboxItem.State.PUBLISHED,
+        attempts=F("attempts") + 1,
+        published_at=now,
+        next_attempt_at=now + timedelta(seconds=settings.OUTBOX_LOST_AFTER_SECONDS),
+    )
+    return True
+
+
+def _publish_after_commit(item_id: int, task_id: str, task_name: str, args) -> None:
+    # Any error but an unreachable broker (a bug, or an eager task failing in tests) is raised.
+    _publish(item_id, task_id, task_name, args, {}, from_state=OutboxItem.State.PENDING)
+
+
+def relay(*, limit: int = 500) -> dict[str, int]:
+    """Publish the items that are due: pending ones the fast path missed, and published ones whose message was lost.
+
+    Items are claimed with SKIP LOCKED, so relays running at once share the work. The first
+    unreachable-broker error ends the run: the rest waits for the next one.
+    """
+    counts = {"published": 0, "failed": 0, "deferred": 0}
+    failed: list[OutboxItem] = []
+    with transaction.atomic():
+        due = list(
+            OutboxItem.objects.select_for_update(skip_locked=True)
+            .filter(state__in=OutboxItem.OPEN, next_attempt_at__lte=timezone.now())
+            .order_by("next_attempt_at", "id")[:limit]
+        )
+        for item in due:
+            if item.attempts >= settings.OUTBOX_MAX_ATTEMPTS:
+                _mark_failed(item, reason=f"not finished after {item.attempts} publishes")
+                failed.append(item)
+                counts["failed"] += 1
+                continue
+            if item.state == OutboxItem.State.PUBLISHED:
+                logger.warning("outbox item %s (%s): no news for its message; publishing it again", item.pk, item)
+            if not _publish(item.pk, str(item.task_id), item.task_name, item.args, item.kwargs, from_state=item.state):
+                counts["deferred"] = len(due) - counts["published"] - counts["failed"]
+                break
+            counts["published"] += 1
+    for item in failed:
+        work_failed.send(sender=OutboxItem, item=item, reason=item.last_error, by_relay=True, parked=False)
+    if any(counts.values()):
+        logger.info("outbox relay: %s", counts)
+    return counts
+
+
+def _mark_failed(item: OutboxItem, *, reason: str) -> None:
+    item.state = OutboxItem.State.FAILED
+    item.finished_at = timezone.now()
+    item.last_error = reason[:500]
+    OutboxItem.objects.filter(pk=item.pk).update(
+        state=item.state, finished_at=item.finished_at, last_error=item.last_error
+    )
+
+
+def finish_failed(*, task_id: str, reason: str) -> tuple[OutboxItem | None, bool]:
+    """A task's final failure: its item ends failed, or is parked for later when its task resumes after failure.
+
+    Returns (item, parked); (None, False) for a task that did not come from the outbox.
+    """
+    with transaction.atomic():
+        item = OutboxItem.objects.select_for_update().filter(task_id=task_id, state__in=OutboxItem.OPEN).first()
+        if item is None:
+            return None, False
+        resume = _resume_after.get(item.task_name)
+        if resume is not None and item.attempts < settings.OUTBOX_MAX_ATTEMPTS:
+            item.state = OutboxItem.State.PENDING
+            item.next_attempt_at = timezone.now() + timedelta(seconds=resume)
+            item.last_error = reason[:500]
+            item.save(update_fields=["state", "next_attempt_at", "last_error"])
+            return item, True
+        _mark_failed(item, reason=reason)
+        return item, False
+
+
+def _finish_done(task_id: str) -> None:
+    # One statement; RETURNING tells whether the item had failed before (a dead letter to resolve).
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {OutboxItem._meta.db_table} SET state = %s, finished_at = %s "  # noqa: S608 (table name)
+            "WHERE task_id = %s AND state IN (%s, %s) RETURNING last_error",
+            [OutboxItem.State.DONE, timezone.now(), task_id, *OutboxItem.OPEN],
+        )
+        row = cursor.fetchone()
+    if row and row[0]:
+        work_recovered.send(sender=OutboxItem, item_task_id=task_id)
+
+
+def _in_own_connection(work: Callable[[], None], name: str) -> None:
+    """Run database work on a connection of its own, in a short-lived thread, and wait for it (bounded).
+
+    A task's final failure can be reported in the worker's parent process (hard time limit,
+    lost pool process), which must keep no connection a forked pool process would inherit,
+    and in a pool process whose transaction just failed.
+    """
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except BaseException as exc:  # noqa: BLE001 (handed back to the calling thread)
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(FAILURE_WRITE_TIMEOUT_SECONDS)
+    if thread.is_alive():
+        raise TimeoutError(f"{name} still running after {FAILURE_WRITE_TIMEOUT_SECONDS} s")
+    if errors:
+        raise errors[0]
+
+
+def _is_eager(sender) -> bool:
+    request = getattr(sender, "request", None)
+    return bool(getattr(request, "is_eager", False))
+
+
+@signals.task_success.connect(dispatch_uid="core.outbox.task_succeeded")
+def _task_succeeded(sender=None, **kwargs) -> None:
+    task_id = getattr(sender.request, "id", None)
+    if task_id:
+        _finish_done(task_id)
+
+
+@signals.task_retry.connect(dispatch_uid="core.outbox.task_retried")
+def _task_retried(sender=None, request=None, **kwargs) -> None:
+    # Still alive: its retry message is on the broker. Push the lost-message deadline past the longest countdown.
+    task_id = getattr(request, "id", None)
+    if not task_id:
+        return
+    quiet = settings.OUTBOX_LOST_AFTER_SECONDS + (getattr(sender, "retry_backoff_max", 0) or 0)
+    OutboxItem.objects.filter(task_id=task_id, state=OutboxItem.State.PUBLISHED).update(
+        next_attempt_at=timezone.now() + timedelta(seconds=quiet)
+    )
+
+
+@signals.task_failure.connect(dispatch_uid="core.outbox.task_failed")
+def _task_failed(sender=None, task_id=None, exception=None, **kwargs) -> None:
+    if not task_id or _is_eager(sender):
+        return
+    reason = f"{type(exception).__name__}: {exception}"
+
+    def work() -> None:
+        item, parked = finish_failed(task_id=task_id, reason=reason)
+        if item is not None:
+            work_failed.send(sender=OutboxItem, item=item, reason=reason, by_relay=False, parked=parked)
+
+    try:
+        _in_own_connection(work, name=f"outbox-failure-{task_id}")
+    except Exception:
+        # The dead letter (ops) is recorded independently; the log line keeps the rest.
+        logger.exception("outbox: final failure of %s[%s] not recorded on its item", sender.name, task_id)

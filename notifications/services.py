@@ -8,7 +8,6 @@ deliveries of the task, concurrent or not, send one email.
 
 import logging
 import smtplib
-from datetime import timedelta
 
 from django.conf import settings
 from django.core.mail import EmailMultiAlternatives
@@ -16,6 +15,7 @@ from django.db import models, transaction
 from django.template.loader import render_to_string
 from django.utils import timezone
 
+from core import outbox
 from orders.models import Order
 from payments.models import Payment
 from project.celery import TRANSIENT_ERRORS
@@ -47,13 +47,12 @@ def notify(*, kind: str, object_type: str, object_id: int, recipient_id: int) ->
     Safe inside the caller's transaction: if it rolls back, neither the row nor the
     send survives. A second call for the same kind and object is a no-op.
     """
-    from . import tasks
-
-    notification, created = Notification.objects.get_or_create(
-        kind=kind, object_type=object_type, object_id=object_id, defaults={"recipient_id": recipient_id}
-    )
-    if created:
-        tasks.send_notification.delay_on_commit(notification.pk)
+    with transaction.atomic():
+        notification, created = Notification.objects.get_or_create(
+            kind=kind, object_type=object_type, object_id=object_id, defaults={"recipient_id": recipient_id}
+        )
+        if created:
+            outbox.enqueue("notifications.tasks.send_notification", notification.pk)
     return notification
 
 
@@ -131,21 +130,3 @@ def send_notification(*, notification_id: int) -> Notification | None:
         )
         raise
     return notification
-
-
-def redispatch_pending(*, older_than: timedelta = timedelta(minutes=5)) -> list[int]:
-    """Dispatch send_notification again for notifications still pending (their message was lost).
-
-    Harmless for one whose message is merely slow: sending is at most once per row.
-    """
-    from . import tasks
-
-    cutoff = timezone.now() - older_than
-    ids = list(
-        Notification.objects.filter(status=Notification.Status.PENDING, created_at__lt=cutoff)
-        .order_by("id")
-        .values_list("id", flat=True)[:1000]
-    )
-    for notification_id in ids:
-        tasks.send_notification.delay(notification_id)
-    return ids

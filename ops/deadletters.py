@@ -18,7 +18,12 @@ import logging
 import uuid
 
 from celery import signals
+from django.dispatch import receiver
+from django.utils import timezone
 from kombu.utils.encoding import safe_repr
+
+from core import outbox
+from payments.services import needs_attention as payment_needs_attention
 
 from .models import FailedTask
 from .services import queue_for, record_failure
@@ -29,6 +34,8 @@ logger = logging.getLogger(__name__)
 BODY_EXCERPT = 1024
 # The task name of a refused message that never became a task call.
 UNDECODABLE = "<undecodable>"
+# The "task name" of a payment's dead letter: no task to replay; staff use the order's hold actions.
+PAYMENT_NEEDS_ATTENTION = "payments.needs_attention"
 
 
 def describe(exc: BaseException) -> str:
@@ -97,3 +104,46 @@ def record_rejected_message(sender=None, message=None, exc=None, **extra):
 @signals.task_unknown.connect(dispatch_uid="ops.deadletters.record_unknown_task")
 def record_unknown_task(sender=None, message=None, exc=None, name=None, id=None, **extra):  # noqa: A002 (signal's name)
     _record_refused(message, f"NotRegistered: no task named {name!r}", task_name=name)
+
+
+# --- Failures that are not a task's own: the outbox relay gave up, a payment needs attention ---
+
+
+@receiver(outbox.work_failed, dispatch_uid="ops.deadletters.record_abandoned_item")
+def record_abandoned_item(sender, item, reason: str, by_relay: bool, **extra) -> None:
+    """An outbox item the relay gave up on never ran to a task failure: its dead letter is written here."""
+    if not by_relay:
+        return  # the task's own failure: record_task_failure has it
+    try:
+        record_failure(
+            task_id=str(item.task_id),
+            task_name=item.task_name,
+            queue=queue_for(item.task_name),
+            args=item.args,
+            kwargs=item.kwargs,
+            exception=f"OutboxGaveUp: {reason}",
+            attempts=item.attempts,
+        )
+    except Exception:
+        logger.exception("dead letter not recorded for outbox item %s (%s)", item.pk, item.task_name)
+
+
+@receiver(outbox.work_recovered, dispatch_uid="ops.deadletters.resolve_recovered_item")
+def resolve_recovered_item(sender, item_task_id: str, **extra) -> None:
+    """Parked work (the warehouse or the mail server was down) finished by itself: its dead letter is resolved."""
+    FailedTask.objects.filter(task_id=item_task_id, resolved=False).update(resolved=True, resolved_at=timezone.now())
+
+
+@receiver(payment_needs_attention, dispatch_uid="ops.deadletters.record_payment_needing_attention")
+def record_payment_needing_attention(sender, payment, reason: str, **extra) -> None:
+    """A payment whose outcome cannot be recorded (mismatch, refusal, retries spent) is a dead letter."""
+    try:
+        record_failure(
+            task_id=f"payment-{payment.pk}-needs-attention",
+            task_name=PAYMENT_NEEDS_ATTENTION,
+            queue="",
+            args=[payment.pk],
+            exception=f"PaymentNeedsAttention: {reason}",
+        )
+    except Exception:
+        logger.exception("dead letter not recorded for payment %s needing attention (%s)", payment.pk, reason)

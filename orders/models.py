@@ -125,3 +125,40 @@ class ApiToken(models.Model):
     @staticmethod
     def digest_of(raw: str) -> str:
         return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class StockMovement(models.Model):
+    """Ledger row: one per change of a product's stock on hand, written by orders.stock only."""
+
+    class Kind(models.TextChoices):
+        RECEIVED = "received"
+        ADJUSTED = "adjusted"
+        RESERVED = "reserved"
+        RELEASED = "released"
+
+    product = models.ForeignKey(Product, on_delete=models.PROTECT, related_name="stock_movements")
+    # Units added to (positive) or taken from (negative) the stock on hand.
+    delta = models.IntegerField()
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    reason = models.CharField(max_length=255, blank=True, default="")
+    order = models.ForeignKey(Order, on_delete=models.PROTECT, null=True, blank=True, related_name="stock_movements")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.CheckConstraint(condition=~Q(delta=0), name="stockmovement_delta_non_zero"),
+            models.CheckConstraint(
+                condition=Q(kind="adjusted")
+                | Q(kind__in=["received", "released"], delta__gt=0)
+                | Q(kind="reserved", delta__lt=0),
+                name="stockmovement_delta_sign_matches_kind",
+            ),
+        ]
+        indexes = [models.Index(fields=["product", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.delta:+d} (product {self.product_id})"

@@ -7,15 +7,16 @@ OrderEvent. Locks are always taken order first, then products by pk.
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
-from datetime import timedelta
 from decimal import Decimal
 
-from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Exists, F, OuterRef
-from django.utils import timezone
 
-from .models import ApiToken, Order, OrderEvent, OrderItem, Product
+from integrations import warehouse
+from payments import services as payment_services
+from payments.models import Payment
+
+from . import pipeline, stock
+from .models import ApiToken, Order, OrderItem, Product
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +83,11 @@ def _existing_for_key(owner, idempotency_key: str, items: list[ItemSpec]) -> Ord
 
 
 def place_order(*, owner, items: Sequence[ItemSpec], idempotency_key: str = "") -> Order:
-    """Create a pending order with prices copied from the catalogue; dispatch processing after commit.
+    """Create a pending order with prices copied from the catalogue; its processing is an outbox item of its commit.
 
     The same idempotency key from the same owner returns the first order (also when
     two requests race); the same key with other items raises IdempotencyKeyReused.
     """
-    from . import tasks
-
     wanted = _check_items(items)
     if idempotency_key:
         existing = _existing_for_key(owner, idempotency_key, wanted)
@@ -116,8 +115,7 @@ def place_order(*, owner, items: Sequence[ItemSpec], idempotency_key: str = "") 
                 )
                 for sku, qty in wanted
             )
-            OrderEvent.objects.create(order=order, to_status=Order.Status.PENDING, note="placed")
-            tasks.process_order.delay_on_commit(order.pk)
+            pipeline.start(order)
     except IntegrityError:
         # A concurrent request with the same key won the unique constraint.
         if not idempotency_key:
@@ -129,26 +127,13 @@ def place_order(*, owner, items: Sequence[ItemSpec], idempotency_key: str = "") 
     return order
 
 
-def _set_status(order: Order, to_status: str, note: str = "") -> None:
-    """Record a status change. Call while holding the order's row lock."""
-    OrderEvent.objects.create(order=order, from_status=order.status, to_status=to_status, note=note)
-    order.status = to_status
-    order.save(update_fields=["status", "updated_at"])
-    from notifications import services as notifications
-
-    kind = notifications.ORDER_STATUS_KINDS.get(to_status)
-    if kind:
-        notifications.notify(kind=kind, object_type="order", object_id=order.pk, recipient_id=order.owner_id)
-
-
 def _lock_order(order_id: int) -> Order | None:
     return Order.objects.select_for_update().filter(pk=order_id).first()
 
 
 def _release_stock(order: Order) -> None:
     """Give reserved units back. Call while holding the order's row lock."""
-    for item in order.items.order_by("product_id"):
-        Product.objects.filter(pk=item.product_id).update(stock=F("stock") + item.quantity)
+    stock.release_for_order(order=order)
 
 
 def process_order(*, order_id: int) -> Order | None:
@@ -163,35 +148,58 @@ def process_order(*, order_id: int) -> Order | None:
             return None
         if order.status != Order.Status.PENDING:
             return order
-        short = []
-        try:
-            with transaction.atomic():
-                # Products in pk order so two orders never wait on each other in a cycle;
-                # the conditional UPDATE is the oversell guard.
-                for item in order.items.order_by("product_id"):
-                    updated = Product.objects.filter(pk=item.product_id, stock__gte=item.quantity).update(
-                        stock=F("stock") - item.quantity
-                    )
-                    if not updated:
-                        short.append(item.sku)
-                if short:
-                    raise _OutOfStock()
-        except _OutOfStock:
-            _set_status(order, Order.Status.REJECTED, note=f"out of stock: {', '.join(short)}")
+        short = stock.reserve_for_order(order=order)
+        if short:
+            return pipeline.set_status(order, Order.Status.REJECTED, note=f"out of stock: {', '.join(short)}")
+        return pipeline.set_status(order, Order.Status.CONFIRMED, note="stock reserved")
+
+
+def charge_order(*, order_id: int) -> Order | None:
+    """Charge a confirmed order once and apply the outcome: -> paid, -> payment_failed (stock released), or on hold.
+
+    The payment is claimed under the order's lock (cancel_order takes the same lock and
+    refuses once a payment exists); the provider is called outside any transaction.
+    An order whose total is zero is paid without a payment. Raises
+    integrations.errors.ProviderUnavailable when the provider could not answer; retrying is safe.
+    """
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        if order is None:
+            logger.warning("charge_order: order %s does not exist", order_id)
+            return None
+        payment = Payment.objects.filter(order=order).first()
+        if payment is None:
+            if order.status != Order.Status.CONFIRMED:
+                return order
+            if order.total == 0:
+                return pipeline.set_status(order, Order.Status.PAID, note="nothing to charge: total is zero")
+            payment = payment_services.claim_order_payment(order=order)
+    payment = payment_services.settle_payment(payment_id=payment.pk)
+    return apply_payment_outcome(order_id=order_id, payment=payment)
+
+
+def apply_payment_outcome(*, order_id: int, payment: Payment) -> Order | None:
+    """Move the order as its payment's outcome says. Idempotent; a payment still processing changes nothing."""
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        if order is None:
+            return None
+        waiting = order.status == Order.Status.CONFIRMED or _held_from(order, Order.Status.CONFIRMED)
+        if not waiting:
             return order
-        _set_status(order, Order.Status.CONFIRMED, note="stock reserved")
-        _dispatch_charge(order.pk)
+        if payment.status == Payment.Status.SUCCEEDED:
+            pipeline.set_status(order, Order.Status.PAID, note="payment succeeded")
+        elif payment.status == Payment.Status.DECLINED:
+            _release_stock(order)
+            pipeline.set_status(order, Order.Status.PAYMENT_FAILED, note=f"payment declined: {payment.failure_reason}")
+        elif payment.status == Payment.Status.NEEDS_ATTENTION and order.status != Order.Status.ON_HOLD:
+            pipeline.set_status(
+                order,
+                Order.Status.ON_HOLD,
+                note=f"payment needs attention: {payment.failure_reason}",
+                hold_reason=HOLD_MESSAGES[Order.Status.CONFIRMED],
+            )
     return order
-
-
-def _dispatch_charge(order_id: int) -> None:
-    from payments import tasks as payment_tasks
-
-    payment_tasks.charge_order.delay_on_commit(order_id)
-
-
-class _OutOfStock(Exception):
-    """Rolls back the partial reservation of an order that cannot be filled."""
 
 
 def cancel_order(*, order_id: int, owner) -> Order:
@@ -203,91 +211,108 @@ def cancel_order(*, order_id: int, owner) -> Order:
             raise OrderNotCancellable(order)
         if order.status == Order.Status.CONFIRMED:
             _release_stock(order)
-        _set_status(order, Order.Status.CANCELLED, note="cancelled by owner")
-    return order
-
-
-def mark_paid(*, order_id: int) -> Order | None:
-    """confirmed -> paid, then dispatch fulfillment after commit. Idempotent."""
-    from . import tasks
-
-    with transaction.atomic():
-        order = _lock_order(order_id)
-        if order is None or order.status != Order.Status.CONFIRMED:
-            return order
-        _set_status(order, Order.Status.PAID, note="payment succeeded")
-        tasks.sync_to_fulfillment.delay_on_commit(order.pk)
-    return order
-
-
-def fail_payment(*, order_id: int, reason: str = "") -> Order | None:
-    """confirmed -> payment_failed, releasing the reserved stock. Idempotent."""
-    with transaction.atomic():
-        order = _lock_order(order_id)
-        if order is None or order.status != Order.Status.CONFIRMED:
-            return order
-        _release_stock(order)
-        _set_status(order, Order.Status.PAYMENT_FAILED, note=f"payment declined: {reason}"[:255])
+        pipeline.set_status(order, Order.Status.CANCELLED, note="cancelled by owner")
     return order
 
 
 def sync_to_fulfillment(*, order_id: int) -> Order | None:
-    """Hand a paid order to the warehouse once (key `shipment-order-<id>`): paid -> fulfilled.
+    """Hand a paid order to the warehouse once (key `shipment-order-<id>`): paid (or held on the way) -> fulfilled.
 
-    Raises gateway.ProviderUnavailable when the warehouse cannot be reached; retrying is safe.
-    Returns None when the order is gone.
+    Raises integrations.errors.ProviderUnavailable when the warehouse cannot be reached (retrying
+    is safe) and ProviderRejected when it refuses. Returns None when the order is gone.
     """
-    from payments import gateway
-
     order = Order.objects.filter(pk=order_id).first()
-    if order is None or order.status != Order.Status.PAID:
+    if order is None or not _awaits_shipment(order):
         return order
     items = [{"sku": item.sku, "quantity": item.quantity} for item in order.items.all()]
-    shipment = gateway.create_shipment(order_id=order.pk, items=items, idempotency_key=f"shipment-order-{order.pk}")
+    shipment = warehouse.create_shipment(order_id=order.pk, items=items, idempotency_key=f"shipment-order-{order.pk}")
     with transaction.atomic():
         order = _lock_order(order_id)
-        if order is not None and order.status == Order.Status.PAID:
-            _set_status(order, Order.Status.FULFILLED, note=f"shipment {shipment.id}")
+        if order is not None and _awaits_shipment(order):
+            pipeline.set_status(order, Order.Status.FULFILLED, note=f"shipment {shipment.id}")
     return order
 
 
-def redispatch_stale_orders(*, older_than: timedelta | None = None) -> list[int]:
-    """Dispatch the next task again for orders stuck in pending, confirmed or paid.
+def _awaits_shipment(order: Order) -> bool:
+    return order.status == Order.Status.PAID or _held_from(order, Order.Status.PAID)
 
-    Such an order lost its message (committed while the broker was down). Harmless for
-    orders whose message is merely slow: every step is idempotent.
+
+# --- Holds: a step that cannot finish by itself ------------------------------------------
+
+# What the shopper reads on an order held on the way from each status.
+HOLD_MESSAGES = {
+    Order.Status.PENDING: "We could not process your order yet. Our staff have been told and will sort it out.",
+    Order.Status.CONFIRMED: (
+        "Your payment could not be completed. Our staff are looking into it; you will not be charged twice."
+    ),
+    Order.Status.PAID: (
+        "Your order is paid. Handing it to the warehouse is taking longer than usual; we keep trying automatically."
+    ),
+}
+
+
+class NotOnHold(OrderError):
+    field = "status"
+
+    def __init__(self, order: Order, action: str):
+        super().__init__(f"order {order.pk} is {order.status}: cannot {action}")
+
+
+def held_from(order: Order) -> str | None:
+    """The status an order on hold left when it was held, or None when it is not on hold."""
+    if order.status != Order.Status.ON_HOLD:
+        return None
+    return (
+        order.events.filter(to_status=Order.Status.ON_HOLD)
+        .order_by("-created_at", "-id")
+        .values_list("from_status", flat=True)
+        .first()
+    )
+
+
+def _held_from(order: Order, status: str) -> bool:
+    return order.status == Order.Status.ON_HOLD and held_from(order) == status
+
+
+def hold_stuck_order(*, order_id: int, task_name: str, reason: str, resumes: bool = False) -> Order | None:
+    """The step `task_name` failed for good: the order goes on hold, with a message the shopper can read.
+
+    A charge that failed for good leaves its payment in needs_attention. Idempotent: an order
+    that has moved on, or is on hold already, is left as it is.
     """
-    from . import tasks
+    waiting_in = {task: status for status, task in pipeline.NEXT_STEP.items()}[task_name]
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        if order is None or order.status != waiting_in:
+            return order
+        if waiting_in == Order.Status.CONFIRMED:
+            payment_services.mark_needs_attention(order_id=order.pk, reason=reason)
+        note = f"{task_name.rsplit('.', 1)[-1]} failed: {reason}" + (" (tried again automatically)" if resumes else "")
+        pipeline.set_status(order, Order.Status.ON_HOLD, note=note, hold_reason=HOLD_MESSAGES[waiting_in])
+    logger.warning("order %s on hold: %s", order_id, note)
+    return order
 
-    if older_than is None:
-        older_than = timedelta(seconds=settings.STALE_ORDER_SECONDS)
-    cutoff = timezone.now() - older_than
-    from payments import tasks as payment_tasks
-    from payments.models import Payment
 
-    next_step = {
-        Order.Status.PENDING: tasks.process_order,
-        Order.Status.CONFIRMED: payment_tasks.charge_order,
-        Order.Status.PAID: tasks.sync_to_fulfillment,
-    }
-    # A charge still being retried with backoff is not lost: leave it to its own retries
-    # until it has been quiet for longer than its whole retry budget.
-    charge_in_flight = Payment.objects.filter(
-        order=OuterRef("pk"),
-        status=Payment.Status.PROCESSING,
-        updated_at__gte=timezone.now() - timedelta(seconds=settings.CHARGE_RETRY_WINDOW_SECONDS),
-    )
-    stale = list(
-        Order.objects.filter(status__in=next_step.keys(), updated_at__lt=cutoff)
-        .exclude(Exists(charge_in_flight))
-        .order_by("id")
-        .values_list("id", "status")[:1000]
-    )
-    for order_id, status in stale:
-        next_step[status].delay(order_id)
-    if stale:
-        logger.info("re-dispatched %d stale orders", len(stale))
-    return [order_id for order_id, _ in stale]
+def retry_held_order(*, order_id: int) -> Order:
+    """Staff: run the step that was stuck again (a charge with its payment reopened). Raises NotOnHold."""
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        origin = held_from(order) if order is not None else None
+        if origin is None:
+            raise NotOnHold(order, "retry")
+        if origin == Order.Status.CONFIRMED:
+            payment_services.reopen_payment(order_id=order.pk)
+        return pipeline.set_status(order, origin, note="retried by staff")
+
+
+def fail_held_order(*, order_id: int) -> Order:
+    """Staff: give up on the charge of an order held on its way to payment: payment_failed, stock released."""
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        if order is None or held_from(order) != Order.Status.CONFIRMED:
+            raise NotOnHold(order, "fail its payment")
+        _release_stock(order)
+        return pipeline.set_status(order, Order.Status.PAYMENT_FAILED, note="payment failed by staff; stock released")
 
 
 def issue_api_token(*, user) -> str:

@@ -1,10 +1,11 @@
 from datetime import date
 from decimal import Decimal
 
-from dateutil.relativedelta import relativedelta
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+
+from . import billing
 
 
 class Plan(models.Model):
@@ -26,9 +27,9 @@ class Plan(models.Model):
     def __str__(self) -> str:
         return f"{self.name} ({self.price} {self.currency}/{self.interval})"
 
-    def period_after(self, start: date) -> date:
-        """The first day of the period that follows one starting on `start`."""
-        return start + (relativedelta(months=1) if self.interval == self.Interval.MONTH else relativedelta(years=1))
+    def period_after(self, start: date, *, anchor: date | None = None) -> date:
+        """The first day of the period that follows one starting on `start`, on the schedule of `anchor`."""
+        return billing.next_period_start(anchor or start, self.interval, start)
 
 
 class Subscription(models.Model):
@@ -76,8 +77,10 @@ class Payment(models.Model):
         # The provider gave an answer that cannot be recorded as an outcome (a permanent error, or a
         # charge whose amount, currency or reference does not match): staff decide.
         NEEDS_ATTENTION = "needs_attention"
+        # Claimed, then its subscription was cancelled before the charge finished: never sent again.
+        VOIDED = "voided"
 
-    FINAL = (Status.SUCCEEDED, Status.DECLINED, Status.NEEDS_ATTENTION)
+    FINAL = (Status.SUCCEEDED, Status.DECLINED, Status.NEEDS_ATTENTION, Status.VOIDED)
 
     order = models.ForeignKey("orders.Order", on_delete=models.PROTECT, null=True, blank=True, related_name="payments")
     subscription = models.ForeignKey(

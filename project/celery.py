@@ -3,17 +3,16 @@
 Configuration lives in Django settings under the CELERY_ namespace.
 """
 
-import functools
 import logging
 import os
+from fnmatch import fnmatch
 
 from celery import Celery
 from celery.contrib.django.task import DjangoTask
 from celery.signals import task_postrun, task_prerun
 from django.db import InterfaceError as DatabaseInterfaceError
 from django.db import OperationalError as DatabaseOperationalError
-from django.db import close_old_connections, transaction
-from kombu.exceptions import OperationalError
+from django.db import close_old_connections
 from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings.base")
@@ -33,11 +32,12 @@ class BaseTask(DjangoTask):
     """Base class of every task in the project."""
 
     # A task that declares no retry policy of its own still survives a database restart:
-    # retried with exponential backoff and jitter. Tasks with their own policy use TRANSIENT_ERRORS.
+    # retried with exponential backoff (capped at 60 s, reached by the 7th retry) and jitter.
+    # Tasks with their own policy use retry_policy() below.
     autoretry_for = (DatabaseOperationalError, DatabaseInterfaceError)
-    max_retries = 5
+    max_retries = 8
     retry_backoff = True
-    retry_backoff_max = 600
+    retry_backoff_max = 60
     retry_jitter = True
 
     # Bounds the requeue of a task whose pool process dies (TASK_MAX_WORKER_LOST). Celery makes
@@ -45,32 +45,46 @@ class BaseTask(DjangoTask):
     # is the task's Request class. Loaded by name when a worker starts.
     Request = "ops.worker:WorkerLostBoundRequest"
 
-    def delay_on_commit(self, *args, **kwargs) -> None:
-        """Publish with `delay` after the current transaction commits.
 
-        A publish that fails after commit because the broker is unreachable is
-        logged, not raised: the row is already committed and a periodic sweep
-        re-dispatches it (for orders, redispatch_stale_orders), so the request still
-        answers. Any other error (a bug, or an eager task failing in tests) is raised.
-        """
-        # Not on_commit(robust=True): it would swallow bugs too, and Django's own error
-        # logging fails on a functools.partial (no __qualname__), turning a broker
-        # outage into a 500 after commit.
-        transaction.on_commit(functools.partial(self._publish_after_commit, "delay", args, kwargs))
+def retry_policy(*, retries: int, backoff_max: int, errors: tuple = TRANSIENT_ERRORS) -> dict:
+    """Autoretry of `errors` only, `retries` times, backoff 1, 2, 4 ... s capped at `backoff_max`, full jitter.
 
-    def apply_async_on_commit(self, *args, **kwargs) -> None:
-        """Publish with `apply_async` after the current transaction commits; errors as in delay_on_commit."""
-        transaction.on_commit(functools.partial(self._publish_after_commit, "apply_async", args, kwargs))
+    The README's retry table is computed from these options (tests/test_retry_budgets.py).
+    """
+    return {
+        "autoretry_for": errors,
+        "max_retries": retries,
+        "retry_backoff": True,
+        "retry_backoff_max": backoff_max,
+        "retry_jitter": True,
+    }
 
-    def _publish_after_commit(self, method: str, args: tuple, kwargs: dict) -> None:
-        try:
-            getattr(self, method)(*args, **kwargs)
-        except OperationalError:
-            logger.exception("broker unreachable: %s%r not published after commit", self.name, args)
+
+class QueueTimeLimits:
+    """A task annotation: every task runs under its queue's time limits (TASK_TIME_LIMITS) unless it sets its own.
+
+    https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-annotations
+    """
+
+    def annotate(self, task) -> dict | None:
+        if task.soft_time_limit is not None or task.time_limit is not None:
+            return None
+        from django.conf import settings
+
+        queue = next(
+            (route["queue"] for pattern, route in settings.CELERY_TASK_ROUTES.items() if fnmatch(task.name, pattern)),
+            settings.CELERY_TASK_DEFAULT_QUEUE,
+        )
+        soft, hard = settings.TASK_TIME_LIMITS[queue]
+        return {"soft_time_limit": soft, "time_limit": hard}
+
+    def annotate_any(self) -> None:
+        return None
 
 
 app = Celery("project", task_cls=BaseTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
+app.conf.task_annotations = (QueueTimeLimits(),)
 app.autodiscover_tasks()
 
 

@@ -23,6 +23,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from core import outbox
 from orders.models import Order, OrderItem
 
 from . import writers
@@ -144,8 +145,6 @@ def request_report(*, owner, kind: str, filters, format: str) -> Report:
 
     Raises InvalidReportRequest for an unknown kind or format or any bad filter.
     """
-    from . import tasks
-
     errors = {}
     if kind not in Report.Kind.values:
         errors["kind"] = f"must be one of: {', '.join(Report.Kind.values)}"
@@ -156,7 +155,7 @@ def request_report(*, owner, kind: str, filters, format: str) -> Report:
     clean = check_filters(filters=filters, requester=owner)
     with transaction.atomic():
         report = Report.objects.create(owner=owner, kind=kind, filters=clean, format=format)
-        tasks.generate_report.delay_on_commit(report.pk)
+        outbox.enqueue("reports.tasks.generate_report", report.pk)
     return report
 
 

@@ -66,3 +66,15 @@ class NotificationFactory(factory.django.DjangoModelFactory):
     kind = "order_confirmed"
     object_type = "order"
     object_id = factory.SelfAttribute("order.pk")
+
+
+class StockMovementFactory(factory.django.DjangoModelFactory):
+    """A `received` ledger row, made directly: the product's stock is not touched."""
+
+    class Meta:
+        model = "orders.StockMovement"
+
+    product = factory.SubFactory(ProductFactory)
+    delta = 5
+    kind = "received"
+    reason = "delivery"

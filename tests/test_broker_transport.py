@@ -31,19 +31,49 @@ def test_restore_unacked_that_fails_on_a_dead_connection_does_not_raise(error):
         channel.close()
 
 
-def test_ack_and_reject_on_a_channel_closed_by_a_lost_connection_are_skipped():
+def _unacked_message(connection, queue_name: str):
+    """A message delivered to this channel and not yet acknowledged: it sits in Redis's unacked index."""
+    from kombu import Exchange, Queue
+
+    queue = Queue(queue_name, Exchange(queue_name, type="direct"), routing_key=queue_name)
+    producer = connection.Producer()
+    producer.publish({"n": 1}, exchange=queue.exchange, routing_key=queue_name, declare=[queue], serializer="json")
+    channel = connection.channel()
+    message = queue(channel).get(no_ack=False)
+    assert message is not None
+    return channel, message
+
+
+def test_late_ack_on_a_channel_closed_by_a_lost_connection_is_made_over_a_new_connection(broker):
+    """The Redis blip: the task finished after its channel closed; its ack still removes the message at once."""
     from django.conf import settings
 
     with Connection(settings.CELERY_BROKER_URL, transport=RedisTransport) as connection:
-        channel = connection.channel()
+        channel, message = _unacked_message(connection, "blip-ack")
         qos = channel.qos
-        channel.close()  # what a lost connection does: channel.connection becomes None
+        assert broker.hexists(qos.unacked_key, message.delivery_tag)
+        # What a lost connection does: channel.connection becomes None, and nothing is restored
+        # (a graceful close would push the message back; a lost connection cannot reach Redis).
+        qos.restore_at_shutdown = False
+        channel.close()
         assert channel.connection is None
-        with (
-            mock.patch("kombu.transport.redis.QoS.ack") as ack,
-            mock.patch("kombu.transport.redis.QoS.reject") as reject,
-        ):
-            assert qos.ack("tag-1") is None
-            assert qos.reject("tag-2", requeue=True) is None
-        ack.assert_not_called()
-        reject.assert_not_called()
+        qos.ack(message.delivery_tag)
+        assert not broker.hexists(qos.unacked_key, message.delivery_tag)
+        assert broker.zscore(qos.unacked_index_key, message.delivery_tag) is None
+        assert broker.llen("blip-ack") == 0  # acknowledged, not requeued
+
+
+def test_reject_on_a_closed_channel_removes_the_message_and_a_requeue_is_left_to_the_visibility_timeout(broker):
+    from django.conf import settings
+
+    with Connection(settings.CELERY_BROKER_URL, transport=RedisTransport) as connection:
+        channel, dropped = _unacked_message(connection, "blip-reject")
+        channel2, kept = _unacked_message(connection, "blip-reject")
+        for each in (channel, channel2):
+            each.qos.restore_at_shutdown = False
+            each.close()
+        channel.qos.reject(dropped.delivery_tag, requeue=False)
+        channel2.qos.reject(kept.delivery_tag, requeue=True)
+        assert not broker.hexists(channel.qos.unacked_key, dropped.delivery_tag)
+        assert broker.hexists(channel2.qos.unacked_key, kept.delivery_tag)
+        assert broker.llen("blip-reject") == 0

@@ -276,6 +276,7 @@ CELERY_TASK_QUEUES = [
     Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("critical", "bulk", "default")
 ]
 CELERY_TASK_ROUTES = {
+    "core.tasks.*": {"queue": "default", "routing_key": "default"},
     "orders.tasks.*": {"queue": "critical", "routing_key": "critical"},
     "payments.tasks.*": {"queue": "critical", "routing_key": "critical"},
     "reports.tasks.*": {"queue": "bulk", "routing_key": "bulk"},
@@ -313,13 +314,15 @@ CELERY_WORKER_LOST_WAIT = env.float("CELERY_WORKER_LOST_WAIT", default=10.0)
 # instead (ops/worker.py).
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-consumer
 CELERY_WORKER_CONSUMER = "ops.worker:DeadLetterConsumer"
-# When the broker connection drops, unacknowledged messages go back to the queue
-# anyway; cancel the tasks running for them instead of finishing them twice.
+# When the broker connection drops (a Redis blip), tasks that are running finish, and their late
+# ack reaches Redis over a new connection (project/broker.py): the work is done once, at once.
+# Cancelling them instead would leave their messages in Redis's unacked index until the
+# visibility timeout (an hour), because the worker cannot restore them over the lost connection.
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-cancel-long-running-tasks-on-connection-loss
-CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = False
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Publishing from a web request: give up after about two seconds so the request
-# answers; the stale-order sweep re-dispatches what was not published.
+# answers; the outbox relay publishes what was not published.
 CELERY_TASK_PUBLISH_RETRY_POLICY = {
     "max_retries": 2,
     "interval_start": 0,
@@ -336,15 +339,13 @@ CELERY_TASK_SEND_SENT_EVENT = True
 
 CELERY_TIMEZONE = "UTC"
 CELERY_BEAT_SCHEDULE = {
-    # An order whose message was lost (broker down at commit) is stuck; re-dispatch its next step.
-    "redispatch-stale-orders": {
-        "task": "orders.tasks.redispatch_stale_orders",
-        "schedule": env.float("STALE_ORDER_SWEEP_SECONDS", default=30.0),
-    },
-    # A notification whose message was lost (broker down at commit) is sent now.
-    "redispatch-pending-notifications": {
-        "task": "notifications.tasks.redispatch_pending_notifications",
-        "schedule": 300.0,
+    # Publishes what the fast path after commit did not (broker down at commit, process died),
+    # and what the broker lost. The only sweep: every piece of work is an outbox item (core/outbox.py).
+    # Expires: a relay message that waited longer than its interval is dropped; the next one covers it.
+    "relay-outbox": {
+        "task": "core.tasks.relay_outbox",
+        "schedule": env.float("OUTBOX_RELAY_SECONDS", default=5.0),
+        "options": {"expires": env.float("OUTBOX_RELAY_SECONDS", default=5.0) * 2},
     },
     # Fan out the charges of subscriptions whose next period has started.
     "bill-due-subscriptions": {
@@ -353,6 +354,25 @@ CELERY_BEAT_SCHEDULE = {
     },
 }
 
+# --- The outbox (core/outbox.py) ----------------------------------------------------
+
+# The relay leaves a new item to the fast path after commit for this long.
+OUTBOX_FAST_PATH_GRACE_SECONDS = env.float("OUTBOX_FAST_PATH_GRACE_SECONDS", default=10.0)
+# A published item not heard of for this long (no retry, no outcome) lost its message with the
+# broker's data and is published again. Above the visibility timeout plus the longest time limit,
+# so a message that the broker still holds is redelivered by the broker first.
+OUTBOX_LOST_AFTER_SECONDS = env.int("OUTBOX_LOST_AFTER_SECONDS", default=2 * 3600)
+# Publishes per item before it ends failed with a dead letter. A broker outage costs none.
+OUTBOX_MAX_ATTEMPTS = env.int("OUTBOX_MAX_ATTEMPTS", default=10)
+# Delay between attempts to publish while the broker is unreachable: base x 2^n, capped, jittered.
+OUTBOX_BACKOFF_BASE_SECONDS = env.float("OUTBOX_BACKOFF_BASE_SECONDS", default=2.0)
+OUTBOX_BACKOFF_MAX_SECONDS = env.float("OUTBOX_BACKOFF_MAX_SECONDS", default=60.0)
+# A paid order whose hand-over to the warehouse failed all its retries is on hold and tried again
+# this much later, by itself, until OUTBOX_MAX_ATTEMPTS rounds are spent.
+FULFILLMENT_RESUME_SECONDS = env.float("FULFILLMENT_RESUME_SECONDS", default=600.0)
+# The same for an email whose sends failed all their retries (the mail server down for long).
+NOTIFICATION_RESUME_SECONDS = env.float("NOTIFICATION_RESUME_SECONDS", default=600.0)
+
 # --- Payment provider and warehouse (the sandbox in development) -------------------
 
 PAYMENT_PROVIDER_URL = env.str("PAYMENT_PROVIDER_URL", default="http://127.0.0.1:8100")
@@ -360,19 +380,14 @@ FULFILLMENT_API_URL = env.str("FULFILLMENT_API_URL", default=PAYMENT_PROVIDER_UR
 # Connect fast, and read longer than the provider's own processing time.
 PROVIDER_CONNECT_TIMEOUT = env.float("PROVIDER_CONNECT_TIMEOUT", default=3.05)
 PROVIDER_READ_TIMEOUT = env.float("PROVIDER_READ_TIMEOUT", default=10.0)
+# Bounds the whole call, which a per-read timeout does not; under the critical soft limit (TASK_TIME_LIMITS).
+PROVIDER_CALL_DEADLINE = env.float("PROVIDER_CALL_DEADLINE", default=20.0)
 _DEV_WEBHOOK_SECRET = "dev-webhook-secret"  # noqa: S105 (refused below unless DEBUG)
 WEBHOOK_SECRET = env.str("WEBHOOK_SECRET", default=_DEV_WEBHOOK_SECRET if DEBUG else "")
 if not DEBUG and not WEBHOOK_SECRET:
     raise ImproperlyConfigured("WEBHOOK_SECRET must be set when DEBUG is off.")
 # Signed webhooks older (or newer) than this are refused, so a captured one cannot be replayed later.
 WEBHOOK_TOLERANCE_SECONDS = env.int("WEBHOOK_TOLERANCE_SECONDS", default=300)
-
-# charge_order's retries (8, backoff capped at 600 s) are over well within this window;
-# the sweep leaves a charge alone while it was attempted more recently.
-CHARGE_RETRY_WINDOW_SECONDS = env.int("CHARGE_RETRY_WINDOW_SECONDS", default=1800)
-
-# Orders still pending this long after creation are dispatched again by the sweep.
-STALE_ORDER_SECONDS = env.int("STALE_ORDER_SECONDS", default=60)
 
 # --- Reports ------------------------------------------------------------------
 
@@ -387,6 +402,20 @@ REPORT_SOFT_TIME_LIMIT = env.int("REPORT_SOFT_TIME_LIMIT", default=300)
 REPORT_TIME_LIMIT = env.int("REPORT_TIME_LIMIT", default=360)
 if not 0 < REPORT_SOFT_TIME_LIMIT < REPORT_TIME_LIMIT:
     raise ImproperlyConfigured("REPORT_SOFT_TIME_LIMIT must be positive and below REPORT_TIME_LIMIT.")
+
+# (soft, hard) time limits in seconds for every task of a queue that sets none of its own
+# (project/celery.py: QueueTimeLimits). The soft limit raises SoftTimeLimitExceeded in the task;
+# the hard one kills its pool process. Each provider or warehouse call has a deadline of its own
+# (PROVIDER_CALL_DEADLINE), shorter than the critical soft limit, so a slow peer is a retryable
+# error, not a killed process. Email sends are bounded by EMAIL_TIMEOUT.
+TASK_TIME_LIMITS = {
+    "critical": (env.int("CRITICAL_SOFT_TIME_LIMIT", default=60), env.int("CRITICAL_TIME_LIMIT", default=90)),
+    "default": (env.int("DEFAULT_SOFT_TIME_LIMIT", default=30), env.int("DEFAULT_TIME_LIMIT", default=60)),
+    "bulk": (REPORT_SOFT_TIME_LIMIT, REPORT_TIME_LIMIT),
+}
+for _queue, (_soft, _hard) in TASK_TIME_LIMITS.items():
+    if not 0 < _soft < _hard:
+        raise ImproperlyConfigured(f"the soft time limit of queue {_queue} must be positive and below its hard limit.")
 # Report kind -> the function that builds its rows (reports.services.ReportSource).
 REPORT_KINDS = {"sales": "reports.services.sales_source"}
 

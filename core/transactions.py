@@ -1,0 +1,18 @@
+"""What money paths must not be inside."""
+
+from django.db import connection
+
+
+class InsideTransaction(AssertionError):
+    pass
+
+
+def assert_outside_transaction(what: str) -> None:
+    """Raise when called inside a transaction: a rollback after `what` would lose the record of it.
+
+    The transaction a test case wraps around each test (Django's TestCase, pytest-django's `db`)
+    is not the caller's and does not count.
+    """
+    callers = [block for block in connection.atomic_blocks if not getattr(block, "_from_testcase", False)]
+    if connection.in_atomic_block and callers:
+        raise InsideTransaction(f"{what} must run outside any transaction")

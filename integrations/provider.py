@@ -1,0 +1,75 @@
+"""The payment provider's client: charges, once per idempotency key.
+
+Every call carries an idempotency key derived from our own stable ids, so a retry of the same
+call can never act twice on the provider's side. Connection errors, timeouts, the call deadline,
+409 (the same key is in flight) and 5xx become ProviderUnavailable, which is retryable; a decline
+(402) is CardDeclined, and any other 4xx is ProviderRejected, both permanent.
+"""
+
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.conf import settings
+
+from . import http
+from .errors import ProviderRejected, ProviderUnavailable
+
+__all__ = ["CardDeclined", "Charge", "ProviderRejected", "ProviderUnavailable", "charge", "retrieve_charge"]
+
+
+class CardDeclined(ProviderRejected):
+    def __init__(self, charge_id: str, reason: str = "card_declined"):
+        self.charge_id = charge_id
+        self.reason = reason
+        super().__init__(f"charge {charge_id or '?'} declined: {reason}")
+
+
+@dataclass(frozen=True)
+class Charge:
+    id: str
+    status: str
+    amount: Decimal
+    currency: str
+    reference: str
+
+
+def _url(path: str) -> str:
+    return f"{settings.PAYMENT_PROVIDER_URL.rstrip('/')}{path}"
+
+
+def _charge_from(data: dict) -> Charge:
+    return Charge(
+        id=data["id"],
+        status=data["status"],
+        amount=Decimal(str(data["amount"])),
+        currency=data["currency"],
+        reference=data.get("reference", ""),
+    )
+
+
+def charge(*, amount: Decimal, currency: str, reference: str, idempotency_key: str) -> Charge:
+    """Charge `amount` once per idempotency key. Raises CardDeclined, ProviderRejected or ProviderUnavailable."""
+    reply = http.send(
+        "POST",
+        _url("/v1/charges"),
+        json={"amount": str(amount), "currency": currency, "reference": reference},
+        headers={"Idempotency-Key": idempotency_key},
+    )
+    if reply.status_code == 409 or reply.status_code >= 500:
+        raise ProviderUnavailable(f"/v1/charges: HTTP {reply.status_code}")
+    if reply.status_code == 402:
+        error = reply.error()
+        raise CardDeclined((error.get("charge") or {}).get("id", ""), error.get("type", "card_declined"))
+    if reply.status_code not in (200, 201):
+        raise ProviderRejected(f"charge {idempotency_key}: HTTP {reply.status_code} {reply.error()}")
+    return _charge_from(reply.json())
+
+
+def retrieve_charge(*, charge_id: str) -> Charge:
+    """Fetch a charge as the provider has it (webhooks are verified against this)."""
+    reply = http.send("GET", _url(f"/v1/charges/{charge_id}"))
+    if reply.status_code >= 500:
+        raise ProviderUnavailable(f"retrieve {charge_id}: HTTP {reply.status_code}")
+    if reply.status_code != 200:
+        raise ProviderRejected(f"retrieve {charge_id}: HTTP {reply.status_code}")
+    return _charge_from(reply.json())

@@ -1,0 +1,31 @@
+"""Emails follow what happens elsewhere: order status changes and subscription charges, through signals.
+
+Each receiver runs inside the transaction of the change, so the Notification row and its
+outbox item commit (or roll back) with it.
+"""
+
+from django.conf import settings
+from django.dispatch import receiver
+
+from core import outbox
+from orders.pipeline import status_changed
+from payments.services import subscription_charged
+
+from . import services
+
+# A failed send is tried again this much later, by itself, once the retries are spent (a mail outage).
+outbox.resume_after_failure("notifications.tasks.send_notification", seconds=settings.NOTIFICATION_RESUME_SECONDS)
+
+
+@receiver(status_changed, dispatch_uid="notifications.order_status_changed")
+def order_status_changed(sender, order, to_status: str, **kwargs) -> None:
+    kind = services.ORDER_STATUS_KINDS.get(to_status)
+    if kind:
+        services.notify(kind=kind, object_type="order", object_id=order.pk, recipient_id=order.owner_id)
+
+
+@receiver(subscription_charged, dispatch_uid="notifications.subscription_charged")
+def subscription_payment(sender, payment, subscription, **kwargs) -> None:
+    kind = services.SUBSCRIPTION_PAYMENT_KINDS.get(payment.status)
+    if kind:
+        services.notify(kind=kind, object_type="payment", object_id=payment.pk, recipient_id=subscription.owner_id)

@@ -1,0 +1,116 @@
+"""The order's life cycle: which status may follow which, what runs next, and the only place that dispatches it.
+
+    pending -> confirmed -> paid -> fulfilled
+       |           |          |
+       |           |          +-> on_hold (hand-over to the warehouse keeps failing; resumes by itself)
+       |           +-> payment_failed (stock released) | cancelled | on_hold (payment needs attention)
+       +-> rejected (out of stock) | cancelled
+
+Every change goes through `set_status`, under the order's row lock, with an OrderEvent;
+an illegal move raises. The step that follows a status is an outbox item written in the
+same transaction (core/outbox.py), so it is published after commit or by the relay, once.
+Collaborators (payments, the warehouse client) return outcomes and never call back here;
+notifications follow `status_changed`.
+"""
+
+import logging
+
+from django.conf import settings
+from django.dispatch import Signal, receiver
+
+from core import outbox
+from core.models import OutboxItem
+from payments.services import payment_settled
+
+from .models import Order, OrderEvent
+
+logger = logging.getLogger(__name__)
+
+S = Order.Status
+
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.PENDING: frozenset({S.CONFIRMED, S.REJECTED, S.CANCELLED, S.ON_HOLD}),
+    S.CONFIRMED: frozenset({S.PAID, S.PAYMENT_FAILED, S.CANCELLED, S.ON_HOLD}),
+    S.PAID: frozenset({S.FULFILLED, S.ON_HOLD}),
+    # Out of a hold: the step that was stuck finishes (paid, fulfilled), staff retry it (back to
+    # the status it was held from), or staff give up on the charge (payment_failed, stock released).
+    S.ON_HOLD: frozenset({S.PENDING, S.CONFIRMED, S.PAID, S.PAYMENT_FAILED, S.FULFILLED}),
+    S.FULFILLED: frozenset(),
+    S.REJECTED: frozenset(),
+    S.PAYMENT_FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+# The task that moves an order on from each status; its name is its service's name.
+NEXT_STEP: dict[str, str] = {
+    S.PENDING: "orders.tasks.process_order",
+    S.CONFIRMED: "orders.tasks.charge_order",
+    S.PAID: "orders.tasks.sync_to_fulfillment",
+}
+
+# Sent inside the transaction of every status change (order=, from_status=, to_status=).
+status_changed = Signal()
+
+
+class IllegalTransition(Exception):
+    def __init__(self, order: Order, to_status: str):
+        super().__init__(f"order {order.pk}: {order.status} -> {to_status} is not allowed")
+
+
+def start(order: Order) -> None:
+    """Record a new order's first event and dispatch its first step. Call in the transaction that created it."""
+    OrderEvent.objects.create(order=order, to_status=order.status, note="placed")
+    dispatch_next(order)
+
+
+def set_status(order: Order, to_status: str, *, note: str = "", hold_reason: str = "") -> Order:
+    """Move the order to `to_status` and dispatch the step that follows it. Call while holding the order's row lock.
+
+    Raises IllegalTransition for a move the table does not allow.
+    """
+    if to_status not in TRANSITIONS[order.status]:
+        raise IllegalTransition(order, to_status)
+    from_status = order.status
+    OrderEvent.objects.create(order=order, from_status=from_status, to_status=to_status, note=note[:255])
+    order.status = to_status
+    order.hold_reason = hold_reason[:255] if to_status == S.ON_HOLD else ""
+    order.save(update_fields=["status", "hold_reason", "updated_at"])
+    status_changed.send(sender=Order, order=order, from_status=from_status, to_status=to_status)
+    dispatch_next(order)
+    return order
+
+
+def dispatch_next(order: Order, *, delay: float = 0) -> OutboxItem | None:
+    """Write the outbox item of the step that follows the order's status (none for a final status or a hold)."""
+    task_name = NEXT_STEP.get(order.status)
+    if task_name is None:
+        return None
+    return outbox.enqueue(task_name, order.pk, delay=delay)
+
+
+def was_paid(order: Order) -> bool:
+    """Whether the order reached `paid` before (a hold on the way to the warehouse, not on the way to payment)."""
+    return order.events.filter(to_status=S.PAID).exists()
+
+
+# --- When a step fails for good -------------------------------------------------------
+
+# The warehouse coming back is the only fix a failing hand-over needs: try again later, by itself.
+outbox.resume_after_failure(NEXT_STEP[S.PAID], seconds=settings.FULFILLMENT_RESUME_SECONDS)
+
+
+@receiver(outbox.work_failed, dispatch_uid="orders.pipeline.step_failed")
+def step_failed(sender, item: OutboxItem, reason: str, parked: bool, **kwargs) -> None:
+    """An order step that failed for good (retries spent, a permanent error) puts the order on hold, visibly."""
+    if item.task_name not in NEXT_STEP.values() or not item.args:
+        return
+    from . import services
+
+    services.hold_stuck_order(order_id=item.args[0], task_name=item.task_name, reason=reason, resumes=parked)
+
+
+@receiver(payment_settled, dispatch_uid="orders.pipeline.payment_settled")
+def payment_settled_elsewhere(sender, payment, **kwargs) -> None:
+    """A webhook finished an order's payment: the charge step applies its outcome (it finds the payment final)."""
+    if payment.order_id:
+        outbox.enqueue(NEXT_STEP[S.CONFIRMED], payment.order_id)

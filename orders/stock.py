@@ -1,0 +1,117 @@
+"""Stock on hand changes only here, by delta, each change recorded as a StockMovement.
+
+Every write is a conditional UPDATE with F(), so a change never works from a stale
+read and stock never goes below zero. Products are always updated in pk order.
+"""
+
+from django.db import transaction
+from django.db.models import F, Sum
+
+from .models import Order, Product, StockMovement
+
+
+class StockError(Exception):
+    """Base of the errors a caller can show to the operator."""
+
+
+class InvalidStockChange(StockError):
+    pass
+
+
+class InsufficientStock(StockError):
+    def __init__(self, *, product_id: int, delta: int, on_hand: int):
+        self.product_id = product_id
+        self.delta = delta
+        self.on_hand = on_hand
+        super().__init__(f"cannot take {-delta} units: only {on_hand} in stock")
+
+
+class _Short(Exception):
+    """Rolls back the partial reservation of an order that cannot be filled."""
+
+
+def receive_stock(*, product_id: int, quantity: int, reason: str = "", user=None) -> StockMovement:
+    """Add received units to the product's stock on hand; record a `received` movement."""
+    if type(quantity) is not int or quantity <= 0:
+        raise InvalidStockChange("the received quantity must be a whole number above zero")
+    with transaction.atomic():
+        if not Product.objects.filter(pk=product_id).update(stock=F("stock") + quantity):
+            raise Product.DoesNotExist(f"no product {product_id}")
+        return StockMovement.objects.create(
+            product_id=product_id, delta=quantity, kind=StockMovement.Kind.RECEIVED, reason=reason, created_by=user
+        )
+
+
+def adjust_stock(*, product_id: int, delta: int, reason: str, user=None) -> StockMovement:
+    """Correct the product's stock on hand by delta (a count, breakage); record an `adjusted` movement.
+
+    Raises InsufficientStock when a negative delta is larger than the stock on hand.
+    """
+    if type(delta) is not int or delta == 0:
+        raise InvalidStockChange("the adjustment must be a whole number other than zero")
+    if not reason.strip():
+        raise InvalidStockChange("an adjustment needs a reason")
+    with transaction.atomic():
+        updated = Product.objects.filter(pk=product_id, stock__gte=max(-delta, 0)).update(stock=F("stock") + delta)
+        if not updated:
+            on_hand = Product.objects.filter(pk=product_id).values_list("stock", flat=True).first()
+            if on_hand is None:
+                raise Product.DoesNotExist(f"no product {product_id}")
+            raise InsufficientStock(product_id=product_id, delta=delta, on_hand=on_hand)
+        return StockMovement.objects.create(
+            product_id=product_id, delta=delta, kind=StockMovement.Kind.ADJUSTED, reason=reason, created_by=user
+        )
+
+
+def reserve_for_order(*, order: Order) -> list[str]:
+    """Take every item of the order from stock, one `reserved` movement each; return the skus that are short.
+
+    All or nothing: when any item is short, nothing is taken or recorded. Call while
+    holding the order's row lock, once per order (a second call reserves again).
+    """
+    short: list[str] = []
+    items = list(order.items.order_by("product_id"))
+    try:
+        with transaction.atomic():
+            for item in items:
+                updated = Product.objects.filter(pk=item.product_id, stock__gte=item.quantity).update(
+                    stock=F("stock") - item.quantity
+                )
+                if not updated:
+                    short.append(item.sku)
+            if short:
+                raise _Short()
+            StockMovement.objects.bulk_create(
+                StockMovement(
+                    product_id=item.product_id, delta=-item.quantity, kind=StockMovement.Kind.RESERVED, order=order
+                )
+                for item in items
+            )
+    except _Short:
+        return short
+    return []
+
+
+def release_for_order(*, order: Order) -> None:
+    """Give back what the order still holds by its `reserved` movements, one `released` movement per item.
+
+    Releasing again gives nothing back: what was released is no longer held.
+    Call while holding the order's row lock.
+    """
+    held = (
+        StockMovement.objects.filter(order=order, kind__in=[StockMovement.Kind.RESERVED, StockMovement.Kind.RELEASED])
+        .values("product_id")
+        .annotate(net=Sum("delta"))
+        .filter(net__lt=0)
+        .order_by("product_id")
+    )
+    with transaction.atomic():
+        released = []
+        for row in held:
+            Product.objects.filter(pk=row["product_id"]).update(stock=F("stock") - row["net"])
+            released.append(
+                StockMovement(
+                    product_id=row["product_id"], delta=-row["net"], kind=StockMovement.Kind.RELEASED, order=order
+                )
+            )
+        StockMovement.objects.bulk_create(released)
