@@ -38,7 +38,9 @@ run: $(VENV)/.runtime
 	  echo "Shop: http://127.0.0.1:8000/   Flower: http://127.0.0.1:5555/   Sandbox provider: http://127.0.0.1:8100/v1/faults" && \
 	  exec honcho start -f Procfile
 
+# The import contracts first (pyproject.toml: the apps' import graph is a tree), then the suite.
 test: $(VENV)/.dev
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest
 
 # Performance harness; results go to bench/results/. Needs PostgreSQL and Redis (see each script's docstring).
@@ -56,6 +58,7 @@ bench-reports: $(VENV)/.runtime
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 format: $(VENV)/.dev
 	$(BIN)/ruff format .

@@ -37,6 +37,7 @@ from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnreachable
 
 from .models import OutboxItem
+from .transactions import in_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def enqueue(task_name: str, *args: Any, delay: float = 0) -> OutboxItem:
     Call inside `transaction.atomic`: the row commits or rolls back with the change that
     causes it. With `delay`, the relay publishes it that many seconds later instead.
     """
-    if not connection.in_atomic_block:
+    if not in_transaction():
         raise RuntimeError("outbox.enqueue must be called inside transaction.atomic()")
     now = timezone.now()
     # Until the fast path has had its chance, the relay leaves the item alone.

@@ -5,6 +5,7 @@ from celery import shared_task
 from . import outbox
 
 
-@shared_task
+# No retries of its own: beat runs it again within OUTBOX_RELAY_SECONDS.
+@shared_task(autoretry_for=(), max_retries=0)
 def relay_outbox() -> dict[str, int]:
     return outbox.relay()

@@ -7,12 +7,17 @@ class InsideTransaction(AssertionError):
     pass
 
 
-def assert_outside_transaction(what: str) -> None:
-    """Raise when called inside a transaction: a rollback after `what` would lose the record of it.
+def in_transaction() -> bool:
+    """Whether the caller is inside `transaction.atomic`.
 
     The transaction a test case wraps around each test (Django's TestCase, pytest-django's `db`)
     is not the caller's and does not count.
     """
     callers = [block for block in connection.atomic_blocks if not getattr(block, "_from_testcase", False)]
-    if connection.in_atomic_block and callers:
+    return connection.in_atomic_block and bool(callers)
+
+
+def assert_outside_transaction(what: str) -> None:
+    """Raise when called inside a transaction: a rollback after `what` would lose the record of it."""
+    if in_transaction():
         raise InsideTransaction(f"{what} must run outside any transaction")

@@ -10,6 +10,7 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.text import capfirst
 
+from . import services as order_services
 from . import stock
 from .models import ApiToken, Order, OrderEvent, OrderItem, Product, StockMovement
 
@@ -170,12 +171,45 @@ class OrderEventInline(admin.TabularInline):
 
 @admin.register(Order)
 class OrderAdmin(admin.ModelAdmin):
-    list_display = ("id", "owner", "status", "total", "currency", "created_at")
+    list_display = ("id", "owner", "status", "hold_reason", "total", "currency", "created_at")
     list_filter = ("status",)
     search_fields = ("id", "owner__username", "idempotency_key")
     # Status changes only through services, never by editing the row.
-    readonly_fields = ("owner", "status", "total", "currency", "idempotency_key", "created_at", "updated_at")
+    readonly_fields = (
+        "owner",
+        "status",
+        "hold_reason",
+        "total",
+        "currency",
+        "idempotency_key",
+        "created_at",
+        "updated_at",
+    )
     inlines = [OrderItemInline, OrderEventInline]
+    actions = ["retry_held", "fail_held"]
+
+    def _resolve_holds(self, request: HttpRequest, queryset, service: Callable, done: str) -> None:
+        changed, refused = 0, []
+        for order_id in queryset.order_by("pk").values_list("pk", flat=True):
+            try:
+                service(order_id=order_id)
+                changed += 1
+            except order_services.NotOnHold as exc:
+                refused.append(str(exc))
+        if changed:
+            self.message_user(request, f"{changed} order(s) {done}.", messages.SUCCESS)
+        for reason in refused:
+            self.message_user(request, reason, messages.WARNING)
+
+    @admin.action(description="Retry the step that is on hold", permissions=["change"])
+    def retry_held(self, request: HttpRequest, queryset) -> None:
+        self._resolve_holds(
+            request, queryset, order_services.retry_held_order, "sent back to the step they were held at"
+        )
+
+    @admin.action(description="Fail the held payment and release the stock", permissions=["change"])
+    def fail_held(self, request: HttpRequest, queryset) -> None:
+        self._resolve_holds(request, queryset, order_services.fail_held_order, "failed, stock released")
 
 
 @admin.register(ApiToken)

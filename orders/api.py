@@ -84,6 +84,8 @@ class OrderOut(Schema):
     total: Decimal
     currency: str
     can_cancel: bool
+    # Why the order is on hold, in plain words for the shopper; empty otherwise.
+    hold_reason: str
     created_at: datetime
     updated_at: datetime
     items: list[ItemOut]

@@ -14,6 +14,11 @@ again only after the visibility timeout (an hour). So the ack is made over a new
 connection to the same Redis, as soon as the task finishes: the work is done once and
 nothing is left behind. If Redis is still unreachable then, the ack is skipped and the
 message is delivered again after the visibility timeout (tasks are idempotent).
+
+The worker drops the messages it held but was not running (prefetched, or waiting for a
+retry's countdown) when the connection went (celery.worker.consumer.Consumer.on_close).
+Those are put back on their queues as soon as the worker consumes again over the new
+connection, instead of waiting for the visibility timeout.
 """
 
 import logging
@@ -22,6 +27,21 @@ import redis as redis_py
 from kombu.transport import redis
 
 logger = logging.getLogger(__name__)
+
+# Delivery tags this process held unacknowledged when its broker connection was lost.
+_orphaned: set[str] = set()
+
+
+def _running_delivery_tags() -> set[str]:
+    """Delivery tags of the tasks this worker is running now (they finish and ack by themselves)."""
+    from celery.worker import state
+
+    tags = set()
+    for request in tuple(state.active_requests):
+        tag = getattr(getattr(request, "_message", None), "delivery_tag", None)
+        if tag is not None:
+            tags.add(tag)
+    return tags
 
 
 class QoS(redis.QoS):
@@ -73,11 +93,12 @@ class QoS(redis.QoS):
             return super().restore_unacked(client)
         except (AttributeError, *self.channel.connection_errors) as exc:
             logger.warning(
-                "broker connection lost: %d unacknowledged message(s) not restored; their tasks finish and are "
-                "acknowledged over a new connection (%r)",
+                "broker connection lost: %d unacknowledged message(s) not restored now; running tasks finish and "
+                "are acknowledged over a new connection, the others are restored once the worker reconnects (%r)",
                 len(self._delivered),
                 exc,
             )
+            _orphaned.update(self._delivered)
             self._delivered.clear()
             return None
 
@@ -96,6 +117,22 @@ class Channel(redis.Channel):
             "username": conninfo.userid,
             "password": conninfo.password,
         }
+
+    def basic_consume(self, queue, *args, **kwargs):
+        result = super().basic_consume(queue, *args, **kwargs)
+        # Consuming again after a lost connection: the exchanges are declared by now, so a restored
+        # message reaches its queue (not kombu's dead-letter queue for unroutable messages).
+        if _orphaned:
+            self._restore_orphans()
+        return result
+
+    def _restore_orphans(self) -> None:
+        held = _orphaned - _running_delivery_tags()
+        _orphaned.clear()
+        for tag in held:
+            self.qos.restore_by_tag(tag, leftmost=True)
+        if held:
+            logger.info("restored %d message(s) held when the broker connection was lost", len(held))
 
 
 class RedisTransport(redis.Transport):

@@ -1,5 +1,6 @@
 """Real processes for end-to-end tests: a private redis-server, and any command from the Procfile."""
 
+import contextlib
 import re
 import shutil
 import signal
@@ -201,3 +202,20 @@ class PostgresServer:
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def unreachable_broker():
+    """Publishing from this process goes to a port where nothing listens, as when Redis is down."""
+    from project.celery import app
+
+    saved_conf = {key: app.conf[key] for key in ("task_always_eager", "broker_url")}
+    saved_pools = (app._pool, app.amqp._producer_pool)
+    app.conf.update(task_always_eager=False, broker_url="redis://127.0.0.1:9/15")
+    # Drop the cached connection pools so the next publish connects to that URL.
+    app._pool = app.amqp._producer_pool = None
+    try:
+        yield
+    finally:
+        app.conf.update(saved_conf)
+        app._pool, app.amqp._producer_pool = saved_pools

@@ -77,3 +77,31 @@ def test_reject_on_a_closed_channel_removes_the_message_and_a_requeue_is_left_to
         assert not broker.hexists(channel.qos.unacked_key, dropped.delivery_tag)
         assert broker.hexists(channel2.qos.unacked_key, kept.delivery_tag)
         assert broker.llen("blip-reject") == 0
+
+
+def test_messages_held_but_not_running_when_the_connection_was_lost_are_restored_on_reconnect(broker):
+    """Prefetched or waiting for a countdown: the worker dropped them; they go back to the queue at once."""
+    from django.conf import settings
+
+    from project import broker as transport
+
+    with Connection(settings.CELERY_BROKER_URL, transport=RedisTransport) as connection:
+        lost = [_unacked_message(connection, "blip-orphans") for _ in range(2)]
+        (_, running), (_, held) = lost
+        for channel, _ in lost:
+            # The connection is lost: Redis cannot be reached to push them back.
+            with mock.patch("kombu.transport.redis.QoS.restore_unacked", side_effect=ConnectionError()):
+                channel.qos.restore_unacked()
+            channel.qos.restore_at_shutdown = False
+            channel.close()
+        assert broker.llen("blip-orphans") == 0
+
+        with mock.patch.object(transport, "_running_delivery_tags", return_value={running.delivery_tag}):
+            fresh = connection.channel()
+            fresh.basic_consume("blip-orphans", no_ack=False, callback=lambda message: None, consumer_tag="t")
+        unacked_key = fresh.qos.unacked_key
+        assert broker.llen("blip-orphans") == 1  # the held one is back on its queue
+        assert not broker.hexists(unacked_key, held.delivery_tag)
+        assert broker.hexists(unacked_key, running.delivery_tag)  # the running one acks when it finishes
+        assert not transport._orphaned
+        fresh.close()

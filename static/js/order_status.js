@@ -9,6 +9,7 @@
   const eventsEl = document.getElementById("order-events");
   const cancelForm = document.getElementById("cancel-form");
   const receiptEl = document.getElementById("receipt");
+  const holdEl = document.getElementById("order-hold");
   let delay = 1000;
 
   function entry(term, ...nodes) {
@@ -47,13 +48,17 @@
       ...entry("Date", payment.updated_at.slice(0, 16).replace("T", " "))
     );
     receiptEl.replaceChildren(receiptEl.querySelector("h2"), list);
-    receiptEl.dataset.final = ["succeeded", "declined"].includes(payment.status) ? "1" : "0";
+    receiptEl.dataset.final = payment.status !== "processing" ? "1" : "0";
   }
 
   function render(order) {
     statusEl.textContent = order.status_display;
     statusEl.className = "status status-" + order.status;
     cancelForm.hidden = !order.can_cancel;
+    // On hold: a plain message instead of a spinner; polling goes on (the hold may end by itself).
+    holdEl.textContent = order.hold_reason || "";
+    holdEl.hidden = !order.hold_reason;
+    progressEl.hidden = Boolean(order.hold_reason);
     renderReceipt(order.payment);
     eventsEl.replaceChildren(...order.events.map(function (event) {
       const li = document.createElement("li");

@@ -1,10 +1,6 @@
-"""Order service rules, with tasks run eagerly after commit."""
-
-from datetime import timedelta
-from unittest import mock
+"""Order service rules, with process_order run eagerly after commit."""
 
 import pytest
-from django.utils import timezone
 
 from orders.models import Order
 from orders.services import (
@@ -12,28 +8,25 @@ from orders.services import (
     OrderNotCancellable,
     cancel_order,
     place_order,
-    process_order,
-    redispatch_stale_orders,
 )
 from tests.factories import ProductFactory
 
 pytestmark = pytest.mark.django_db
 
 
-@pytest.fixture(autouse=True)
-def charge_dispatch():
-    """Orders stop at confirmed here: the charge that follows is the payments tests' business."""
-    with mock.patch("payments.tasks.charge_order.delay") as patched:
-        yield patched
-
-
 @pytest.fixture
 def place(django_capture_on_commit_callbacks):
-    """place_order, then run what its commit dispatches (process_order, eagerly)."""
+    """place_order, then publish what its commit enqueued (process_order, run eagerly).
+
+    What process_order enqueues in turn (the charge) is never run: orders stop at confirmed
+    or rejected here; the charge is tested in test_pipeline.py and the payments tests.
+    """
 
     def _place(**kwargs) -> Order:
-        with django_capture_on_commit_callbacks(execute=True):
+        with django_capture_on_commit_callbacks() as callbacks:
             order = place_order(**kwargs)
+        for publish in callbacks:
+            publish()
         order.refresh_from_db()
         return order
 
@@ -160,75 +153,3 @@ def test_cancel_someone_elses_order_is_not_found(user, other_user, product):
 
     order.refresh_from_db()
     assert order.status == Order.Status.PENDING
-
-
-def _age(order: Order, seconds: int) -> None:
-    """Make the order look untouched for that long (the sweep looks at updated_at)."""
-    Order.objects.filter(pk=order.pk).update(updated_at=timezone.now() - timedelta(seconds=seconds))
-
-
-def test_redispatch_picks_only_stuck_orders_older_than_the_cutoff(user, product, settings, charge_dispatch):
-    settings.STALE_ORDER_SECONDS = 60
-    # None of these runs its on-commit dispatch: as if the broker had been down.
-    stale_pending = place_order(owner=user, items=[("MUG-001", 1)])
-    fresh_pending = place_order(owner=user, items=[("MUG-001", 1)])
-    stale_confirmed = place_order(owner=user, items=[("MUG-001", 1)])
-    process_order(order_id=stale_confirmed.pk)
-    old_cancelled = place_order(owner=user, items=[("MUG-001", 1)])
-    cancel_order(order_id=old_cancelled.pk, owner=user)
-    old_rejected = place_order(owner=user, items=[("MUG-001", 100)])
-    process_order(order_id=old_rejected.pk)
-    for order in (stale_pending, stale_confirmed):
-        _age(order, 61)
-    for order in (old_cancelled, old_rejected):
-        _age(order, 3600)
-    _age(fresh_pending, 59)
-
-    with mock.patch("orders.tasks.process_order.delay") as process_dispatch:
-        redispatched = redispatch_stale_orders()
-
-    assert redispatched == [stale_pending.pk, stale_confirmed.pk]
-    process_dispatch.assert_called_once_with(stale_pending.pk)
-    charge_dispatch.assert_called_once_with(stale_confirmed.pk)
-
-
-def test_redispatched_pending_order_is_processed(user, product):
-    order = place_order(owner=user, items=[("MUG-001", 2)])
-    _age(order, 3600)
-
-    assert redispatch_stale_orders() == [order.pk]
-
-    order.refresh_from_db()
-    assert order.status == Order.Status.CONFIRMED
-    product.refresh_from_db()
-    assert product.stock == 8
-    assert redispatch_stale_orders() == []
-
-
-def test_redispatch_honours_an_explicit_cutoff(user, product):
-    older = place_order(owner=user, items=[("MUG-001", 1)])
-    newer = place_order(owner=user, items=[("MUG-001", 1)])
-    _age(older, 6 * 60)
-    _age(newer, 4 * 60)
-
-    with mock.patch("orders.tasks.process_order.delay") as process_dispatch:
-        assert redispatch_stale_orders(older_than=timedelta(minutes=5)) == [older.pk]
-        assert redispatch_stale_orders(older_than=timedelta(minutes=3)) == [older.pk, newer.pk]
-
-    assert process_dispatch.call_args_list == [mock.call(older.pk), mock.call(older.pk), mock.call(newer.pk)]
-
-
-def test_redispatch_leaves_a_charge_that_is_still_retrying_alone(user, product, settings, charge_dispatch):
-    from payments.models import Payment
-
-    settings.CHARGE_RETRY_WINDOW_SECONDS = 1800
-    retrying = place_order(owner=user, items=[("MUG-001", 1)])
-    abandoned = place_order(owner=user, items=[("MUG-001", 1)])
-    for order in (retrying, abandoned):
-        process_order(order_id=order.pk)
-        Payment.objects.create(order=order, amount=order.total, idempotency_key=f"order-{order.pk}")
-        _age(order, 3600)
-    Payment.objects.filter(order=abandoned).update(updated_at=timezone.now() - timedelta(seconds=1801))
-
-    assert redispatch_stale_orders() == [abandoned.pk]
-    charge_dispatch.assert_called_once_with(abandoned.pk)

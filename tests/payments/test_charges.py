@@ -2,19 +2,28 @@
 
 import threading
 from datetime import date, timedelta
+from decimal import Decimal
 from unittest import mock
 
 import pytest
-from django.db import connection
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
+from core.models import OutboxItem
+from notifications.models import Notification
+from ops.deadletters import PAYMENT_NEEDS_ATTENTION
+from ops.models import FailedTask
+from orders import services as order_services
 from orders.models import Order
 from orders.services import place_order
 from payments import gateway, services
 from payments.models import Payment, Plan, Subscription
-from tests.factories import ProductFactory, UserFactory
+from tests.factories import OrderFactory, ProductFactory, UserFactory
+from tests.payments.support import PAYMENT_KEY, claim_and_stop, make_subscription
 
 pytestmark = pytest.mark.django_db
+
+CHARGE_SUBSCRIPTION = "payments.tasks.charge_subscription"
 
 
 @pytest.fixture
@@ -22,10 +31,7 @@ def plan(db):
     return Plan.objects.create(code="basic", name="Basic", price="9.00")
 
 
-def make_subscription(owner, plan, *, period_start: date) -> Subscription:
-    return Subscription.objects.create(
-        owner=owner, plan=plan, current_period_start=period_start, current_period_end=period_start
-    )
+# --- Orders -----------------------------------------------------------------------------
 
 
 def test_confirmed_order_is_charged_once_and_fulfilled(user, sandbox, django_capture_on_commit_callbacks):
@@ -35,9 +41,10 @@ def test_confirmed_order_is_charged_once_and_fulfilled(user, sandbox, django_cap
     order.refresh_from_db()
     assert order.status == Order.Status.FULFILLED
     payment = order.payments.get()
-    assert (payment.status, payment.amount, payment.idempotency_key) == ("succeeded", 25, f"order-{order.pk}")
-    [charge] = sandbox.charges(reference=f"order-{order.pk}")
+    assert (payment.status, payment.amount) == ("succeeded", 25)
+    [charge] = sandbox.charges(reference=payment.idempotency_key)
     assert charge["id"] == payment.provider_charge_id and charge["amount"] == "25.00"
+    assert charge["idempotency_key"] == payment.idempotency_key
     assert len(sandbox.get("/v1/shipments", order_id=order.pk).json()["data"]) == 1
 
 
@@ -54,26 +61,164 @@ def test_declined_order_fails_payment_and_releases_stock(user, sandbox, django_c
     assert sandbox.get("/v1/shipments", order_id=order.pk).json()["data"] == []
 
 
-def test_charge_order_delivered_again_charges_once(user, sandbox, django_capture_on_commit_callbacks):
-    ProductFactory(sku="TWICE", stock=5)
-    with django_capture_on_commit_callbacks(execute=True):
-        order = place_order(owner=user, items=[("TWICE", 1)])
-    services.charge_order(order_id=order.pk)
-    services.charge_order(order_id=order.pk)
-    assert Payment.objects.filter(order=order).count() == 1
-    assert len(sandbox.charges(reference=f"order-{order.pk}")) == 1
+def test_charge_order_delivered_again_charges_once(sandbox):
+    order = OrderFactory(total=Decimal("20.00"))
+
+    first = order_services.charge_order(order_id=order.pk)
+    second = order_services.charge_order(order_id=order.pk)
+
+    assert first.pk == second.pk == order.pk
+    assert second.status == Order.Status.PAID
+    payment = Payment.objects.get(order=order)
+    assert (payment.status, payment.attempts) == (Payment.Status.SUCCEEDED, 1)
+    assert len(sandbox.charges(reference=payment.idempotency_key)) == 1
+    assert sandbox.summary()["charges"]["total"] == 1
+    # The hand-over to the warehouse is dispatched once, by the delivery that moved the order to paid.
+    assert OutboxItem.objects.filter(task_name="orders.tasks.sync_to_fulfillment", args=[order.pk]).count() == 1
 
 
-def test_charging_a_cancelled_order_charges_nothing(user, sandbox, django_capture_on_commit_callbacks):
-    ProductFactory(sku="CXL", stock=5)
-    with mock.patch("payments.tasks.charge_order.delay"):
-        with django_capture_on_commit_callbacks(execute=True):
-            order = place_order(owner=user, items=[("CXL", 1)])
-    from orders.services import cancel_order
+def test_crash_after_the_provider_charged_an_order_does_not_charge_twice(sandbox):
+    """The provider charged, then the worker died before our commit; the redelivery finishes it with the same key."""
+    order = OrderFactory(total=Decimal("20.00"))
+    with mock.patch.object(services, "_record", side_effect=SystemExit("worker killed")):
+        with pytest.raises(SystemExit):
+            order_services.charge_order(order_id=order.pk)
+    claimed = Payment.objects.get(order=order)
+    assert claimed.status == Payment.Status.PROCESSING
+    assert len(sandbox.charges(reference=claimed.idempotency_key)) == 1
 
-    cancel_order(order_id=order.pk, owner=user)
-    assert services.charge_order(order_id=order.pk) is None
-    assert sandbox.charges(reference=f"order-{order.pk}") == []
+    redelivered = order_services.charge_order(order_id=order.pk)
+
+    payment = Payment.objects.get(order=order)
+    [charge] = sandbox.charges(reference=claimed.idempotency_key)
+    assert redelivered.status == Order.Status.PAID
+    assert (payment.status, payment.provider_charge_id, payment.attempts) == ("succeeded", charge["id"], 2)
+    assert payment.idempotency_key == claimed.idempotency_key
+
+
+def test_charging_a_cancelled_order_charges_nothing(user, sandbox):
+    order = OrderFactory(owner=user, total=Decimal("20.00"))
+    order_services.cancel_order(order_id=order.pk, owner=user)
+
+    charged = order_services.charge_order(order_id=order.pk)
+
+    assert charged.status == Order.Status.CANCELLED
+    assert not Payment.objects.filter(order=order).exists()
+    assert sandbox.summary()["charges"]["total"] == 0
+
+
+def test_a_zero_amount_claim_is_refused_instead_of_returning_another_row(sandbox):
+    """The amount check is not a lost race: no row of the natural key exists, so the IntegrityError is raised."""
+    claim_and_stop(OrderFactory(total=Decimal("20.00")))  # another order's payment is no answer either
+    free = OrderFactory(total=Decimal("0.00"))
+
+    with pytest.raises(IntegrityError), transaction.atomic():
+        services.claim_order_payment(order=Order.objects.select_for_update().get(pk=free.pk))
+
+    assert not Payment.objects.filter(order=free).exists()
+    assert Payment.objects.count() == 1
+    assert sandbox.summary()["charges"]["total"] == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_provider_refusal_puts_the_payment_in_needs_attention_and_the_order_on_hold(sandbox):
+    # Given a claimed payment whose key the provider already holds for other parameters (it answers 422)
+    order = OrderFactory(total=Decimal("20.00"))
+    payment = claim_and_stop(order)
+    assert sandbox.charge(key=payment.idempotency_key, reference="someone-else", amount="99.00").status_code == 201
+
+    # When the charge step runs
+    held = order_services.charge_order(order_id=order.pk)
+
+    # Then nothing is charged, the payment waits for staff, and the order says so
+    payment.refresh_from_db()
+    assert payment.status == Payment.Status.NEEDS_ATTENTION
+    assert payment.failure_reason.startswith("rejected:") and "422" in payment.failure_reason
+    order.refresh_from_db()
+    assert held.status == order.status == Order.Status.ON_HOLD
+    assert order.hold_reason == order_services.HOLD_MESSAGES[Order.Status.CONFIRMED]
+    assert FailedTask.objects.filter(task_name=PAYMENT_NEEDS_ATTENTION, args=[payment.pk]).count() == 1
+    assert sandbox.charges(reference=payment.idempotency_key) == []
+    assert sandbox.summary()["charges"]["total"] == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_staff_retry_after_a_refusal_charges_under_a_fresh_key(sandbox):
+    order = OrderFactory(total=Decimal("20.00"))
+    refused_key = claim_and_stop(order).idempotency_key
+    sandbox.charge(key=refused_key, reference="someone-else", amount="99.00")
+    order_services.charge_order(order_id=order.pk)
+
+    order_services.retry_held_order(order_id=order.pk)
+
+    payment = Payment.objects.get(order=order)
+    assert payment.status == Payment.Status.SUCCEEDED
+    assert payment.idempotency_key != refused_key and PAYMENT_KEY.fullmatch(payment.idempotency_key)
+    [charge] = sandbox.charges(reference=payment.idempotency_key)
+    assert (charge["amount"], charge["id"]) == ("20.00", payment.provider_charge_id)
+    order.refresh_from_db()
+    assert order.status == Order.Status.FULFILLED and order.hold_reason == ""
+
+
+# --- Provider idempotency keys ------------------------------------------------------------
+
+
+def test_payment_keys_are_random_and_unique(plan, sandbox):
+    orders = OrderFactory.create_batch(10, total=Decimal("20.00"))
+    order_keys = [claim_and_stop(order).idempotency_key for order in orders]
+    subscription = make_subscription(UserFactory(), plan, period_start=date(2026, 1, 1))
+    sub_keys = [
+        services.charge_subscription(subscription_id=subscription.pk, billing_period=period).idempotency_key
+        for period in ("2026-01-01", "2026-02-01")
+    ]
+
+    keys = order_keys + sub_keys
+    assert all(PAYMENT_KEY.fullmatch(key) for key in keys), keys
+    assert len(set(keys)) == len(keys)
+
+
+def test_an_order_with_the_id_of_one_charged_elsewhere_gets_its_own_charge(sandbox):
+    """Two databases (or a database started again) share the provider account, and their ids overlap."""
+    # Given order #N charged, then gone from this database, as if it had been another database's
+    first = OrderFactory(total=Decimal("20.00"))
+    order_services.charge_order(order_id=first.pk)
+    first_payment = Payment.objects.get(order=first)
+    reused_id = first.pk
+    first_payment.delete()
+    first.delete()
+
+    # When a new order with the same id and the same total is charged
+    second = OrderFactory(id=reused_id, total=Decimal("20.00"))
+    charged = order_services.charge_order(order_id=second.pk)
+
+    # Then the provider makes a second charge instead of replaying the first one
+    payment = Payment.objects.get(order=second)
+    assert charged.status == Order.Status.PAID
+    assert payment.idempotency_key != first_payment.idempotency_key
+    assert payment.provider_charge_id != first_payment.provider_charge_id
+    assert len(sandbox.charges(reference=payment.idempotency_key)) == 1
+    assert sandbox.summary()["charges"]["total"] == 2
+
+
+def test_a_retry_of_a_payment_reuses_its_stored_key(sandbox):
+    order = OrderFactory(total=Decimal("20.00"))
+    sandbox.set_faults(fail_next=1)
+    with pytest.raises(gateway.ProviderUnavailable):
+        order_services.charge_order(order_id=order.pk)
+    claimed = Payment.objects.get(order=order)
+    assert (claimed.status, claimed.attempts) == (Payment.Status.PROCESSING, 1)
+    assert PAYMENT_KEY.fullmatch(claimed.idempotency_key)
+
+    order_services.charge_order(order_id=order.pk)
+
+    payment = Payment.objects.get(order=order)
+    assert (payment.status, payment.attempts) == (Payment.Status.SUCCEEDED, 2)
+    assert payment.idempotency_key == claimed.idempotency_key
+    [charge] = sandbox.charges()
+    assert charge["idempotency_key"] == charge["reference"] == claimed.idempotency_key
+
+
+# --- Subscriptions ------------------------------------------------------------------------
 
 
 def test_subscription_charge_succeeds_and_moves_the_period(user, plan, sandbox):
@@ -82,9 +227,14 @@ def test_subscription_charge_succeeds_and_moves_the_period(user, plan, sandbox):
     payment = services.charge_subscription(subscription_id=subscription.pk, billing_period=start.isoformat())
     subscription.refresh_from_db()
     assert payment.status == Payment.Status.SUCCEEDED
-    assert payment.idempotency_key == f"sub-{subscription.pk}-2026-01-31"
+    [charge] = sandbox.charges(reference=payment.idempotency_key)
+    assert (charge["id"], charge["amount"]) == (payment.provider_charge_id, "9.00")
     assert (subscription.current_period_start, subscription.current_period_end) == (start, date(2026, 2, 28))
     assert subscription.status == Subscription.Status.ACTIVE
+    # The owner hears of it: notifications follow the subscription_charged signal.
+    assert Notification.objects.filter(
+        kind=Notification.Kind.SUBSCRIPTION_CHARGED, object_id=payment.pk, recipient=user
+    ).exists()
 
 
 def test_subscription_decline_makes_it_past_due(user, plan, sandbox):
@@ -94,6 +244,7 @@ def test_subscription_decline_makes_it_past_due(user, plan, sandbox):
     subscription.refresh_from_db()
     assert payment.status == Payment.Status.DECLINED
     assert subscription.status == Subscription.Status.PAST_DUE
+    assert Notification.objects.filter(kind=Notification.Kind.SUBSCRIPTION_DECLINED, object_id=payment.pk).exists()
 
 
 def test_duplicate_delivery_charges_once(user, plan, sandbox):
@@ -103,6 +254,7 @@ def test_duplicate_delivery_charges_once(user, plan, sandbox):
     assert first.pk == second.pk
     assert Payment.objects.filter(subscription=subscription).count() == 1
     assert len(sandbox.charges(reference=first.idempotency_key)) == 1
+    assert sandbox.summary()["charges"]["total"] == 1
 
 
 def test_crash_after_provider_charged_does_not_charge_twice(user, plan, sandbox):
@@ -120,6 +272,7 @@ def test_crash_after_provider_charged_does_not_charge_twice(user, plan, sandbox)
     assert payment.pk == claimed.pk and payment.status == Payment.Status.SUCCEEDED
     assert payment.provider_charge_id == charge["id"]
     assert payment.attempts == 2
+    assert sandbox.summary()["charges"]["total"] == 1
 
 
 @pytest.mark.django_db(transaction=True)
@@ -159,36 +312,53 @@ def test_twenty_concurrent_deliveries_give_one_payment_and_one_charge(sandbox):
     assert summary["references_charged_more_than_once"] == []
 
 
-def test_bill_due_subscriptions_dispatches_only_due_active_ones(user, plan):
+def test_bill_due_subscriptions_dispatches_only_due_active_ones_once(user, plan):
     today = timezone.localdate()
     due = make_subscription(user, plan, period_start=today)
-    later = make_subscription(UserFactory(), plan, period_start=today + timedelta(days=3))
+    make_subscription(UserFactory(), plan, period_start=today + timedelta(days=3))
     cancelled = make_subscription(UserFactory(), plan, period_start=today)
     cancelled.status = Subscription.Status.CANCELLED
     cancelled.save()
-    with mock.patch("payments.tasks.charge_subscription.delay") as delay:
-        dispatched = services.bill_due_subscriptions(today=today)
+
+    dispatched = services.bill_due_subscriptions(today=today)
+    again = services.bill_due_subscriptions(today=today)
+
     assert dispatched == [(due.pk, today.isoformat())]
-    delay.assert_called_once_with(due.pk, today.isoformat())
-    assert later.pk not in [pk for pk, _ in dispatched]
+    # The second sweep finds the first one's item still open: one item per period.
+    assert again == []
+    items = OutboxItem.objects.filter(task_name=CHARGE_SUBSCRIPTION)
+    assert list(items.values_list("args", flat=True)) == [[due.pk, today.isoformat()]]
 
 
-def test_subscribe_charges_the_first_period(user, plan, sandbox, django_capture_on_commit_callbacks):
+def test_subscribe_charges_the_first_period_once(user, plan, sandbox, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
         subscription = services.subscribe(owner=user, plan_code="basic")
     payment = subscription.payments.get()
     assert payment.status == Payment.Status.SUCCEEDED
     assert payment.billing_period == timezone.localdate().isoformat()
-    with pytest.raises(services.SubscriptionError):
-        services.subscribe(owner=user, plan_code="basic")
-    with pytest.raises(services.SubscriptionError):
+
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        again = services.subscribe(owner=user, plan_code="basic")
+
+    assert again.pk == subscription.pk
+    assert callbacks == []
+    assert OutboxItem.objects.filter(task_name=CHARGE_SUBSCRIPTION, args__0=subscription.pk).count() == 1
+    assert Payment.objects.filter(subscription__owner=user).count() == 1
+    assert sandbox.summary()["charges"]["total"] == 1
+
+
+def test_subscribing_to_an_unknown_plan_is_an_error(user, plan):
+    with pytest.raises(services.SubscriptionError, match="unknown plan"):
         services.subscribe(owner=user, plan_code="no-such-plan")
+    assert not Subscription.objects.exists()
 
 
 def test_cancelled_subscription_is_not_charged(user, plan, sandbox):
     subscription = make_subscription(user, plan, period_start=date(2026, 7, 1))
-    services.cancel_subscription(subscription_id=subscription.pk, owner=user)
+    outcome = services.cancel_subscription(subscription_id=subscription.pk, owner=user)
+    assert (outcome.subscription.status, outcome.voided_charge) == (Subscription.Status.CANCELLED, False)
     assert services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-07-01") is None
+    assert not Payment.objects.filter(subscription=subscription).exists()
     assert sandbox.summary()["charges"]["total"] == 0
 
 

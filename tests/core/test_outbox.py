@@ -1,0 +1,215 @@
+"""The outbox (core/outbox.py) against the real PostgreSQL and Redis: the row commits with the change,
+the message follows the commit once, the relay publishes what was missed, and every item ends."""
+
+import json
+from datetime import timedelta
+
+import pytest
+from django.db import transaction
+from django.utils import timezone
+
+from core import outbox
+from core.models import OutboxItem
+from ops.models import FailedTask
+from project.celery import app
+from tests.factories import UserFactory
+from tests.stack import unreachable_broker
+
+pytestmark = pytest.mark.django_db
+
+TASK = "notifications.tasks.send_notification"  # routed to the default queue; its argument is a pk
+
+
+def queued(broker, queue: str = "default") -> list[dict]:
+    """The messages waiting on a queue, as (task name, task id, args)."""
+    messages = []
+    for raw in broker.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        headers = message["headers"]
+        messages.append({"task": headers["task"], "id": headers["id"], "args": headers["argsrepr"]})
+    return messages
+
+
+def enqueue_committed(*args, **kwargs) -> OutboxItem:
+    with transaction.atomic():
+        item = outbox.enqueue(TASK, *args, **kwargs)
+    return item
+
+
+def test_enqueue_outside_a_transaction_is_refused():
+    with pytest.raises(RuntimeError, match="inside transaction.atomic"):
+        outbox.enqueue(TASK, 1)
+
+
+def test_rolled_back_work_leaves_no_row_and_no_message(broker, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        with pytest.raises(ZeroDivisionError), transaction.atomic():
+            outbox.enqueue(TASK, 1)
+            1 / 0  # noqa: B018 (the business change fails)
+    assert callbacks == []
+    assert not OutboxItem.objects.exists()
+    assert queued(broker) == []
+
+
+def test_committed_work_is_published_once_right_after_commit_under_the_items_task_id(
+    broker, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        item = enqueue_committed(7)
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.PUBLISHED
+    assert item.attempts == 1
+    assert queued(broker) == [{"task": TASK, "id": str(item.task_id), "args": "[7]"}]
+    # The relay leaves a published item to the broker: a backlog makes no duplicates.
+    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now() + timedelta(minutes=5))
+    assert outbox.relay() == {"published": 0, "failed": 0, "deferred": 0}
+    assert len(queued(broker)) == 1
+
+
+def test_work_committed_while_the_broker_is_down_is_kept_and_the_relay_publishes_it_once(
+    broker, django_capture_on_commit_callbacks, caplog
+):
+    with unreachable_broker(), django_capture_on_commit_callbacks(execute=True):
+        item = enqueue_committed(8)  # the commit succeeds; only the publish fails
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.PENDING
+    assert item.attempts == 0  # an unreachable broker costs no attempt
+    assert "broker unreachable" in item.last_error
+    assert item.next_attempt_at > timezone.now()
+    assert queued(broker) == []
+
+    # Not due yet: the relay waits for the backoff.
+    assert outbox.relay()["published"] == 0
+    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now())
+    assert outbox.relay()["published"] == 1
+    assert outbox.relay()["published"] == 0
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.PUBLISHED
+    assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
+
+
+def test_the_relay_leaves_a_new_item_to_the_fast_path_for_its_grace_period(broker):
+    # A process that died between commit and publish: no on_commit callback ran.
+    item = enqueue_committed(9)
+    assert outbox.relay()["published"] == 0
+    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    assert outbox.relay()["published"] == 1
+    assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
+
+
+def test_the_relay_stops_at_the_first_unreachable_broker_error_and_counts_no_attempt(broker):
+    items = [enqueue_committed(n) for n in range(3)]
+    OutboxItem.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    with unreachable_broker():
+        counts = outbox.relay()
+    assert counts == {"published": 0, "failed": 0, "deferred": 3}
+    assert set(OutboxItem.objects.values_list("attempts", flat=True)) == {0}
+    assert OutboxItem.objects.filter(state=OutboxItem.State.PENDING).count() == len(items)
+
+
+def test_a_published_item_not_heard_of_for_too_long_is_published_again_under_the_same_task_id(broker):
+    item = enqueue_committed(10)
+    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    outbox.relay()
+    broker.delete("default")  # the broker lost its data (a Redis restart without persistence)
+    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    assert outbox.relay()["published"] == 1
+    item.refresh_from_db()
+    assert (item.state, item.attempts) == (OutboxItem.State.PUBLISHED, 2)
+    assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
+
+
+def test_the_relay_gives_up_after_the_attempt_budget_with_one_dead_letter(broker, settings):
+    settings.OUTBOX_MAX_ATTEMPTS = 2
+    seen = []
+    outbox.work_failed.connect(lambda sender, **kw: seen.append(kw), weak=False, dispatch_uid="test-seen")
+    try:
+        item = enqueue_committed(11)
+        OutboxItem.objects.filter(pk=item.pk).update(attempts=2, next_attempt_at=timezone.now())
+        assert outbox.relay()["failed"] == 1
+        assert outbox.relay()["failed"] == 0
+    finally:
+        outbox.work_failed.disconnect(dispatch_uid="test-seen")
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.FAILED
+    assert item.finished_at is not None
+    assert [(kw["item"].pk, kw["by_relay"]) for kw in seen] == [(item.pk, True)]
+    dead = FailedTask.objects.get(task_id=str(item.task_id))
+    assert dead.task_name == TASK
+    assert dead.args == [11]
+    assert queued(broker) == []
+
+
+def test_a_finished_task_marks_its_item_done():
+    item = enqueue_committed(12)
+    # The task runs (in-process here) under the item's task id; it finds no such notification.
+    app.tasks[TASK].apply(args=[12], task_id=str(item.task_id))
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.DONE
+    assert item.finished_at is not None
+
+
+def test_a_final_failure_ends_the_item_failed_unless_its_task_resumes_later(settings):
+    with transaction.atomic():
+        failed = outbox.enqueue("payments.tasks.process_webhook", 13)
+    item, parked = outbox.finish_failed(task_id=str(failed.task_id), reason="ProviderRejected: HTTP 422")
+    assert (item.state, parked) == (OutboxItem.State.FAILED, False)
+    # A second report of the same failure changes nothing.
+    assert outbox.finish_failed(task_id=str(failed.task_id), reason="again") == (None, False)
+
+    outbox.resume_after_failure("tests.resuming", seconds=120)
+    with transaction.atomic():
+        resuming = OutboxItem.objects.create(task_name="tests.resuming", args=[1], state=OutboxItem.State.PUBLISHED)
+    item, parked = outbox.finish_failed(task_id=str(resuming.task_id), reason="ConnectionError: warehouse down")
+    assert parked
+    assert item.state == OutboxItem.State.PENDING
+    assert timedelta(seconds=110) < item.next_attempt_at - timezone.now() <= timedelta(seconds=120)
+    # Its budget spent, it ends failed after all.
+    OutboxItem.objects.filter(pk=item.pk).update(attempts=settings.OUTBOX_MAX_ATTEMPTS)
+    item, parked = outbox.finish_failed(task_id=str(resuming.task_id), reason="ConnectionError: still down")
+    assert (item.state, parked) == (OutboxItem.State.FAILED, False)
+
+
+def test_parked_work_that_finishes_by_itself_resolves_its_dead_letter():
+    item = enqueue_committed(14)
+    FailedTask.objects.create(task_id=str(item.task_id), task_name=TASK, exception="ConnectionError: mail down")
+    OutboxItem.objects.filter(pk=item.pk).update(last_error="ConnectionError: mail down")
+    app.tasks[TASK].apply(args=[14], task_id=str(item.task_id))
+    assert FailedTask.objects.get(task_id=str(item.task_id)).resolved
+
+
+def test_enqueue_once_skips_work_that_is_still_open():
+    with transaction.atomic():
+        first = outbox.enqueue_once(TASK, 15, "2026-01-31")
+        second = outbox.enqueue_once(TASK, 15, "2026-01-31")
+        other = outbox.enqueue_once(TASK, 16, "2026-01-31")
+    assert first is not None and other is not None
+    assert second is None
+    OutboxItem.objects.filter(pk=first.pk).update(state=OutboxItem.State.DONE)
+    with transaction.atomic():
+        assert outbox.enqueue_once(TASK, 15, "2026-01-31") is not None
+
+
+def test_user_factory_is_unaffected():
+    # Sanity: the outbox's receivers do not fire on unrelated model saves.
+    UserFactory()
+    assert not OutboxItem.objects.exists()
+
+
+def _outbox_writes(queries) -> list[str]:
+    table = OutboxItem._meta.db_table
+    return [q["sql"].split()[0].upper() for q in queries if table in q["sql"] and not q["sql"].startswith("SELECT")]
+
+
+def test_the_outbox_costs_one_insert_and_one_update_per_dispatch_and_one_update_when_done(
+    broker, django_capture_on_commit_callbacks
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as dispatch, django_capture_on_commit_callbacks(execute=True):
+        item = enqueue_committed(17)
+    assert _outbox_writes(dispatch.captured_queries) == ["INSERT", "UPDATE"]
+    with CaptureQueriesContext(connection) as run:
+        app.tasks[TASK].apply(args=[17], task_id=str(item.task_id))
+    assert _outbox_writes(run.captured_queries) == ["UPDATE"]
