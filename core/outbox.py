@@ -24,6 +24,7 @@ import functools
 import logging
 import random
 import threading
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -193,11 +194,22 @@ def finish_failed(*, task_id: str, reason: str) -> tuple[OutboxItem | None, bool
 
 def _finish_done(task_id: str) -> None:
     # One statement; RETURNING tells whether the item had failed before (a dead letter to resolve).
+    try:
+        key = uuid.UUID(task_id)
+    except ValueError:
+        return  # not an outbox task id (beat's tasks, a manual send)
+    fields = OutboxItem._meta
+    params = [
+        OutboxItem.State.DONE,
+        fields.get_field("finished_at").get_db_prep_value(timezone.now(), connection),
+        fields.get_field("task_id").get_db_prep_value(key, connection),
+        *OutboxItem.OPEN,
+    ]
     with connection.cursor() as cursor:
         cursor.execute(
-            f"UPDATE {OutboxItem._meta.db_table} SET state = %s, finished_at = %s "  # noqa: S608 (table name)
+            f"UPDATE {fields.db_table} SET state = %s, finished_at = %s "  # noqa: S608 (table name)
             "WHERE task_id = %s AND state IN (%s, %s) RETURNING last_error",
-            [OutboxItem.State.DONE, timezone.now(), task_id, *OutboxItem.OPEN],
+            params,
         )
         row = cursor.fetchone()
     if row and row[0]:

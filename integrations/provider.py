@@ -6,15 +6,26 @@ call can never act twice on the provider's side. Connection errors, timeouts, th
 (402) is CardDeclined, and any other 4xx is ProviderRejected, both permanent.
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
+from urllib.parse import urlencode
 
 from django.conf import settings
 
 from . import http
 from .errors import ProviderRejected, ProviderUnavailable
 
-__all__ = ["CardDeclined", "Charge", "ProviderRejected", "ProviderUnavailable", "charge", "retrieve_charge"]
+__all__ = [
+    "CardDeclined",
+    "Charge",
+    "ProviderRejected",
+    "ProviderUnavailable",
+    "charge",
+    "list_charges",
+    "retrieve_charge",
+]
 
 
 class CardDeclined(ProviderRejected):
@@ -73,3 +84,30 @@ def retrieve_charge(*, charge_id: str) -> Charge:
     if reply.status_code != 200:
         raise ProviderRejected(f"retrieve {charge_id}: HTTP {reply.status_code}")
     return _charge_from(reply.json())
+
+
+def list_charges(
+    *, created_gte: datetime | None = None, reference: str | None = None, page_size: int = 100
+) -> Iterator[Charge]:
+    """The provider's charges, oldest first, made at or after `created_gte` and/or under `reference`, page by page.
+
+    Raises ProviderUnavailable or ProviderRejected from the page that failed; the pages before it were yielded.
+    """
+    params: dict[str, str | int] = {"limit": page_size}
+    if created_gte is not None:
+        # The provider counts whole seconds: rounding down keeps the charges of that second.
+        params["created_gte"] = max(1, int(created_gte.timestamp()))
+    if reference is not None:
+        params["reference"] = reference
+    while True:
+        reply = http.send("GET", _url(f"/v1/charges?{urlencode(params)}"))
+        if reply.status_code >= 500:
+            raise ProviderUnavailable(f"list charges: HTTP {reply.status_code}")
+        if reply.status_code != 200:
+            raise ProviderRejected(f"list charges: HTTP {reply.status_code} {reply.error()}")
+        page = reply.json()
+        charges = [_charge_from(item) for item in page["data"]]
+        yield from charges
+        if not page.get("has_more") or not charges:
+            return
+        params["starting_after"] = charges[-1].id

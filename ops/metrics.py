@@ -16,8 +16,8 @@ prometheus_client chooses multiprocess mode when it is first imported, and the
 loads: PROMETHEUS_MULTIPROC_DIR must be in the environment a worker starts with.
 The Makefile and docker-compose.yml set it.
 
-Queue depth and dead letters are read from the broker and the database when the web
-`/metrics` is scraped, so they are reported once, not once per worker.
+Queue depth, dead letters and unresolved payment mismatches are read from the broker and
+the database when the web `/metrics` is scraped, so they are reported once, not once per worker.
 """
 
 import functools
@@ -50,6 +50,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, m
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from payments.models import PaymentMismatch
 from project.celery import app
 
 from .models import FailedTask
@@ -317,17 +318,49 @@ def _message_count(channel, queue: str) -> int:
         return 0  # Redis drops an empty list: no key, no messages
 
 
+class ReconciliationCollector(Collector):
+    """payments_reconciliation_mismatches from the database, read at each scrape (payments/reconciliation.py)."""
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            # A savepoint, as for the dead letters.
+            with transaction.atomic():
+                rows = list(
+                    PaymentMismatch.objects.filter(resolved=False)
+                    .order_by()
+                    .values_list("kind")
+                    .annotate(count=Count("pk"))
+                )
+        except DatabaseError as exc:
+            logger.warning("payment mismatches not counted: %r", exc)
+            return
+        # Every kind has a series, at 0 when it has none.
+        counts = dict.fromkeys(PaymentMismatch.Kind.values, 0) | dict(rows)
+        mismatches = GaugeMetricFamily(
+            "payments_reconciliation_mismatches",
+            "Unresolved mismatches between the shop's payments and the provider's ledger, by kind.",
+            labels=["kind"],
+        )
+        for kind, count in counts.items():
+            mismatches.add_metric([kind], count)
+        yield mismatches
+
+
 class _ThisProcess(Collector):
     def collect(self) -> Iterator[Metric]:
         return REGISTRY.collect()
 
 
 def web_registry() -> CollectorRegistry:
-    """What web `/metrics` serves: every web process's metrics (or this process's), queue depth and dead letters."""
+    """What web `/metrics` serves: every web process's metrics (or this process's), and the scrape-time gauges.
+
+    The scrape-time gauges: queue depth, dead letters and unresolved payment mismatches.
+    """
     registry = CollectorRegistry()
     if multiprocess_mode():
         multiprocess.MultiProcessCollector(registry)
     else:
         registry.register(_ThisProcess())
     registry.register(QueueCollector())
+    registry.register(ReconciliationCollector())
     return registry

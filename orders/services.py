@@ -254,8 +254,11 @@ HOLD_MESSAGES = {
 class NotOnHold(OrderError):
     field = "status"
 
-    def __init__(self, order: Order, action: str):
-        super().__init__(f"order {order.pk} is {order.status}: cannot {action}")
+    def __init__(self, order: Order | None, action: str, order_id: int | None = None):
+        if order is None:
+            super().__init__(f"order {order_id} does not exist: cannot {action}")
+        else:
+            super().__init__(f"order {order.pk} is {order.status}: cannot {action}")
 
 
 def held_from(order: Order) -> str | None:
@@ -299,7 +302,7 @@ def retry_held_order(*, order_id: int) -> Order:
         order = _lock_order(order_id)
         origin = held_from(order) if order is not None else None
         if origin is None:
-            raise NotOnHold(order, "retry")
+            raise NotOnHold(order, "retry", order_id)
         if origin == Order.Status.CONFIRMED:
             payment_services.reopen_payment(order_id=order.pk)
         return pipeline.set_status(order, origin, note="retried by staff")
@@ -310,7 +313,7 @@ def fail_held_order(*, order_id: int) -> Order:
     with transaction.atomic():
         order = _lock_order(order_id)
         if order is None or held_from(order) != Order.Status.CONFIRMED:
-            raise NotOnHold(order, "fail its payment")
+            raise NotOnHold(order, "fail its payment", order_id)
         _release_stock(order)
         return pipeline.set_status(order, Order.Status.PAYMENT_FAILED, note="payment failed by staff; stock released")
 

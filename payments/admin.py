@@ -1,6 +1,9 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest
 
-from .models import Payment, Plan, Subscription, WebhookEvent
+from .models import Payment, PaymentMismatch, Plan, Subscription, WebhookEvent
+from .reconciliation import resolve_mismatches
 
 
 @admin.register(Plan)
@@ -28,3 +31,27 @@ class WebhookEventAdmin(admin.ModelAdmin):
     list_display = ("provider_event_id", "type", "status", "received_at", "processed_at")
     list_filter = ("status", "type")
     readonly_fields = [field.name for field in WebhookEvent._meta.fields]
+
+
+@admin.register(PaymentMismatch)
+class PaymentMismatchAdmin(admin.ModelAdmin):
+    list_display = ("found_at", "kind", "reference", "payment", "provider_charge_id", "details", "resolved")
+    list_filter = ("resolved", "kind", "found_at")
+    search_fields = ("reference", "provider_charge_id", "details")
+    date_hierarchy = "found_at"
+    actions = ["mark_resolved"]
+
+    # Found by reconciliation (python manage.py reconcile_payments): it changes only through the action.
+    def get_readonly_fields(self, request, obj=None):
+        return [field.name for field in self.model._meta.fields]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+        return False
+
+    @admin.action(description="Mark resolved", permissions=["change"])
+    def mark_resolved(self, request: HttpRequest, queryset: QuerySet[PaymentMismatch]) -> None:
+        resolved = resolve_mismatches(mismatch_ids=queryset.values_list("pk", flat=True))
+        self.message_user(request, f"Marked {resolved} mismatch(es) resolved.", messages.SUCCESS)

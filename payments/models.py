@@ -139,3 +139,35 @@ class WebhookEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.provider_event_id} {self.type}"
+
+
+class PaymentMismatch(models.Model):
+    """A disagreement between the shop's payments and the provider's ledger, found by payments/reconciliation.py."""
+
+    class Kind(models.TextChoices):
+        PROVIDER_CHARGE_WITHOUT_PAYMENT = "provider_charge_without_payment"
+        PAYMENT_WITHOUT_PROVIDER_CHARGE = "payment_without_provider_charge"
+        AMOUNT_MISMATCH = "amount_mismatch"
+        CURRENCY_MISMATCH = "currency_mismatch"
+        STATUS_MISMATCH = "status_mismatch"
+
+    kind = models.CharField(max_length=40, choices=Kind.choices)
+    # The charge's reference, which is the payment's idempotency key (a provider reference is up to 500 characters).
+    reference = models.CharField(max_length=500)
+    payment = models.ForeignKey(Payment, on_delete=models.PROTECT, null=True, blank=True, related_name="mismatches")
+    provider_charge_id = models.CharField(max_length=100, blank=True, default="")
+    details = models.TextField()
+    found_at = models.DateTimeField(auto_now_add=True)
+    resolved = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ["-found_at", "-id"]
+        constraints = [
+            # Each mismatch is reported once: a later run that finds it again adds nothing.
+            models.UniqueConstraint(
+                fields=["kind", "reference", "provider_charge_id"], name="payment_mismatch_reported_once"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} {self.reference}"

@@ -10,7 +10,7 @@ from django.core.exceptions import ValidationError
 
 from project.celery import retry_policy
 
-from . import services
+from . import reconciliation, services
 
 
 @shared_task(**retry_policy(retries=8, backoff_max=60))
@@ -28,3 +28,9 @@ def bill_due_subscriptions() -> int:
 def process_webhook(event_id: int) -> str | None:
     event = services.process_webhook(event_id=event_id)
     return event.status if event else None
+
+
+# Daily (beat). Safe to retry: a mismatch is stored once, whatever run finds it.
+@shared_task(**retry_policy(retries=8, backoff_max=60))
+def reconcile_payments() -> int:
+    return len(reconciliation.reconcile_payments().new)

@@ -42,11 +42,18 @@ def subscribe(request):
 def cancel(request, subscription_id: int):
     get_object_or_404(Subscription, pk=subscription_id, owner=request.user)
     try:
-        services.cancel_subscription(subscription_id=subscription_id, owner=request.user)
+        outcome = services.cancel_subscription(subscription_id=subscription_id, owner=request.user)
     except services.SubscriptionError as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, "Subscription cancelled.")
+        if outcome.voided_charge:
+            messages.success(
+                request,
+                "Subscription cancelled. A charge for it was still in progress: it was voided and will not be sent "
+                "again. If your bank shows it anyway, it will be refunded.",
+            )
+        else:
+            messages.success(request, "Subscription cancelled. Nothing more will be charged.")
     return redirect("payments:subscriptions")
 
 

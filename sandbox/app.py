@@ -157,10 +157,25 @@ def _list(data: list[Any]) -> Response:
 
 
 def list_charges(request: Request) -> Response:
+    """Stripe-like paging: `created_gte` (unix seconds), `starting_after` (the last charge id seen), `has_more`."""
     status = request.query("status")
     if status is not None and status not in ("succeeded", "declined"):
         raise ValidationError("status", "status must be succeeded or declined", "invalid_value")
-    return _list(ledger.list_charges(reference=request.query("reference"), status=status, limit=_limit(request)))
+    raw_created_gte = request.query("created_gte")
+    created_gte = None if raw_created_gte is None else parse_positive_int_query(raw_created_gte, "created_gte")
+    limit = _limit(request)
+    try:
+        # One more than asked for tells whether another page follows.
+        charges = ledger.list_charges(
+            reference=request.query("reference"),
+            status=status,
+            created_gte=created_gte,
+            starting_after=request.query("starting_after"),
+            limit=limit + 1,
+        )
+    except ledger.UnknownCharge as exc:
+        raise ValidationError("starting_after", f"No such charge: {exc}", "resource_missing") from None
+    return Response(200, {"object": "list", "data": charges[:limit], "has_more": len(charges) > limit})
 
 
 def get_charge(request: Request) -> Response:

@@ -220,10 +220,22 @@ def create_shipment(*, idempotency_key: str, params: dict[str, Any], current_fau
 # Queries ----------------------------------------------------------------------------------------------------
 
 
+class UnknownCharge(LookupError):
+    """A list cursor (`starting_after`) that names no charge."""
+
+
 def list_charges(
-    *, reference: str | None = None, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT
+    *,
+    reference: str | None = None,
+    status: str | None = None,
+    created_gte: int | None = None,
+    starting_after: str | None = None,
+    limit: int = DEFAULT_LIST_LIMIT,
 ) -> list[dict[str, Any]]:
-    """Charges in the order they were made, optionally filtered."""
+    """Charges in the order they were made, optionally filtered; `starting_after` (a charge id) pages on.
+
+    Raises UnknownCharge when `starting_after` names no charge.
+    """
     clauses, args = [], []
     if reference is not None:
         clauses.append("reference = ?")
@@ -231,6 +243,15 @@ def list_charges(
     if status is not None:
         clauses.append("status = ?")
         args.append(status)
+    if created_gte is not None:
+        clauses.append("created >= ?")
+        args.append(created_gte)
+    if starting_after is not None:
+        cursor = db.connection().execute("SELECT seq FROM charges WHERE id = ?", (starting_after,)).fetchone()
+        if cursor is None:
+            raise UnknownCharge(starting_after)
+        clauses.append("seq > ?")
+        args.append(cursor["seq"])
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
     rows = db.connection().execute(f"SELECT * FROM charges {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()  # noqa: S608 (clauses are constants)
     return [_charge_from_row(row) for row in rows]

@@ -78,3 +78,15 @@ class StockMovementFactory(factory.django.DjangoModelFactory):
     delta = 5
     kind = "received"
     reason = "delivery"
+
+
+class PlanFactory(factory.django.DjangoModelFactory):
+    """A monthly plan, active."""
+
+    class Meta:
+        model = "payments.Plan"
+        django_get_or_create = ("code",)
+
+    code = factory.Sequence(lambda n: f"plan-{n}")
+    name = factory.LazyAttribute(lambda plan: plan.code.title())
+    price = Decimal("9.00")

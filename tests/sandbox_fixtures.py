@@ -186,9 +186,9 @@ class SandboxClient:
 def sandbox(sandbox_process, webhook_receiver):
     """A client for the session's sandbox, with the ledger, faults and received webhooks wiped first.
 
-    Wiped again afterwards: a test may leave faults on, or charges under keys (`order-6`)
-    that a later test's orders reuse with other amounts (a test on its own database
-    starts its ids at 1 again).
+    Wiped again afterwards: a test may leave faults on, or charges under the fixed keys
+    the sandbox's own tests use (`order-6`), which a later test reuses with other amounts.
+    (The shop's keys are random, `pay_<32 hex>`: they never meet another test's.)
     """
     client = SandboxClient(sandbox_process.url)
     assert client.post("/v1/reset").status_code == 200

@@ -352,6 +352,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "payments.tasks.bill_due_subscriptions",
         "schedule": env.float("BILLING_SWEEP_SECONDS", default=300.0),
     },
+    # Compare the shop's payments with the provider's ledger, as shops do daily (payments/reconciliation.py).
+    "reconcile-payments": {
+        "task": "payments.tasks.reconcile_payments",
+        "schedule": timedelta(days=1),
+    },
 }
 
 # --- The outbox (core/outbox.py) ----------------------------------------------------

@@ -27,7 +27,7 @@ def test_worker_logs_json_lines_with_task_and_order_ids(start_worker, sandbox):
     task_lines = [record for record in records if record["task_id"] != "-"]
     assert {record["task_name"] for record in task_lines} >= {
         "orders.tasks.process_order",
-        "payments.tasks.charge_order",
+        "orders.tasks.charge_order",
         "orders.tasks.sync_to_fulfillment",
     }
     # Lines written while a task runs (Celery's "succeeded" line among them) name the order.

@@ -17,10 +17,14 @@ def queue_of(task_name: str) -> str:
 
 def test_task_routes():
     assert queue_of("orders.tasks.process_order") == "critical"
-    assert queue_of("orders.tasks.redispatch_stale_orders") == "critical"
-    assert queue_of("payments.tasks.charge_order") == "critical"
+    assert queue_of("orders.tasks.charge_order") == "critical"
+    assert queue_of("orders.tasks.sync_to_fulfillment") == "critical"
+    assert queue_of("payments.tasks.charge_subscription") == "critical"
+    assert queue_of("payments.tasks.process_webhook") == "critical"
     assert queue_of("reports.tasks.generate_report") == "bulk"
     assert queue_of("notifications.tasks.send_notification") == "default"
+    # The relay must not wait behind a backlog of the work it publishes.
+    assert queue_of("core.tasks.relay_outbox") == "default"
     assert queue_of("anything.else") == "default"
 
 

@@ -75,5 +75,6 @@ def test_every_alert_has_a_unit_test_that_fires_it():
         "CeleryWorkerDown",
         "CeleryDeadLettersIncreasing",
         "MetricsEndpointDown",
+        "PaymentReconciliationMismatch",
     }
     assert firing == alerts

@@ -10,16 +10,20 @@ from django.core import mail
 from django.db import transaction
 from django.utils import timezone
 
+from core.models import OutboxItem
+from core.outbox import relay
 from notifications.models import Notification
 from notifications.services import notify, send_notification
 from orders.models import Order
-from orders.services import fail_payment, mark_paid, place_order, process_order
+from orders.services import charge_order, place_order, process_order
 from payments import gateway
 from payments.models import Plan, Subscription
 from payments.services import charge_subscription
 from tests.factories import NotificationFactory, OrderFactory, ProductFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
+
+SEND = "notifications.tasks.send_notification"
 
 
 def test_notify_twice_makes_one_row_and_one_email(django_capture_on_commit_callbacks):
@@ -32,6 +36,7 @@ def test_notify_twice_makes_one_row_and_one_email(django_capture_on_commit_callb
     assert again.pk == first.pk
     assert len(callbacks) == 1
     assert Notification.objects.count() == 1
+    assert OutboxItem.objects.filter(task_name=SEND, args=[first.pk]).count() == 1
     assert len(mail.outbox) == 1
     first.refresh_from_db()
     assert first.status == Notification.Status.SENT
@@ -47,6 +52,7 @@ def test_notify_in_a_transaction_that_rolls_back_leaves_no_row_and_sends_nothing
             raise RuntimeError("the caller's work failed")
 
     assert not Notification.objects.exists()
+    assert not OutboxItem.objects.exists()
     assert mail.outbox == []
 
 
@@ -111,28 +117,38 @@ def test_rejected_order_sends_no_email(django_capture_on_commit_callbacks):
     assert mail.outbox == []
 
 
-def test_failed_payment_emails_the_owner(django_capture_on_commit_callbacks):
+def test_declined_payment_emails_the_owner(sandbox, django_capture_on_commit_callbacks):
     order = OrderFactory()
+    sandbox.set_faults(decline_rate=1.0)
 
     with django_capture_on_commit_callbacks(execute=True):
-        fail_payment(order_id=order.pk, reason="card_declined")
+        charge_order(order_id=order.pk)
 
+    order.refresh_from_db()
+    assert order.status == Order.Status.PAYMENT_FAILED
     [message] = mail.outbox
     assert message.subject == f"Payment failed for order #{order.pk}"
     assert message.to == [order.owner.email]
 
 
-def test_paid_order_records_its_notification_for_after_commit(django_capture_on_commit_callbacks):
+def test_paid_order_records_its_notification_for_after_commit(sandbox, django_capture_on_commit_callbacks):
     order = OrderFactory()
 
-    # Not executed: the commit would also dispatch the warehouse sync, which is not under test here.
+    # Not executed: the commit also enqueues the warehouse sync, which is not under test here.
     with django_capture_on_commit_callbacks() as callbacks:
-        mark_paid(order_id=order.pk)
+        charge_order(order_id=order.pk)
 
+    order.refresh_from_db()
+    assert order.status == Order.Status.PAID
     notification = Notification.objects.get(kind=Notification.Kind.ORDER_PAID)
     assert (notification.object_id, notification.recipient_id) == (order.pk, order.owner_id)
     assert notification.status == Notification.Status.PENDING
+    assert mail.outbox == []
     assert len(callbacks) == 2  # the email and the warehouse sync
+    assert sorted(OutboxItem.objects.values_list("task_name", "args")) == [
+        (SEND, [notification.pk]),
+        ("orders.tasks.sync_to_fulfillment", [order.pk]),
+    ]
 
 
 @pytest.mark.parametrize("kind", [kind for kind, _ in Notification.Kind.choices if kind.startswith("order_")])
@@ -154,17 +170,21 @@ def subscription(user):
     return Subscription.objects.create(owner=user, plan=plan, current_period_start=today, current_period_end=today)
 
 
-def _charge(subscription: Subscription, django_capture_on_commit_callbacks, outcome) -> None:
+def _charge(subscription: Subscription, django_capture_on_commit_callbacks, provider_answer) -> None:
+    """Charge the subscription's current period; the provider answers with `provider_answer` (a mock side effect)."""
     period = subscription.current_period_end.isoformat()
-    with mock.patch("payments.gateway.charge", side_effect=[outcome]):
+    with mock.patch("payments.gateway.charge", side_effect=provider_answer):
         with django_capture_on_commit_callbacks(execute=True):
             charge_subscription(subscription_id=subscription.pk, billing_period=period)
 
 
-def test_subscription_charge_emails_the_subscriber(subscription, django_capture_on_commit_callbacks):
-    charge = gateway.Charge(id="ch_1", status="succeeded", amount=Decimal("9.00"), currency="EUR", reference="r")
+def _succeeded(*, amount, currency, reference, idempotency_key) -> gateway.Charge:
+    """The provider's answer to a charge it made: its amount, currency and reference are the request's."""
+    return gateway.Charge(id="ch_1", status="succeeded", amount=amount, currency=currency, reference=reference)
 
-    _charge(subscription, django_capture_on_commit_callbacks, charge)
+
+def test_subscription_charge_emails_the_subscriber(subscription, django_capture_on_commit_callbacks):
+    _charge(subscription, django_capture_on_commit_callbacks, _succeeded)
 
     [message] = mail.outbox
     assert message.to == [subscription.owner.email]
@@ -229,19 +249,26 @@ def test_mail_server_error_is_recorded_and_raised_and_a_retry_sends():
     assert len(mail.outbox) == 1
 
 
-def test_pending_notifications_left_behind_are_dispatched_again():
-    from datetime import timedelta
-    from unittest import mock
+def test_notification_whose_commit_never_published_is_sent_once_by_the_relay():
+    # Given two notifications whose after-commit publish never ran (the process died right after commit)
+    left_behind, fresh = (
+        notify(kind="order_confirmed", object_type="order", object_id=order.pk, recipient_id=order.owner_id)
+        for order in OrderFactory.create_batch(2)
+    )
+    item = OutboxItem.objects.get(task_name=SEND, args=[left_behind.pk])
+    assert relay()["published"] == 0  # still within the fast path's grace
+    assert mail.outbox == []
 
-    from django.utils import timezone
+    # When the left-behind item is due and the relay runs (tasks run eagerly here)
+    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now())
+    counts = relay()
 
-    from notifications.models import Notification
-    from notifications.services import redispatch_pending
-    from tests.factories import NotificationFactory
-
-    stale = NotificationFactory()
-    Notification.objects.filter(pk=stale.pk).update(created_at=timezone.now() - timedelta(hours=1))
-    NotificationFactory()  # fresh: its own message is probably still on the way
-    with mock.patch("notifications.tasks.send_notification.delay") as delay:
-        assert redispatch_pending(older_than=timedelta(minutes=5)) == [stale.pk]
-    delay.assert_called_once_with(stale.pk)
+    # Then its email is sent once; the fresh one waits for its own message
+    assert counts["published"] == 1
+    [message] = mail.outbox
+    assert f"#{left_behind.object_id}" in message.subject
+    left_behind.refresh_from_db()
+    fresh.refresh_from_db()
+    assert (left_behind.status, fresh.status) == (Notification.Status.SENT, Notification.Status.PENDING)
+    assert relay()["published"] == 0
+    assert len(mail.outbox) == 1

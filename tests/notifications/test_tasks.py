@@ -39,5 +39,13 @@ def test_task_is_on_the_default_queue_and_retries_only_transient_errors():
         OperationalError,
         InterfaceError,
     }
-    assert tasks.send_notification.max_retries == 5
+    assert tasks.send_notification.max_retries == 10
     assert tasks.send_notification.retry_backoff
+    assert tasks.send_notification.retry_backoff_max == 120
+    assert tasks.send_notification.retry_jitter
+
+
+def test_task_runs_under_the_default_queues_time_limits(settings):
+    soft, hard = settings.TASK_TIME_LIMITS["default"]
+
+    assert (tasks.send_notification.soft_time_limit, tasks.send_notification.time_limit) == (soft, hard)

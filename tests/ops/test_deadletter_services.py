@@ -123,6 +123,8 @@ def test_a_dead_letter_is_requeued_at_most_once(broker):
         ({"kind": FailedTask.Kind.REFUSED, "task_name": "<unknown>"}, "refused and never ran"),
         ({"resolved": True}, "already resolved"),
         ({"task_name": "orders.tasks.renamed_long_ago"}, "no task of that name"),
+        # A payment that needs attention has no task to replay: staff use the order's hold actions.
+        ({"task_name": "payments.needs_attention"}, "no task of that name"),
     ],
 )
 def test_requeue_refuses_what_cannot_run_again(broker, fields, reason):
@@ -149,7 +151,7 @@ def test_requeueable_failed_tasks_are_the_unresolved_failures_oldest_first():
     now = timezone.now()
     old = FailedTaskFactory(failed_at=now - timedelta(days=2))
     recent = FailedTaskFactory(failed_at=now - timedelta(minutes=5))
-    other = FailedTaskFactory(task_name="payments.tasks.charge_order", failed_at=now - timedelta(minutes=1))
+    other = FailedTaskFactory(task_name="orders.tasks.charge_order", failed_at=now - timedelta(minutes=1))
     FailedTaskFactory(resolved=True)
     FailedTaskFactory(kind=FailedTask.Kind.REFUSED, task_name="<unknown>")
 

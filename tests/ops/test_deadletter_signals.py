@@ -8,7 +8,10 @@ from kombu.exceptions import ContentDisallowed
 from kombu.message import Message
 
 from ops.models import FailedTask
+from payments.models import Payment
+from payments.services import needs_attention
 from tests.e2e import deadletter_tasks
+from tests.factories import OrderFactory
 
 
 class CreatesFileWhenUnpickled:
@@ -83,3 +86,16 @@ def test_an_unknown_task_is_recorded_under_its_name():
     row = FailedTask.objects.get(task_id="u-1")
     assert (row.kind, row.task_name) == ("refused", "orders.tasks.typo")
     assert row.exception == "NotRegistered: no task named 'orders.tasks.typo'"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_payment_needing_attention_is_one_dead_letter_however_often_it_is_reported():
+    payment = Payment.objects.create(order=OrderFactory(), amount="20.00", idempotency_key="pay_" + "0" * 32)
+
+    needs_attention.send(sender=Payment, payment=payment, reason="mismatch: amount 3.00 != 20.00")
+    needs_attention.send(sender=Payment, payment=payment, reason="unfinished: retries spent")
+
+    row = FailedTask.objects.get()
+    assert (row.task_name, row.args, row.queue, row.kind) == ("payments.needs_attention", [payment.pk], "", "failed")
+    assert row.exception == "PaymentNeedsAttention: mismatch: amount 3.00 != 20.00"
+    assert not row.resolved

@@ -77,6 +77,6 @@ def test_dead_letters_count_unresolved_failures_by_task(client):
     assert dead[(("name", "orders.tasks.process_order"),)] == 2
     assert dead[(("name", "reports.tasks.generate_report"),)] == 1
     # A task with none has a series at 0; a name that is not a task is not a label of its own.
-    assert dead[(("name", "payments.tasks.charge_order"),)] == 0
+    assert dead[(("name", "orders.tasks.charge_order"),)] == 0
     assert dead[(("name", "unknown"),)] == 1
     assert (("name", "made.up.by.a.producer"),) not in dead

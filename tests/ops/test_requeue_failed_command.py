@@ -51,7 +51,7 @@ def test_task_and_since_narrow_the_replay(broker):
     now = timezone.now()
     FailedTaskFactory(task_name="orders.tasks.process_order", args=[1], failed_at=now - timedelta(days=2))
     FailedTaskFactory(task_name="orders.tasks.process_order", args=[2], failed_at=now - timedelta(minutes=10))
-    FailedTaskFactory(task_name="payments.tasks.charge_order", args=[3], failed_at=now - timedelta(minutes=10))
+    FailedTaskFactory(task_name="orders.tasks.charge_order", args=[3], failed_at=now - timedelta(minutes=10))
 
     out, _ = requeue_failed("--task", "orders.tasks.process_order", "--since", "2h")
 

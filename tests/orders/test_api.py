@@ -33,9 +33,9 @@ def other_client(other_user):
 
 @pytest.fixture
 def place_processed(api_client, django_capture_on_commit_callbacks):
-    """Place an order through the API, then run the process_order its commit dispatched (eagerly).
+    """Place an order through the API, then publish the process_order its commit enqueued (run eagerly).
 
-    What process_order itself dispatches after commit (the charge) never runs: these
+    What process_order itself enqueues (the charge) is never published: these
     tests stop at confirmed or rejected, without a payment provider.
     """
 

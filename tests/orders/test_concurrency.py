@@ -63,6 +63,9 @@ def test_concurrent_orders_never_oversell():
     product.refresh_from_db()
     assert product.stock == 0
     assert OrderEvent.objects.filter(to_status=Order.Status.CONFIRMED).count() == 10
+    confirmed = set(Order.objects.filter(status=Order.Status.CONFIRMED).values_list("pk", flat=True))
+    charges = OutboxItem.objects.filter(task_name="orders.tasks.charge_order").values_list("args", flat=True)
+    assert sorted(args[0] for args in charges) == sorted(confirmed)
 
 
 def test_concurrent_requests_with_the_same_idempotency_key_make_one_order_processed_once(broker):

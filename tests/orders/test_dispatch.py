@@ -1,4 +1,4 @@
-"""process_order is an outbox item of the order's commit: one per placed order, published after commit, relayed when missed."""
+"""process_order is an outbox item of the order's commit: one per order, published after commit, relayed if missed."""
 
 from contextlib import contextmanager
 from unittest import mock
@@ -82,7 +82,9 @@ def test_page_order_enqueues_process_order_once_and_publishes_it_after_commit(
     assert message_ids(broker) == [str(item.task_id)]
 
 
-def test_repeated_idempotency_key_enqueues_nothing_more(api_client, product, broker, django_capture_on_commit_callbacks):
+def test_repeated_idempotency_key_enqueues_nothing_more(
+    api_client, product, broker, django_capture_on_commit_callbacks
+):
     body = {"items": [{"sku": "MUG-001", "quantity": 1}]}
     for expected_callbacks in (1, 0):
         with django_capture_on_commit_callbacks(execute=True) as callbacks:

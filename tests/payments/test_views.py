@@ -20,6 +20,26 @@ def test_shopper_subscribes_and_sees_the_first_payment(client, user, plan, sandb
     assert Subscription.objects.get(owner=user).status == "active"
 
 
+def test_a_double_submitted_subscribe_answers_with_the_first_subscription(
+    client, user, plan, sandbox, django_capture_on_commit_callbacks
+):
+    client.force_login(user)
+    with django_capture_on_commit_callbacks(execute=True):
+        first = client.post("/subscriptions/subscribe/", {"plan": "basic"}, follow=True)
+    subscription = Subscription.objects.get(owner=user)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        second = client.post("/subscriptions/subscribe/", {"plan": "basic"}, follow=True)
+
+    assert first.status_code == second.status_code == 200
+    assert [message.level_tag for message in second.context["messages"]] == ["success"]
+    assert list(second.context["subscriptions"]) == [subscription]
+    page = second.content.decode()
+    assert "flash-error" not in page
+    assert f"/subscriptions/{subscription.pk}/cancel/" in page
+    assert subscription.payments.get().status == "succeeded"
+
+
 @pytest.mark.parametrize("plan_code", ["", "nope", "x" * 500, "basic\x00"])
 def test_subscribing_to_an_unknown_plan_is_refused(client, user, plan, plan_code):
     client.force_login(user)

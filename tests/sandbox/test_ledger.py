@@ -43,3 +43,35 @@ def test_a_charge_and_its_stored_response_are_written_together(ledger_file):
     assert charge["amount"] == "9.95"
     # No SHOP_WEBHOOK_URL: the event is recorded but not sent.
     assert ledger.summarize_ledger()["webhooks"]["by_status"]["skipped"] == 1
+
+
+def _charge(reference: str, amount_minor: int = 100) -> dict:
+    params = {"amount_minor": amount_minor, "currency": "EUR", "reference": reference, "description": None}
+    params["metadata"] = {}
+    ledger.claim_idempotency_key(scope=ledger.CHARGES, key=reference, request_fingerprint=ledger.fingerprint(params))
+    ledger.create_charge(idempotency_key=reference, params=params, current_faults=faults.get_faults())
+    [charge] = ledger.list_charges(reference=reference)
+    return charge
+
+
+def test_charges_are_listed_from_a_time_and_paged_with_a_cursor(ledger_file):
+    charges = [_charge(f"pay-{number}") for number in range(5)]
+    with db.write() as conn:
+        for created, charge in zip((100, 200, 300, 300, 400), charges, strict=True):
+            conn.execute("UPDATE charges SET created = ? WHERE id = ?", (created, charge["id"]))
+
+    since_300 = ledger.list_charges(created_gte=300)
+    first_page = ledger.list_charges(created_gte=200, limit=2)
+    second_page = ledger.list_charges(created_gte=200, starting_after=first_page[-1]["id"], limit=2)
+    last_page = ledger.list_charges(created_gte=200, starting_after=second_page[-1]["id"], limit=2)
+
+    assert [charge["reference"] for charge in since_300] == ["pay-2", "pay-3", "pay-4"]
+    assert [charge["reference"] for charge in first_page + second_page] == ["pay-1", "pay-2", "pay-3", "pay-4"]
+    assert last_page == []
+
+
+def test_a_cursor_that_names_no_charge_is_refused(ledger_file):
+    _charge("pay-1")
+
+    with pytest.raises(ledger.UnknownCharge):
+        ledger.list_charges(starting_after="ch_unknown")
