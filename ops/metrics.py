@@ -53,6 +53,7 @@ from prometheus_client.registry import Collector
 from payments.models import PaymentMismatch
 from project.celery import app
 
+from .deadletters import PAYMENT_NEEDS_ATTENTION
 from .models import FailedTask
 
 logger = logging.getLogger(__name__)
@@ -306,7 +307,8 @@ class QueueCollector(Collector):
 def _task_names() -> frozenset[str]:
     # A web process imports task modules only as it uses them: import them all, once.
     app.autodiscover_tasks(force=True)
-    return frozenset(name for name in app.tasks if not name.startswith("celery."))
+    # Plus the dead letters that are not a task's: a payment that needs attention (ops/deadletters.py).
+    return frozenset(name for name in app.tasks if not name.startswith("celery.")) | {PAYMENT_NEEDS_ATTENTION}
 
 
 def _message_count(channel, queue: str) -> int:

@@ -21,8 +21,9 @@ from django.utils import timezone
 
 from core import outbox
 from core.transactions import assert_outside_transaction
+from integrations import provider
 
-from . import billing, gateway
+from . import billing
 from .models import Payment, Plan, Subscription, WebhookEvent
 from .signatures import WebhookRejected, verify_signature
 
@@ -69,7 +70,7 @@ def _claim(*, natural_key: dict, **fields) -> Payment:
         return existing
 
 
-Outcome = gateway.Charge | gateway.CardDeclined | gateway.ProviderRejected
+Outcome = provider.Charge | provider.CardDeclined | provider.ProviderRejected
 
 
 def _call_provider(payment: Payment) -> Outcome:
@@ -78,18 +79,18 @@ def _call_provider(payment: Payment) -> Outcome:
     # F(): two deliveries of the same work must not lose a count.
     Payment.objects.filter(pk=payment.pk).update(attempts=F("attempts") + 1, updated_at=timezone.now())
     try:
-        return gateway.charge(
+        return provider.charge(
             amount=payment.amount,
             currency=payment.currency,
             # The reference is the key too, so a webhook leads straight back to its Payment.
             reference=payment.idempotency_key,
             idempotency_key=payment.idempotency_key,
         )
-    except gateway.ProviderRejected as refused:  # CardDeclined included
+    except provider.ProviderRejected as refused:  # CardDeclined included
         return refused
 
 
-def mismatch(payment: Payment, charge: gateway.Charge) -> str:
+def mismatch(payment: Payment, charge: provider.Charge) -> str:
     """Why the provider's charge is not this payment's (amount, currency, reference), or "" when it is."""
     problems = []
     if charge.amount != payment.amount:
@@ -110,11 +111,11 @@ def _record(payment_id: int, outcome: Outcome) -> Payment:
     """
     payment = Payment.objects.select_for_update().get(pk=payment_id)
     voided = payment.status == Payment.Status.VOIDED
-    if payment.status in Payment.FINAL and not (voided and isinstance(outcome, gateway.Charge)):
+    if payment.status in Payment.FINAL and not (voided and isinstance(outcome, provider.Charge)):
         return payment
-    if isinstance(outcome, gateway.CardDeclined):
+    if isinstance(outcome, provider.CardDeclined):
         status, charge_id, reason = Payment.Status.DECLINED, outcome.charge_id, outcome.reason
-    elif isinstance(outcome, gateway.ProviderRejected):
+    elif isinstance(outcome, provider.ProviderRejected):
         status, charge_id, reason = Payment.Status.NEEDS_ATTENTION, "", f"rejected: {outcome}"
     elif problems := mismatch(payment, outcome):
         status, charge_id, reason = Payment.Status.NEEDS_ATTENTION, outcome.id, f"mismatch: {problems}"
@@ -358,7 +359,7 @@ def process_webhook(*, event_id: int) -> WebhookEvent | None:
     """Reconcile our Payment with the charge the event names, as the provider reports it.
 
     Raises ValidationError for an event we cannot act on (never worth a retry) and
-    gateway.ProviderUnavailable when the provider cannot be asked (retry).
+    provider.ProviderUnavailable when the provider cannot be asked (retry).
     """
     event = WebhookEvent.objects.filter(pk=event_id).first()
     if event is None or event.status == WebhookEvent.Status.PROCESSED:
@@ -368,7 +369,7 @@ def process_webhook(*, event_id: int) -> WebhookEvent | None:
     except ValidationError as exc:
         WebhookEvent.objects.filter(pk=event.pk).update(status=WebhookEvent.Status.INVALID, error=str(exc)[:500])
         raise
-    charge = gateway.retrieve_charge(charge_id=charge_id)
+    charge = provider.retrieve_charge(charge_id=charge_id)
     payment = Payment.objects.filter(provider_charge_id=charge.id).first()
     if payment is None:
         payment = Payment.objects.filter(idempotency_key=charge.reference).first()

@@ -28,12 +28,21 @@ def subscribe(request):
     if not form.is_valid():
         messages.error(request, "unknown plan: choose one of the plans listed")
         return redirect("payments:subscriptions")
+    live_before = set(
+        Subscription.objects.filter(owner=request.user)
+        .exclude(status=Subscription.Status.CANCELLED)
+        .values_list("pk", flat=True)
+    )
     try:
         subscription = services.subscribe(owner=request.user, plan_code=form.cleaned_data["plan"])
     except services.SubscriptionError as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, f"Subscribed to {subscription.plan.name}. The first payment is on its way.")
+        if subscription.pk in live_before:
+            # A second submit of the same form: the live subscription is the answer, nothing more is charged.
+            messages.info(request, f"You are already subscribed to {subscription.plan.name}. Nothing more was charged.")
+        else:
+            messages.success(request, f"Subscribed to {subscription.plan.name}. The first payment is on its way.")
     return redirect("payments:subscriptions")
 
 

@@ -119,12 +119,15 @@ def test_a_published_item_not_heard_of_for_too_long_is_published_again_under_the
     assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
 
 
+# The dead letter is written on a connection of its own (ops.services.record_failure): a real commit.
+@pytest.mark.django_db(transaction=True)
 def test_the_relay_gives_up_after_the_attempt_budget_with_one_dead_letter(broker, settings):
     settings.OUTBOX_MAX_ATTEMPTS = 2
     seen = []
     outbox.work_failed.connect(lambda sender, **kw: seen.append(kw), weak=False, dispatch_uid="test-seen")
     try:
-        item = enqueue_committed(11)
+        item = enqueue_committed(11)  # committed for real: the fast path publishes it
+        broker.delete("default")  # and the broker loses it
         OutboxItem.objects.filter(pk=item.pk).update(attempts=2, next_attempt_at=timezone.now())
         assert outbox.relay()["failed"] == 1
         assert outbox.relay()["failed"] == 0

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 from django.conf import settings
+from django.db import transaction
 
+from core import outbox
+from core.models import OutboxItem
 from ops.models import FailedTask
 from orders.models import Product
 from project.celery import app
@@ -94,6 +97,41 @@ def test_a_task_that_kills_its_pool_process_is_redelivered_then_dead_lettered_af
     assert always.read_text().count("start") == limit
     assert broker.llen("default") == 0
     assert broker.exists(f"ops:worker-lost:{doomed.id}") == 0
+
+
+def test_outbox_items_that_fail_for_good_end_failed_with_one_dead_letter_wherever_the_failure_is_reported(
+    start_worker, broker, tmp_path
+):
+    """A final failure reaches the item from the pool process (an error) and from the worker's parent process
+    (the hard time limit, a pool process lost too often): each item ends `failed`, once, with its dead letter."""
+    limit = settings.TASK_MAX_WORKER_LOST
+    start_worker("default", env={**WORKER_ENV, "TASK_MAX_WORKER_LOST": str(limit)})
+    with transaction.atomic():
+        raised = outbox.enqueue(tasks.write_then_fail.name, "OUTBOX-ROLLED-BACK")
+        killed = outbox.enqueue(tasks.outlive_time_limit.name)
+        lost = outbox.enqueue(tasks.kill_own_process.name, str(tmp_path / "lost.log"))
+    items = (raised, killed, lost)
+
+    wait_for(
+        lambda: (
+            set(OutboxItem.objects.filter(pk__in=[item.pk for item in items]).values_list("state", flat=True))
+            == {OutboxItem.State.FAILED}
+        ),
+        40,
+        "the three items to end failed",
+    )
+    reasons = {}
+    for item in items:
+        item.refresh_from_db()
+        dead = wait_for(lambda item=item: dead_letter(str(item.task_id)), 10, f"the dead letter of {item}")
+        assert item.attempts == 1  # published once: the broker redelivered the lost one, never the outbox
+        assert item.finished_at is not None
+        reasons[item.task_name] = (item.last_error, dead.exception)
+    assert reasons[tasks.write_then_fail.name] == ("ValueError: invalid: OUTBOX-ROLLED-BACK",) * 2
+    assert reasons[tasks.outlive_time_limit.name][0].startswith("TimeLimitExceeded")
+    assert reasons[tasks.kill_own_process.name][0].startswith("WorkerLostTooOften")
+    time.sleep(1)
+    assert FailedTask.objects.count() == 3  # the hard limit reports twice: still one row, one failed item
 
 
 # --- Poison messages ------------------------------------------------------------------

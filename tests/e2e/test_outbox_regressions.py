@@ -484,6 +484,7 @@ def test_a_notification_that_failed_during_a_mail_outage_is_sent_once_when_the_m
 # --- Finding 6: time limits and the provider call's deadline ------------------------------
 
 DEADLINE = 2
+PROJECT_APPS = ("core", "orders", "payments", "notifications", "reports")
 LIMITS = {"CRITICAL_SOFT_TIME_LIMIT": "3", "CRITICAL_TIME_LIMIT": "5", "PROVIDER_CALL_DEADLINE": str(DEADLINE)}
 
 
@@ -493,6 +494,9 @@ def test_a_provider_slower_than_the_soft_limit_costs_a_retry_not_the_pool_proces
     worker = start_worker("critical", env=LIMITS, name="limits")
     registered = app.control.inspect([worker.nodename], timeout=5).registered("soft_time_limit", "time_limit")
     assert f"{CHARGE_ORDER} [soft_time_limit=3 time_limit=5]" in registered[worker.nodename], registered
+    # Every task of the project has limits (its queue's, unless it sets its own), not only reports.
+    ours = [line for line in registered[worker.nodename] if line.split(".")[0] in PROJECT_APPS]
+    assert len(ours) >= 8 and all("[soft_time_limit=" in line and " time_limit=" in line for line in ours), ours
     ProductFactory(sku="SLOW", stock=5)
     sandbox.set_faults(latency_ms=10_000)  # the provider answers after 10 s
 

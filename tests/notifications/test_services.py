@@ -12,11 +12,11 @@ from django.utils import timezone
 
 from core.models import OutboxItem
 from core.outbox import relay
+from integrations import provider as gateway
 from notifications.models import Notification
 from notifications.services import notify, send_notification
 from orders.models import Order
 from orders.services import charge_order, place_order, process_order
-from payments import gateway
 from payments.models import Plan, Subscription
 from payments.services import charge_subscription
 from tests.factories import NotificationFactory, OrderFactory, ProductFactory, UserFactory
@@ -173,7 +173,7 @@ def subscription(user):
 def _charge(subscription: Subscription, django_capture_on_commit_callbacks, provider_answer) -> None:
     """Charge the subscription's current period; the provider answers with `provider_answer` (a mock side effect)."""
     period = subscription.current_period_end.isoformat()
-    with mock.patch("payments.gateway.charge", side_effect=provider_answer):
+    with mock.patch("integrations.provider.charge", side_effect=provider_answer):
         with django_capture_on_commit_callbacks(execute=True):
             charge_subscription(subscription_id=subscription.pk, billing_period=period)
 

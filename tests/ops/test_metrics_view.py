@@ -68,6 +68,7 @@ def test_dead_letters_count_unresolved_failures_by_task(client):
             ("orders.tasks.process_order", True),
             ("reports.tasks.generate_report", False),
             ("made.up.by.a.producer", False),
+            ("payments.needs_attention", False),
         ]
     ):
         FailedTask.objects.create(task_id=f"t-{number}", task_name=name, resolved=resolved, exception="boom")
@@ -80,3 +81,5 @@ def test_dead_letters_count_unresolved_failures_by_task(client):
     assert dead[(("name", "orders.tasks.charge_order"),)] == 0
     assert dead[(("name", "unknown"),)] == 1
     assert (("name", "made.up.by.a.producer"),) not in dead
+    # A payment needing attention is a dead letter of its own kind, named so the alert says what it is.
+    assert dead[(("name", "payments.needs_attention"),)] == 1

@@ -10,13 +10,14 @@ from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from core.models import OutboxItem
+from integrations import provider as gateway
 from notifications.models import Notification
 from ops.deadletters import PAYMENT_NEEDS_ATTENTION
 from ops.models import FailedTask
 from orders import services as order_services
 from orders.models import Order
 from orders.services import place_order
-from payments import gateway, services
+from payments import services
 from payments.models import Payment, Plan, Subscription
 from tests.factories import OrderFactory, ProductFactory, UserFactory
 from tests.payments.support import PAYMENT_KEY, claim_and_stop, make_subscription

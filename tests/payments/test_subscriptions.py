@@ -6,7 +6,8 @@ import pytest
 from django.test import Client
 
 from core.models import OutboxItem
-from payments import gateway, services
+from integrations import provider as gateway
+from payments import services
 from payments.models import Payment, Plan, Subscription
 from tests.factories import UserFactory
 from tests.orders.test_concurrency import run_at_once

@@ -32,9 +32,11 @@ def test_a_double_submitted_subscribe_answers_with_the_first_subscription(
         second = client.post("/subscriptions/subscribe/", {"plan": "basic"}, follow=True)
 
     assert first.status_code == second.status_code == 200
-    assert [message.level_tag for message in second.context["messages"]] == ["success"]
+    assert [message.level_tag for message in first.context["messages"]] == ["success"]
+    assert [message.level_tag for message in second.context["messages"]] == ["info"]
     assert list(second.context["subscriptions"]) == [subscription]
     page = second.content.decode()
+    assert "Nothing more was charged." in page
     assert "flash-error" not in page
     assert f"/subscriptions/{subscription.pk}/cancel/" in page
     assert subscription.payments.get().status == "succeeded"

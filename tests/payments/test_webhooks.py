@@ -224,7 +224,7 @@ def test_a_charge_reported_after_its_subscription_was_cancelled_needs_attention(
     plan = Plan.objects.create(code="lost", name="Lost answer", price="5.00")
     subscription = make_subscription(user, plan, period_start=date(2026, 9, 1))
     sandbox.set_faults(fail_after_charge_next=1)
-    with pytest.raises(services.gateway.ProviderUnavailable):
+    with pytest.raises(services.provider.ProviderUnavailable):
         services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-09-01")
     assert services.cancel_subscription(subscription_id=subscription.pk, owner=user).voided_charge
     payment = Payment.objects.get(subscription=subscription)
