@@ -45,6 +45,14 @@ class BaseTask(DjangoTask):
     # is the task's Request class. Loaded by name when a worker starts.
     Request = "ops.worker:WorkerLostBoundRequest"
 
+    def apply_async(self, args=None, kwargs=None, **options):
+        # Celery stamps the publisher's time limits into the message, and a worker obeys the
+        # message over its own settings. Sending none makes the consuming worker's limits
+        # (TASK_TIME_LIMITS, QueueTimeLimits) decide, whatever the web process was started with.
+        options.setdefault("time_limit", None)
+        options.setdefault("soft_time_limit", None)
+        return super().apply_async(args, kwargs, **options)
+
 
 def retry_policy(*, retries: int, backoff_max: int, errors: tuple = TRANSIENT_ERRORS) -> dict:
     """Autoretry of `errors` only, `retries` times, backoff 1, 2, 4 ... s capped at `backoff_max`, full jitter.

@@ -24,14 +24,6 @@ logger = logging.getLogger(__name__)
 class ReportTask(BaseTask):
     """Time limits from the worker's own settings; every way generation fails is recorded on the report row."""
 
-    def apply_async(self, args=None, kwargs=None, **options):
-        # Celery stamps the publisher's time limits into the message, and a worker obeys the
-        # message over its own settings. Sending none makes the bulk worker's settings decide,
-        # also for messages queued before its limits changed.
-        options.setdefault("time_limit", None)
-        options.setdefault("soft_time_limit", None)
-        return super().apply_async(args, kwargs, **options)
-
     def on_failure(self, exc, task_id, args, kwargs, einfo):
         super().on_failure(exc, task_id, args, kwargs, einfo)
         report_id = kwargs.get("report_id", args[0] if args else None)

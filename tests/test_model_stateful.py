@@ -38,7 +38,7 @@ from celery import signals as celery_signals
 from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
-from hypothesis import HealthCheck, note
+from hypothesis import HealthCheck, Phase, note
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     RuleBasedStateMachine,
@@ -303,8 +303,8 @@ class ShopModel(RuleBasedStateMachine):
                 expected = {"success": S.PAID, "decline": S.PAYMENT_FAILED}.get(outcome, S.CONFIRMED)
                 failed = outcome in ("unavailable", "response_lost")
             assert (after.status, unavailable) == (expected, failed)
-        elif step == "sync":
-            failed = outcome in ("unavailable", "response_lost")
+        elif step == "sync" and outcome != "response_lost":  # a lost answer replays a shipment made before
+            failed = outcome == "unavailable"
             assert (after.status == S.FULFILLED, unavailable) == (not failed, failed)
 
     @rule(data=st.data())
@@ -729,6 +729,8 @@ class Books:
         )
 
 
+# Shrinking a failure replays the machine for up to five minutes (Hypothesis' own bound): leave it room.
+@pytest.mark.timeout(600)
 @pytest.mark.django_db(transaction=True)
 def test_money_and_stock_stay_right_whatever_the_order_of_steps(sandbox, broker, settings):
     # Three publishes, then the relay gives up: its failure path is reachable within a few steps.
@@ -746,6 +748,8 @@ def test_money_and_stock_stay_right_whatever_the_order_of_steps(sandbox, broker,
                 print_blob=True,
                 database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+                # No `explain` phase: it traces every line of every replay, which is slow with real services.
+                phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
             ),
         )
     except BaseException as failure:

@@ -216,3 +216,12 @@ def test_the_outbox_costs_one_insert_and_one_update_per_dispatch_and_one_update_
     with CaptureQueriesContext(connection) as run:
         app.tasks[TASK].apply(args=[17], task_id=str(item.task_id))
     assert _outbox_writes(run.captured_queries) == ["UPDATE"]
+
+
+def test_published_messages_carry_no_time_limits_so_the_consuming_worker_decides(
+    broker, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        enqueue_committed(18)
+    (raw,) = broker.lrange("default", 0, -1)
+    assert json.loads(raw)["headers"]["timelimit"] == [None, None]

@@ -202,7 +202,10 @@ def stack(tmp_path, worker_env, start_worker):
 
 
 def place(base: str, token: str, key: str, items: list[dict], statuses: Counter) -> int:
-    """POST like a real client: retry connection errors and 503s with the same key."""
+    """POST like a real client: retry connection errors and 5xx answers with the same key.
+
+    Any 5xx but 503 is still a failure: the test reports it once everything else is checked.
+    """
     for _ in range(30):
         try:
             response = requests.post(
@@ -218,7 +221,7 @@ def place(base: str, token: str, key: str, items: list[dict], statuses: Counter)
         statuses[response.status_code] += 1
         if response.status_code == 201:
             return response.json()["id"]
-        if response.status_code != 503:
+        if response.status_code < 500:
             raise AssertionError(f"unexpected {response.status_code}: {response.text[:300]}")
         time.sleep(0.5)
     raise AssertionError(f"order {key} was never accepted")
@@ -368,6 +371,10 @@ class QueueSampler(threading.Thread):
         finally:
             connections.close_all()
 
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(10)
+
     def peaks(self) -> dict[str, int]:
         return {q: max((s[1] for s in self.samples if s[0] == q), default=0) for q in QUEUES}
 
@@ -386,14 +393,18 @@ def settled() -> bool:
 def test_500_orders_under_chaos_end_settled_charged_and_shipped_once_with_bounded_queues_and_dead_letters(
     stack, start_worker
 ):
+    sampler = QueueSampler(stack["redis"].url)
+    sampler.start()
     try:
-        run_chaos(stack, start_worker)
+        run_chaos(stack, start_worker, sampler)
     except BaseException:
         print(stack["processes"].logs())
         raise
+    finally:
+        sampler.stop()
 
 
-def run_chaos(stack, start_worker):
+def run_chaos(stack, start_worker, sampler: QueueSampler):
     products = {sku: ProductFactory(sku=sku, stock=STOCK_EACH, price="5.00") for sku in SKUS}
     shoppers = [UserFactory() for _ in range(10)]
     tokens = [issue_api_token(user=shopper) for shopper in shoppers]
@@ -403,8 +414,6 @@ def run_chaos(stack, start_worker):
         for n in range(ORDERS)
     ]
     statuses: Counter = Counter()
-    sampler = QueueSampler(stack["redis"].url)
-    sampler.start()
     stop, chaos_log = threading.Event(), []
     chaos_thread = threading.Thread(target=chaos, args=(stack, start_worker, stop, chaos_log), daemon=True)
     chaos_thread.start()
@@ -426,14 +435,12 @@ def run_chaos(stack, start_worker):
     print("chaos:", chaos_log, "answers:", dict(statuses))
     assert not chaos_thread.is_alive()
     assert sum("did not complete" not in entry for entry in chaos_log) >= 2 * len(ACTIONS), chaos_log
-    assert not any(isinstance(code, int) and code >= 500 and code != 503 for code in statuses), statuses
     assert len(set(ids)) == ORDERS == Order.objects.count()  # retried requests made no duplicates
 
     try:
         wait_for(settled, SETTLED_WITHIN_SECONDS, "every order and email to settle", interval=2)
     finally:
-        sampler.stopped.set()
-        sampler.join(10)
+        sampler.stop()
     print(f"settled {time.monotonic() - healed:.0f} s after the failures stopped")
 
     # Every order is final, or on hold with a message for the shopper
@@ -536,3 +543,6 @@ def run_chaos(stack, start_worker):
     assert len(sampler.samples) > 100
     slack = {"critical": CRITICAL_CONCURRENCY + 1, "default": DEFAULT_CONCURRENCY, "bulk": 0}
     assert sampler.over_bound(slack) == []
+
+    # Every request was answered; a refusal under load is a 503 with Retry-After, never another 5xx
+    assert not any(isinstance(code, int) and code >= 500 and code != 503 for code in statuses), statuses
