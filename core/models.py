@@ -12,8 +12,8 @@ class OutboxItem(models.Model):
     - `pending`: committed, its message not yet accepted by the broker. Published right after
       commit (the fast path) or, if that did not happen, by the relay at `next_attempt_at`.
     - `published`: the broker holds its message (queued, running, or waiting for a Celery
-      retry). Nothing publishes it again, unless nothing has been heard of it by
-      `next_attempt_at` (the message was lost with the broker's data): then the relay does.
+      retry). Nothing publishes it again, unless the broker lost its data since it was
+      published (core.outbox.broker_epoch): then the relay does.
     - `done`: the task finished. `failed`: its final failure (a dead letter), or the relay
       gave up after `OUTBOX_MAX_ATTEMPTS` publishes.
     """

@@ -6,8 +6,8 @@ commit the message is published (the fast path: no added latency) and the item m
 `published`; if that did not happen (the broker was down, the process died), the relay
 publishes it when it is due. The broker owns a published message: nothing publishes it
 again while it is queued, running or waiting for a Celery retry, so a backlog or an
-outage makes no duplicates. Only an item not heard of for OUTBOX_LOST_AFTER_SECONDS
-(its message lost with the broker's data) is published again.
+outage makes no duplicates, however long. Only an item whose message the broker lost with
+its data (a Redis restart without persistence, a flush: see `broker_epoch`) is published again.
 
 Every message of an item carries the item's task id, so the worker's signals find it:
 `task_success` marks it done, a final `task_failure` marks it failed (or, for a task
@@ -17,22 +17,25 @@ on an item after OUTBOX_MAX_ATTEMPTS publishes: failed, `work_failed`, one dead 
 A broker outage costs no attempts: an unreachable broker is not the item's fault.
 
 Costs on the fast path: one INSERT (with the business change) and one UPDATE (published);
-a second UPDATE marks the item done when its task finishes.
+a second UPDATE marks the item done when its task finishes. Each publish also makes sure the
+broker's epoch key exists (one SET NX on Redis).
 """
 
 import functools
 import logging
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from celery import current_app, signals
 from django.conf import settings
 from django.db import connection, connections, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.dispatch import Signal
 from django.utils import timezone
 from kombu.exceptions import OperationalError as BrokerUnreachable
@@ -105,62 +108,150 @@ def _backoff(attempt: int) -> timedelta:
     return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
 
-def _publish(item_id: int, task_id: str, task_name: str, args, kwargs, *, from_state: str) -> bool:
-    """Send one message of the item and record it; False (and a later attempt) when the broker is unreachable."""
+class Unpublishable(Exception):
+    """The item names a task no worker registers (renamed or removed): publishing it can never work."""
+
+
+def _publish(item_id: int, task_id: str, task_name: str, args, kwargs) -> bool:
+    """Send one message of a pending item and mark it published; False (and a later try) when the broker is unreachable.
+
+    Raises Unpublishable for a task name that is not registered.
+    """
     try:
-        _task(task_name).apply_async(args=list(args), kwargs=dict(kwargs or {}), task_id=task_id)
+        task = _task(task_name)
+    except KeyError as exc:
+        raise Unpublishable(f"no task named {task_name!r} is registered") from exc
+    try:
+        _ensure_epoch()  # before the message: the key is never younger than a message it covers
+        task.apply_async(args=list(args), kwargs=dict(kwargs or {}), task_id=task_id)
     except BrokerUnreachable as exc:
-        logger.warning("broker unreachable: outbox item %s (%s) stays %s: %s", item_id, task_name, from_state, exc)
-        OutboxItem.objects.filter(pk=item_id, state=from_state).update(
+        logger.warning("broker unreachable: outbox item %s (%s) stays pending: %s", item_id, task_name, exc)
+        OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
             next_attempt_at=timezone.now() + _backoff(0), last_error=f"broker unreachable: {exc}"[:500]
         )
         return False
-    now = timezone.now()
-    OutboxItem.objects.filter(pk=item_id, state=from_state).update(
-        state=OutboxItem.State.PUBLISHED,
-        attempts=F("attempts") + 1,
-        published_at=now,
-        next_attempt_at=now + timedelta(seconds=settings.OUTBOX_LOST_AFTER_SECONDS),
+    OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
+        state=OutboxItem.State.PUBLISHED, attempts=F("attempts") + 1, published_at=timezone.now()
     )
     return True
 
 
 def _publish_after_commit(item_id: int, task_id: str, task_name: str, args) -> None:
     # Any error but an unreachable broker (a bug, or an eager task failing in tests) is raised.
-    _publish(item_id, task_id, task_name, args, {}, from_state=OutboxItem.State.PENDING)
+    _publish(item_id, task_id, task_name, args, {})
 
 
-def relay(*, limit: int = 500) -> dict[str, int]:
-    """Publish the items that are due: pending ones the fast path missed, and published ones whose message was lost.
+# A key the broker's Redis keeps for as long as its data lives: it holds the time the data began.
+# Every publish makes sure it exists first, so a published item younger than it is still queued,
+# running or waiting for a retry, and one older than it lost its message with the data (a
+# restart without persistence, a flush).
+BROKER_EPOCH_KEY = "outbox:broker-epoch"
+_epoch_clients: dict[str, redis.Redis] = {}
 
-    Items are claimed with SKIP LOCKED, so relays running at once share the work. The first
-    unreachable-broker error ends the run: the rest waits for the next one.
+
+def _epoch_client() -> redis.Redis | None:
+    url = settings.CELERY_BROKER_URL
+    if not url.startswith(("redis://", "rediss://")):
+        return None  # the filesystem broker of `make run` loses nothing it has written
+    if url not in _epoch_clients:
+        _epoch_clients[url] = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    return _epoch_clients[url]
+
+
+def _ensure_epoch() -> None:
+    """Make the broker's epoch key if it is missing (its data is new). Raises BrokerUnreachable."""
+    client = _epoch_client()
+    if client is None:
+        return
+    try:
+        client.set(BROKER_EPOCH_KEY, repr(time.time()), nx=True)
+    except redis.RedisError as exc:
+        raise BrokerUnreachable(f"epoch key not written: {exc!r}") from exc
+
+
+def broker_epoch() -> datetime | None:
+    """When the broker's current data began (the key is made if missing); None when that cannot be known."""
+    client = _epoch_client()
+    if client is None:
+        return None
+    try:
+        client.set(BROKER_EPOCH_KEY, repr(time.time()), nx=True)
+        return datetime.fromtimestamp(float(client.get(BROKER_EPOCH_KEY)), tz=UTC)
+    except (redis.RedisError, TypeError, ValueError) as exc:
+        logger.warning("broker epoch not read: %r", exc)
+        return None
+
+
+def _claim_due(*, limit: int, epoch: datetime | None) -> list[OutboxItem]:
+    """Take the due items for this run (SKIP LOCKED, then pushed out of the next run's way) and commit at once.
+
+    Due: pending items past their next attempt, and published items whose message the broker
+    lost (published before its current data began), which go back to pending.
     """
-    counts = {"published": 0, "failed": 0, "deferred": 0}
-    failed: list[OutboxItem] = []
+    now = timezone.now()
+    lost = Q(state=OutboxItem.State.PUBLISHED, published_at__lt=epoch) if epoch else Q(pk__in=[])
     with transaction.atomic():
         due = list(
             OutboxItem.objects.select_for_update(skip_locked=True)
-            .filter(state__in=OutboxItem.OPEN, next_attempt_at__lte=timezone.now())
+            .filter(Q(state=OutboxItem.State.PENDING, next_attempt_at__lte=now) | lost)
             .order_by("next_attempt_at", "id")[:limit]
         )
         for item in due:
-            if item.attempts >= settings.OUTBOX_MAX_ATTEMPTS:
-                _mark_failed(item, reason=f"not finished after {item.attempts} publishes")
-                failed.append(item)
-                counts["failed"] += 1
-                continue
             if item.state == OutboxItem.State.PUBLISHED:
-                logger.warning("outbox item %s (%s): no news for its message; publishing it again", item.pk, item)
-            if not _publish(item.pk, str(item.task_id), item.task_name, item.args, item.kwargs, from_state=item.state):
-                counts["deferred"] = len(due) - counts["published"] - counts["failed"]
-                break
-            counts["published"] += 1
-    for item in failed:
-        work_failed.send(sender=OutboxItem, item=item, reason=item.last_error, by_relay=True, parked=False)
+                logger.warning("outbox item %s (%s): its message was lost with the broker's data", item.pk, item)
+        OutboxItem.objects.filter(pk__in=[item.pk for item in due]).update(
+            state=OutboxItem.State.PENDING,
+            next_attempt_at=now + timedelta(seconds=settings.OUTBOX_CLAIM_SECONDS),
+        )
+    return due
+
+
+def relay(*, limit: int = 500) -> dict[str, int]:
+    """Publish the items that are due: pending ones the fast path missed, and published ones the broker lost.
+
+    Items are claimed and committed first, then published one by one, so relays running at once
+    share the work and a failure on one item touches no other. The first unreachable-broker error
+    ends the run (the rest is tried again soon); an item whose task is not registered fails at
+    once; any other error costs the item an attempt.
+    """
+    counts = {"published": 0, "failed": 0, "deferred": 0}
+    due = _claim_due(limit=limit, epoch=broker_epoch())
+    for position, item in enumerate(due):
+        if item.attempts >= settings.OUTBOX_MAX_ATTEMPTS:
+            _give_up(item, reason=f"not finished after {item.attempts} publishes")
+            counts["failed"] += 1
+            continue
+        try:
+            published = _publish(item.pk, str(item.task_id), item.task_name, item.args, item.kwargs)
+        except Unpublishable as exc:
+            _give_up(item, reason=str(exc))
+            counts["failed"] += 1
+            continue
+        except Exception as exc:  # noqa: BLE001 (one item's failure must not stop the others; it is counted)
+            logger.exception("outbox item %s (%s) not published", item.pk, item.task_name)
+            OutboxItem.objects.filter(pk=item.pk, state=OutboxItem.State.PENDING).update(
+                attempts=F("attempts") + 1,
+                next_attempt_at=timezone.now() + _backoff(item.attempts),
+                last_error=f"{type(exc).__name__}: {exc}"[:500],
+            )
+            counts["deferred"] += 1
+            continue
+        if not published:
+            rest = [other.pk for other in due[position + 1 :]]
+            OutboxItem.objects.filter(pk__in=rest, state=OutboxItem.State.PENDING).update(
+                next_attempt_at=timezone.now() + _backoff(0)
+            )
+            counts["deferred"] += 1 + len(rest)
+            break
+        counts["published"] += 1
     if any(counts.values()):
         logger.info("outbox relay: %s", counts)
     return counts
+
+
+def _give_up(item: OutboxItem, *, reason: str) -> None:
+    _mark_failed(item, reason=reason)
+    work_failed.send(sender=OutboxItem, item=item, reason=item.last_error, by_relay=True, parked=False)
 
 
 def _mark_failed(item: OutboxItem, *, reason: str) -> None:
@@ -252,18 +343,6 @@ def _task_succeeded(sender=None, **kwargs) -> None:
     task_id = getattr(sender.request, "id", None)
     if task_id:
         _finish_done(task_id)
-
-
-@signals.task_retry.connect(dispatch_uid="core.outbox.task_retried")
-def _task_retried(sender=None, request=None, **kwargs) -> None:
-    # Still alive: its retry message is on the broker. Push the lost-message deadline past the longest countdown.
-    task_id = getattr(request, "id", None)
-    if not task_id:
-        return
-    quiet = settings.OUTBOX_LOST_AFTER_SECONDS + (getattr(sender, "retry_backoff_max", 0) or 0)
-    OutboxItem.objects.filter(task_id=task_id, state=OutboxItem.State.PUBLISHED).update(
-        next_attempt_at=timezone.now() + timedelta(seconds=quiet)
-    )
 
 
 @signals.task_failure.connect(dispatch_uid="core.outbox.task_failed")

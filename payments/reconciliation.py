@@ -49,10 +49,9 @@ def in_flight_grace() -> timedelta:
     """How long a processing payment is taken to be in flight, its charge not yet recorded.
 
     Charge tasks retry for about 3 minutes and the provider's webhook settles a charge within
-    seconds; if both were lost, the outbox relay republishes the work after OUTBOX_LOST_AFTER_SECONDS
-    (2 h). The grace covers that, plus an hour for the work to finish.
+    seconds; a backlog or a broker outage can hold the work longer (RECONCILIATION_GRACE_SECONDS, 3 h).
     """
-    return timedelta(seconds=settings.OUTBOX_LOST_AFTER_SECONDS) + timedelta(hours=1)
+    return timedelta(seconds=settings.RECONCILIATION_GRACE_SECONDS)
 
 
 @dataclass(frozen=True)

@@ -149,11 +149,12 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = 256 * 1024
 
 SESSION_COOKIE_SECURE = env.bool("SECURE_COOKIES", default=not DEBUG)
 CSRF_COOKIE_SECURE = SESSION_COOKIE_SECURE
-# Behind TLS (production: .env.example) set SECURE_SSL_REDIRECT=true and SECURE_COOKIES=true; then
+# Behind TLS (production: the TLS lines of .env.example) set SECURE_SSL_REDIRECT=true and SECURE_COOKIES=true; then
 # `manage.py check --deploy --fail-level WARNING` is clean (tests/security/test_settings.py). Off by
-# default so `make run` and plain-http trials work. Probes and the Prometheus scrape stay on http.
+# default so `make run` and plain-http trials work. Calls between services stay on http: probes, the
+# Prometheus scrape and the provider's webhook (signed, so its transport adds nothing; a 301 would lose it).
 SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$", r"^payments/webhooks/"]
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0 if DEBUG else 31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = True
@@ -338,6 +339,8 @@ CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 
 CELERY_TIMEZONE = "UTC"
+# Touches <schedule file>.heartbeat at every tick, for beat's healthcheck (project/beat.py).
+CELERY_BEAT_SCHEDULER = "project.beat:HeartbeatScheduler"
 CELERY_BEAT_SCHEDULE = {
     # Publishes what the fast path after commit did not (broker down at commit, process died),
     # and what the broker lost. The only sweep: every piece of work is an outbox item (core/outbox.py).
@@ -361,12 +364,13 @@ CELERY_BEAT_SCHEDULE = {
 
 # --- The outbox (core/outbox.py) ----------------------------------------------------
 
-# The relay leaves a new item to the fast path after commit for this long.
-OUTBOX_FAST_PATH_GRACE_SECONDS = env.float("OUTBOX_FAST_PATH_GRACE_SECONDS", default=10.0)
-# A published item not heard of for this long (no retry, no outcome) lost its message with the
-# broker's data and is published again. Above the visibility timeout plus the longest time limit,
-# so a message that the broker still holds is redelivered by the broker first.
-OUTBOX_LOST_AFTER_SECONDS = env.int("OUTBOX_LOST_AFTER_SECONDS", default=2 * 3600)
+# The relay leaves a new item to the fast path after commit for this long: longer than a publish
+# to an unreachable broker takes to give up (CELERY_TASK_PUBLISH_RETRY_POLICY x socket timeouts).
+OUTBOX_FAST_PATH_GRACE_SECONDS = env.float("OUTBOX_FAST_PATH_GRACE_SECONDS", default=30.0)
+# Reconciliation leaves a processing payment this young alone: its charge may still be on its way.
+RECONCILIATION_GRACE_SECONDS = env.int("RECONCILIATION_GRACE_SECONDS", default=3 * 3600)
+# An item a relay run has claimed is left alone by other runs for this long.
+OUTBOX_CLAIM_SECONDS = env.float("OUTBOX_CLAIM_SECONDS", default=60.0)
 # Publishes per item before it ends failed with a dead letter. A broker outage costs none.
 OUTBOX_MAX_ATTEMPTS = env.int("OUTBOX_MAX_ATTEMPTS", default=10)
 # Delay between attempts to publish while the broker is unreachable: base x 2^n, capped, jittered.

@@ -107,16 +107,43 @@ def test_the_relay_stops_at_the_first_unreachable_broker_error_and_counts_no_att
     assert OutboxItem.objects.filter(state=OutboxItem.State.PENDING).count() == len(items)
 
 
-def test_a_published_item_not_heard_of_for_too_long_is_published_again_under_the_same_task_id(broker):
+def test_a_published_item_is_left_to_the_broker_however_long_it_waits(broker):
     item = enqueue_committed(10)
     OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
     outbox.relay()
-    broker.delete("default")  # the broker lost its data (a Redis restart without persistence)
+    # A backlog of days on a broker that kept its data: still queued, never published again.
+    broker.set(outbox.BROKER_EPOCH_KEY, repr((timezone.now() - timedelta(days=4)).timestamp()))
+    OutboxItem.objects.filter(pk=item.pk).update(
+        published_at=timezone.now() - timedelta(days=3), next_attempt_at=timezone.now() - timedelta(days=3)
+    )
+    assert outbox.relay()["published"] == 0
+    assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
+
+
+def test_a_published_item_whose_message_the_broker_lost_is_published_again_under_the_same_task_id(broker):
+    item = enqueue_committed(10)
     OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    outbox.relay()
+    assert broker.exists(outbox.BROKER_EPOCH_KEY)
+    broker.flushdb()  # the broker lost its data (a Redis restart without persistence): the epoch key too
     assert outbox.relay()["published"] == 1
     item.refresh_from_db()
     assert (item.state, item.attempts) == (OutboxItem.State.PUBLISHED, 2)
     assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
+    assert outbox.relay()["published"] == 0
+
+
+def test_an_item_whose_task_no_worker_registers_fails_at_once_and_stops_nothing_else(broker):
+    with transaction.atomic():
+        renamed = OutboxItem.objects.create(task_name="payments.tasks.charge_order", args=[1])
+        good = OutboxItem.objects.create(task_name=TASK, args=[2])
+    OutboxItem.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    assert outbox.relay() == {"published": 1, "failed": 1, "deferred": 0}
+    renamed.refresh_from_db()
+    good.refresh_from_db()
+    assert renamed.state == OutboxItem.State.FAILED
+    assert "no task named" in renamed.last_error
+    assert good.state == OutboxItem.State.PUBLISHED
 
 
 # The dead letter is written on a connection of its own (ops.services.record_failure): a real commit.
@@ -126,8 +153,8 @@ def test_the_relay_gives_up_after_the_attempt_budget_with_one_dead_letter(broker
     seen = []
     outbox.work_failed.connect(lambda sender, **kw: seen.append(kw), weak=False, dispatch_uid="test-seen")
     try:
-        item = enqueue_committed(11)  # committed for real: the fast path publishes it
-        broker.delete("default")  # and the broker loses it
+        with transaction.atomic():
+            item = OutboxItem.objects.create(task_name=TASK, args=[11])
         OutboxItem.objects.filter(pk=item.pk).update(attempts=2, next_attempt_at=timezone.now())
         assert outbox.relay()["failed"] == 1
         assert outbox.relay()["failed"] == 0

@@ -390,6 +390,17 @@ def settled() -> bool:
     return not open_items.filter(Q(task_name__in=ORDER_STEPS) | Q(task_name__startswith="notifications.")).exists()
 
 
+def unsettled() -> str:
+    """What keeps the run from settling: orders by status and the open items, for the failure message."""
+    waiting = Order.objects.filter(status__in=[Order.Status.PENDING, Order.Status.CONFIRMED, Order.Status.PAID])
+    items = OutboxItem.objects.filter(state__in=OutboxItem.OPEN).order_by("id")
+    return (
+        f"orders waiting: {list(waiting.values_list('id', 'status')[:20])}; open items: "
+        f"{list(items.values_list('task_name', 'args', 'state', 'attempts', 'next_attempt_at', 'last_error')[:20])}; "
+        f"notifications: {dict(Counter(Notification.objects.values_list('status', flat=True)))}"
+    )
+
+
 def test_500_orders_under_chaos_end_settled_charged_and_shipped_once_with_bounded_queues_and_dead_letters(
     stack, start_worker
 ):
@@ -439,6 +450,9 @@ def run_chaos(stack, start_worker, sampler: QueueSampler):
 
     try:
         wait_for(settled, SETTLED_WITHIN_SECONDS, "every order and email to settle", interval=2)
+    except BaseException:
+        print("not settled:", unsettled())
+        raise
     finally:
         sampler.stop()
     print(f"settled {time.monotonic() - healed:.0f} s after the failures stopped")

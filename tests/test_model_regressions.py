@@ -1,0 +1,61 @@
+"""Regressions the stateful model (tests/test_model_stateful.py) found, each as a short fixed sequence of steps."""
+
+import contextlib
+import json
+import time
+
+import pytest
+from django.conf import settings
+
+from integrations.errors import ProviderUnavailable
+from orders import services as order_services
+from orders.models import Order, Product
+from payments import services as payment_services
+from payments.models import Payment
+from sandbox.signing import sign
+from tests.factories import ProductFactory, UserFactory
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("broker")]
+
+
+def deliver_event_of(sandbox, charge_id: str) -> None:
+    """Receive and process, as the webhook view and its task would, the event the provider made for the charge."""
+    [event] = sandbox.get("/v1/events", charge_id=charge_id).json()["data"]
+    body = json.dumps(event["payload"]).encode()
+    stored, _ = payment_services.receive_webhook(
+        body=body,
+        signature_header=sign(settings.WEBHOOK_SECRET, body, int(time.time())),
+        secret=settings.WEBHOOK_SECRET,
+        tolerance=settings.WEBHOOK_TOLERANCE_SECONDS,
+    )
+    payment_services.process_webhook(event_id=stored.pk)
+
+
+def test_staff_cannot_fail_an_order_the_provider_was_paid_for(sandbox):
+    # Given a confirmed order whose charge answer was lost: the provider charged, the shop did not hear it
+    product = ProductFactory(sku="MUG", price="12.50", stock=5)
+    order = order_services.place_order(owner=UserFactory(), items=[("MUG", 2)])
+    order_services.process_order(order_id=order.pk)
+    sandbox.set_faults(fail_after_charge_next=1)
+    with pytest.raises(ProviderUnavailable):
+        order_services.charge_order(order_id=order.pk)
+    payment = Payment.objects.get(order=order)
+    [charge] = sandbox.charges(reference=payment.idempotency_key)
+    # and the provider's webhook then recorded the payment as succeeded (the charge step has not applied it yet)
+    deliver_event_of(sandbox, charge["id"])
+    payment.refresh_from_db()
+    assert payment.status == Payment.Status.SUCCEEDED
+
+    # When the charge task's retries run out (the outbox's work_failed puts the order on hold)
+    order_services.hold_stuck_order(order_id=order.pk, task_name="orders.tasks.charge_order", reason="retries spent")
+    # and staff, reading "payment could not be completed", give up on the charge
+    with contextlib.suppress(order_services.OrderError):
+        order_services.fail_held_order(order_id=order.pk)
+
+    # Then the order the shopper paid for is not failed, nor its stock given back
+    order.refresh_from_db()
+    product.refresh_from_db()
+    payment.refresh_from_db()
+    assert payment.status == Payment.Status.SUCCEEDED
+    assert order.status != Order.Status.PAYMENT_FAILED, "the provider holds EUR 25.00 for an order the shop failed"
+    assert product.stock == 3
