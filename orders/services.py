@@ -12,6 +12,7 @@ from decimal import Decimal
 from django.db import IntegrityError, transaction
 
 from integrations import warehouse
+from integrations.errors import ProviderUnavailable
 from payments import services as payment_services
 from payments.models import Payment
 
@@ -216,7 +217,7 @@ def cancel_order(*, order_id: int, owner) -> Order:
 
 
 def sync_to_fulfillment(*, order_id: int) -> Order | None:
-    """Hand a paid order to the warehouse once (key `shipment-order-<id>`): paid (or held on the way) -> fulfilled.
+    """Hand a paid order to the warehouse once (its stored random key): paid (or held on the way) -> fulfilled.
 
     Raises integrations.errors.ProviderUnavailable when the warehouse cannot be reached (retrying
     is safe) and ProviderRejected when it refuses. Returns None when the order is gone.
@@ -225,12 +226,23 @@ def sync_to_fulfillment(*, order_id: int) -> Order | None:
     if order is None or not _awaits_shipment(order):
         return order
     items = [{"sku": item.sku, "quantity": item.quantity} for item in order.items.all()]
-    shipment = warehouse.create_shipment(order_id=order.pk, items=items, idempotency_key=f"shipment-order-{order.pk}")
+    key = order.fulfillment_key or _claim_fulfillment_key(order_id)
+    shipment = warehouse.create_shipment(order_id=order.pk, items=items, idempotency_key=key)
     with transaction.atomic():
         order = _lock_order(order_id)
         if order is not None and _awaits_shipment(order):
             pipeline.set_status(order, Order.Status.FULFILLED, note=f"shipment {shipment.id}")
     return order
+
+
+def _claim_fulfillment_key(order_id: int) -> str:
+    """The order's warehouse key, made (random) and committed before its first hand-over, kept for every retry."""
+    with transaction.atomic():
+        order = Order.objects.select_for_update().get(pk=order_id)
+        if not order.fulfillment_key:
+            order.fulfillment_key = f"ship_{secrets.token_hex(16)}"
+            order.save(update_fields=["fulfillment_key"])
+        return order.fulfillment_key
 
 
 def _awaits_shipment(order: Order) -> bool:
@@ -247,6 +259,15 @@ HOLD_MESSAGES = {
     ),
     Order.Status.PAID: (
         "Your order is paid. Handing it to the warehouse is taking longer than usual; we keep trying automatically."
+    ),
+}
+
+
+# What the shopper reads once a step stopped trying by itself: staff take over.
+STOPPED_HOLD_MESSAGES = {
+    Order.Status.PAID: (
+        "Your order is paid. Handing it to the warehouse failed repeatedly; our staff have been told and will "
+        "send it as soon as possible."
     ),
 }
 
@@ -280,27 +301,80 @@ def _held_from(order: Order, status: str) -> bool:
 def hold_stuck_order(*, order_id: int, task_name: str, reason: str, resumes: bool = False) -> Order | None:
     """The step `task_name` failed for good: the order goes on hold, with a message the shopper can read.
 
-    A charge that failed for good leaves its payment in needs_attention. Idempotent: an order
-    that has moved on, or is on hold already, is left as it is.
+    A charge step whose payment already has its outcome (recorded before the task died) applies
+    it instead; an unfinished one leaves its payment in needs_attention. A step that stopped
+    resuming by itself gets a hold message that no longer promises it. Idempotent.
     """
     waiting_in = {task: status for status, task in pipeline.NEXT_STEP.items()}[task_name]
+    if waiting_in == Order.Status.CONFIRMED:
+        payment = Payment.objects.filter(order_id=order_id).first()
+        if payment is not None and payment.status in (Payment.Status.SUCCEEDED, Payment.Status.DECLINED):
+            return apply_payment_outcome(order_id=order_id, payment=payment)
     with transaction.atomic():
         order = _lock_order(order_id)
-        if order is None or order.status != waiting_in:
+        if order is None:
+            return None
+        if _held_from(order, waiting_in) and not resumes:
+            # Held while it resumed by itself; now it has stopped: say so, staff act.
+            order.hold_reason = STOPPED_HOLD_MESSAGES.get(waiting_in, HOLD_MESSAGES[waiting_in])
+            order.save(update_fields=["hold_reason", "updated_at"])
+            return order
+        if order.status != waiting_in:
             return order
         if waiting_in == Order.Status.CONFIRMED:
             payment_services.mark_needs_attention(order_id=order.pk, reason=reason)
         note = f"{task_name.rsplit('.', 1)[-1]} failed: {reason}" + (" (tried again automatically)" if resumes else "")
-        pipeline.set_status(order, Order.Status.ON_HOLD, note=note, hold_reason=HOLD_MESSAGES[waiting_in])
+        message = (
+            HOLD_MESSAGES[waiting_in]
+            if resumes or waiting_in != Order.Status.PAID
+            else STOPPED_HOLD_MESSAGES[waiting_in]
+        )
+        pipeline.set_status(order, Order.Status.ON_HOLD, note=note, hold_reason=message)
     logger.warning("order %s on hold: %s", order_id, note)
     return order
 
 
+class PaymentTaken(OrderError):
+    field = "status"
+
+    def __init__(self, order: Order):
+        super().__init__(f"order {order.pk}: the provider took the payment, so the order is {order.status}, not failed")
+
+
+class ProviderNotConfirmed(OrderError):
+    field = "status"
+
+    def __init__(self, order_id: int, error: Exception):
+        super().__init__(f"order {order_id}: the provider could not be asked what it charged ({error}); try again")
+
+
+def _settle_with_provider(order_id: int) -> Payment | None:
+    """Before staff act on a held charge: what did the provider do under its key? Recorded, and applied to the order."""
+    payment = Payment.objects.filter(order_id=order_id).first()
+    if payment is None:
+        return None
+    try:
+        payment = payment_services.look_up_at_provider(payment_id=payment.pk)
+    except ProviderUnavailable as exc:
+        raise ProviderNotConfirmed(order_id, exc) from exc
+    if payment.status in (Payment.Status.SUCCEEDED, Payment.Status.DECLINED):
+        apply_payment_outcome(order_id=order_id, payment=payment)
+    return payment
+
+
 def retry_held_order(*, order_id: int) -> Order:
-    """Staff: run the step that was stuck again (a charge with its payment reopened). Raises NotOnHold."""
+    """Staff: run the step that was stuck again (a charge with its payment reopened). Raises NotOnHold.
+
+    A held charge is first looked up at the provider: a charge it made settles the order instead
+    (and the order is returned as that left it).
+    """
+    payment = _settle_with_provider(order_id)
     with transaction.atomic():
         order = _lock_order(order_id)
         origin = held_from(order) if order is not None else None
+        settled = payment is not None and payment.status in (Payment.Status.SUCCEEDED, Payment.Status.DECLINED)
+        if origin is None and order is not None and settled and order.status != Order.Status.PAYMENT_FAILED:
+            return order  # the provider's answer settled it (paid, or failed by its decline)
         if origin is None:
             raise NotOnHold(order, "retry", order_id)
         if origin == Order.Status.CONFIRMED:
@@ -309,9 +383,16 @@ def retry_held_order(*, order_id: int) -> Order:
 
 
 def fail_held_order(*, order_id: int) -> Order:
-    """Staff: give up on the charge of an order held on its way to payment: payment_failed, stock released."""
+    """Staff: give up on the charge of an order held on its way to payment: payment_failed, stock released.
+
+    Refused when the provider did take the payment (the order is then paid, PaymentTaken) or
+    cannot be asked (ProviderNotConfirmed): money taken is never met with a failed order.
+    """
+    payment = _settle_with_provider(order_id)
     with transaction.atomic():
         order = _lock_order(order_id)
+        if payment is not None and payment.status == Payment.Status.SUCCEEDED and order is not None:
+            raise PaymentTaken(order)
         if order is None or held_from(order) != Order.Status.CONFIRMED:
             raise NotOnHold(order, "fail its payment", order_id)
         _release_stock(order)

@@ -4,7 +4,9 @@ Every write is a conditional UPDATE with F(), so a change never works from a sta
 read and stock never goes below zero. Products are always updated in pk order.
 """
 
-from django.db import transaction
+from collections.abc import Callable
+
+from django.db import IntegrityError, transaction
 from django.db.models import F, Sum
 
 from .models import Order, Product, StockMovement
@@ -30,28 +32,57 @@ class _Short(Exception):
     """Rolls back the partial reservation of an order that cannot be filled."""
 
 
-def receive_stock(*, product_id: int, quantity: int, reason: str = "", user=None) -> StockMovement:
-    """Add received units to the product's stock on hand; record a `received` movement."""
+def _once_per_submission(submission: str, change: Callable[[], StockMovement]) -> StockMovement:
+    """Run a staff stock change once per form submission: a second post of the same form returns the first movement.
+
+    The unique constraint on StockMovement.submission decides between two concurrent posts; the
+    loser's stock update rolls back with its failed insert.
+    """
+    if submission and (done := StockMovement.objects.filter(submission=submission).first()):
+        return done
+    try:
+        with transaction.atomic():
+            return change()
+    except IntegrityError:
+        done = StockMovement.objects.filter(submission=submission).first() if submission else None
+        if done is None:
+            raise
+        return done
+
+
+def receive_stock(
+    *, product_id: int, quantity: int, reason: str = "", user=None, submission: str = ""
+) -> StockMovement:
+    """Add received units to the product's stock on hand; record a `received` movement (once per `submission`)."""
     if type(quantity) is not int or quantity <= 0:
         raise InvalidStockChange("the received quantity must be a whole number above zero")
-    with transaction.atomic():
+
+    def change() -> StockMovement:
         if not Product.objects.filter(pk=product_id).update(stock=F("stock") + quantity):
             raise Product.DoesNotExist(f"no product {product_id}")
         return StockMovement.objects.create(
-            product_id=product_id, delta=quantity, kind=StockMovement.Kind.RECEIVED, reason=reason, created_by=user
+            product_id=product_id,
+            delta=quantity,
+            kind=StockMovement.Kind.RECEIVED,
+            reason=reason,
+            created_by=user,
+            submission=submission,
         )
 
+    return _once_per_submission(submission, change)
 
-def adjust_stock(*, product_id: int, delta: int, reason: str, user=None) -> StockMovement:
+
+def adjust_stock(*, product_id: int, delta: int, reason: str, user=None, submission: str = "") -> StockMovement:
     """Correct the product's stock on hand by delta (a count, breakage); record an `adjusted` movement.
 
-    Raises InsufficientStock when a negative delta is larger than the stock on hand.
+    Once per `submission`. Raises InsufficientStock when a negative delta is larger than the stock on hand.
     """
     if type(delta) is not int or delta == 0:
         raise InvalidStockChange("the adjustment must be a whole number other than zero")
     if not reason.strip():
         raise InvalidStockChange("an adjustment needs a reason")
-    with transaction.atomic():
+
+    def change() -> StockMovement:
         updated = Product.objects.filter(pk=product_id, stock__gte=max(-delta, 0)).update(stock=F("stock") + delta)
         if not updated:
             on_hand = Product.objects.filter(pk=product_id).values_list("stock", flat=True).first()
@@ -59,8 +90,15 @@ def adjust_stock(*, product_id: int, delta: int, reason: str, user=None) -> Stoc
                 raise Product.DoesNotExist(f"no product {product_id}")
             raise InsufficientStock(product_id=product_id, delta=delta, on_hand=on_hand)
         return StockMovement.objects.create(
-            product_id=product_id, delta=delta, kind=StockMovement.Kind.ADJUSTED, reason=reason, created_by=user
+            product_id=product_id,
+            delta=delta,
+            kind=StockMovement.Kind.ADJUSTED,
+            reason=reason,
+            created_by=user,
+            submission=submission,
         )
+
+    return _once_per_submission(submission, change)
 
 
 def reserve_for_order(*, order: Order) -> list[str]:

@@ -107,11 +107,15 @@ def _record(payment_id: int, outcome: Outcome) -> Payment:
 
     A charge whose amount, currency or reference differs from the payment's is never a success:
     the payment needs attention (a dead letter and an alert, through `needs_attention`). So does a
-    success for a payment voided meanwhile (the provider took money after the cancellation).
+    success for a payment voided meanwhile (the provider took money after the cancellation). A
+    payment whose outcome was unknown when it was put in needs_attention (retries spent, a
+    refusal) still takes the provider's charge when one turns up (a late webhook, a lookup).
     """
     payment = Payment.objects.select_for_update().get(pk=payment_id)
     voided = payment.status == Payment.Status.VOIDED
-    if payment.status in Payment.FINAL and not (voided and isinstance(outcome, provider.Charge)):
+    if payment.status in Payment.FINAL and not (
+        isinstance(outcome, provider.Charge) and (voided or outcome_unknown(payment))
+    ):
         return payment
     if isinstance(outcome, provider.CardDeclined):
         status, charge_id, reason = Payment.Status.DECLINED, outcome.charge_id, outcome.reason
@@ -119,8 +123,11 @@ def _record(payment_id: int, outcome: Outcome) -> Payment:
         status, charge_id, reason = Payment.Status.NEEDS_ATTENTION, "", f"rejected: {outcome}"
     elif problems := mismatch(payment, outcome):
         status, charge_id, reason = Payment.Status.NEEDS_ATTENTION, outcome.id, f"mismatch: {problems}"
-    elif outcome.status != "succeeded":
+    elif outcome.status in ("failed", "declined"):
         status, charge_id, reason = Payment.Status.DECLINED, outcome.id, outcome.status
+    elif outcome.status != "succeeded":
+        # Not settled at the provider yet (pending): ask again later.
+        raise provider.ProviderUnavailable(f"charge {outcome.id} is {outcome.status} at the provider")
     elif voided:
         status, charge_id, reason = Payment.Status.NEEDS_ATTENTION, outcome.id, "charged after it was voided: refund"
     else:
@@ -146,10 +153,16 @@ def settle_payment(*, payment_id: int) -> Payment:
         return _record(payment.pk, outcome)
 
 
-def mark_needs_attention(*, order_id: int, reason: str) -> Payment | None:
-    """The charge of this order failed for good (retries spent): its processing payment needs attention."""
+def mark_needs_attention(
+    *, reason: str, order_id: int | None = None, subscription_id: int | None = None, billing_period: str = ""
+) -> Payment | None:
+    """The charge of this order (or subscription period) failed for good: its processing payment needs attention."""
+    if order_id is not None:
+        lookup = {"order_id": order_id}
+    else:
+        lookup = {"subscription_id": subscription_id, "billing_period": billing_period}
     with transaction.atomic():
-        payment = Payment.objects.select_for_update().filter(order_id=order_id).first()
+        payment = Payment.objects.select_for_update().filter(**lookup).first()
         if payment is None or payment.status != Payment.Status.PROCESSING:
             return payment
         payment.status = Payment.Status.NEEDS_ATTENTION
@@ -159,17 +172,44 @@ def mark_needs_attention(*, order_id: int, reason: str) -> Payment | None:
     return payment
 
 
+def outcome_unknown(payment: Payment) -> bool:
+    """A payment in needs_attention because its outcome was never learnt (not a mismatch, not money after a void)."""
+    return payment.status == Payment.Status.NEEDS_ATTENTION and payment.failure_reason.startswith(
+        ("unfinished:", "rejected:")
+    )
+
+
+def look_up_at_provider(*, payment_id: int) -> Payment:
+    """Ask the provider what it did under the payment's key and record a charge it made; call outside a transaction.
+
+    For a payment whose outcome is unknown (processing, or needs_attention without a known
+    outcome) before staff act on it. Raises ProviderUnavailable when the provider cannot be asked.
+    """
+    assert_outside_transaction("a provider lookup")
+    payment = Payment.objects.get(pk=payment_id)
+    if payment.status != Payment.Status.PROCESSING and not outcome_unknown(payment):
+        return payment
+    charges = list(provider.list_charges(reference=payment.idempotency_key))
+    made = next((charge for charge in charges if charge.status == "succeeded"), None) or next(iter(charges), None)
+    if made is None:
+        return payment
+    with transaction.atomic():
+        return _record(payment.pk, made)
+
+
 def reopen_payment(*, order_id: int) -> Payment | None:
     """Staff retry a charge that needs attention: processing again, with the same key unless the provider refused it.
 
     The same key makes a retry safe when the first outcome is unknown (the provider may have
-    charged); a key the provider refused (`idempotency_key_reused`) is replaced.
+    charged: it answers with that charge instead of making another). Only a key the provider
+    refused as reused (`idempotency_key_reused`) is replaced. Call after `look_up_at_provider`,
+    holding the order's row lock.
     """
     payment = Payment.objects.select_for_update().filter(order_id=order_id).first()
-    if payment is None or payment.status != Payment.Status.NEEDS_ATTENTION:
+    if payment is None or not outcome_unknown(payment):
         return payment
     fields = ["status", "failure_reason", "updated_at"]
-    if payment.failure_reason.startswith("rejected:"):
+    if "idempotency_key_reused" in payment.failure_reason:
         payment.idempotency_key = new_idempotency_key()
         fields.append("idempotency_key")
     payment.status = Payment.Status.PROCESSING
@@ -277,27 +317,33 @@ def charge_subscription(*, subscription_id: int, billing_period: str) -> Payment
             return payment
     if payment.status not in Payment.FINAL:
         payment = settle_payment(payment_id=payment.pk)
-        with transaction.atomic():
-            _apply_to_subscription(subscription.pk, payment, period_start)
+    # Also for an outcome recorded before: its worker may have died before applying it.
+    with transaction.atomic():
+        _apply_to_subscription(subscription.pk, payment, period_start)
     return payment
 
 
 def _apply_to_subscription(subscription_id: int, payment: Payment, period_start: date) -> None:
-    """Move the subscription on by its payment's outcome. Call inside a transaction."""
+    """Move the subscription on by its payment's outcome, once per period. Call inside a transaction.
+
+    A success for the period that is due moves the period forward and makes the subscription
+    active; a decline for it makes it past_due. An outcome applied before changes nothing.
+    """
     if payment.status not in (Payment.Status.SUCCEEDED, Payment.Status.DECLINED):
         return
     subscription = Subscription.objects.select_for_update().select_related("plan").get(pk=subscription_id)
-    if subscription.status == Subscription.Status.CANCELLED:
-        return
+    if subscription.status == Subscription.Status.CANCELLED or subscription.current_period_end > period_start:
+        return  # cancelled, or this period's outcome was applied already
     if payment.status == Payment.Status.SUCCEEDED:
-        if subscription.current_period_end <= period_start:
-            # A subscription from before billing_anchor existed is anchored on the period it was last billed for.
-            subscription.billing_anchor = subscription.billing_anchor or subscription.current_period_start
-            subscription.current_period_start = period_start
-            subscription.current_period_end = subscription.plan.period_after(
-                period_start, anchor=subscription.billing_anchor
-            )
+        # A subscription from before billing_anchor existed is anchored on the period it was last billed for.
+        subscription.billing_anchor = subscription.billing_anchor or subscription.current_period_start
+        subscription.current_period_start = period_start
+        subscription.current_period_end = subscription.plan.period_after(
+            period_start, anchor=subscription.billing_anchor
+        )
         subscription.status = Subscription.Status.ACTIVE
+    elif subscription.status == Subscription.Status.PAST_DUE:
+        return
     else:
         subscription.status = Subscription.Status.PAST_DUE
     subscription.save(update_fields=["status", "current_period_start", "current_period_end", "billing_anchor"])
@@ -312,9 +358,17 @@ def bill_due_subscriptions(*, today: date | None = None) -> list[tuple[int, str]
         .order_by("id")
         .values_list("id", "current_period_end")
     )
+    # A period whose payment ended without its outcome being applied (needs attention, voided) is left to staff.
+    settled = set(
+        Payment.objects.filter(subscription_id__in=[pk for pk, _ in due])
+        .exclude(status=Payment.Status.PROCESSING)
+        .values_list("subscription_id", "billing_period")
+    )
     dispatched = []
     with transaction.atomic():
         for subscription_id, period_start in due:
+            if (subscription_id, period_start.isoformat()) in settled:
+                continue
             if outbox.enqueue_once("payments.tasks.charge_subscription", subscription_id, period_start.isoformat()):
                 dispatched.append((subscription_id, period_start.isoformat()))
     return dispatched
@@ -374,7 +428,9 @@ def process_webhook(*, event_id: int) -> WebhookEvent | None:
     if payment is None:
         payment = Payment.objects.filter(idempotency_key=charge.reference).first()
     with transaction.atomic():
-        if payment is not None and payment.status in (Payment.Status.PROCESSING, Payment.Status.VOIDED):
+        if payment is not None and (
+            payment.status in (Payment.Status.PROCESSING, Payment.Status.VOIDED) or outcome_unknown(payment)
+        ):
             # Our own task crashed between the provider's answer and our commit: finish it, checked as
             # every outcome is (amount, currency, reference).
             payment = _record(payment.pk, charge)

@@ -24,7 +24,8 @@ def bill_due_subscriptions() -> int:
     return len(services.bill_due_subscriptions())
 
 
-@shared_task(dont_autoretry_for=(ValidationError,), **retry_policy(retries=5, backoff_max=16))
+# Its retries spent, it starts again WEBHOOK_RESUME_SECONDS later (payments/receivers.py).
+@shared_task(dont_autoretry_for=(ValidationError,), **retry_policy(retries=8, backoff_max=60))
 def process_webhook(event_id: int) -> str | None:
     event = services.process_webhook(event_id=event_id)
     return event.status if event else None

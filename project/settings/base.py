@@ -379,6 +379,8 @@ OUTBOX_BACKOFF_MAX_SECONDS = env.float("OUTBOX_BACKOFF_MAX_SECONDS", default=60.
 # A paid order whose hand-over to the warehouse failed all its retries is on hold and tried again
 # this much later, by itself, until OUTBOX_MAX_ATTEMPTS rounds are spent.
 FULFILLMENT_RESUME_SECONDS = env.float("FULFILLMENT_RESUME_SECONDS", default=600.0)
+# The same for a provider event whose processing failed all its retries (the provider's API away).
+WEBHOOK_RESUME_SECONDS = env.float("WEBHOOK_RESUME_SECONDS", default=300.0)
 # The same for an email whose sends failed all their retries (the mail server down for long).
 NOTIFICATION_RESUME_SECONDS = env.float("NOTIFICATION_RESUME_SECONDS", default=600.0)
 

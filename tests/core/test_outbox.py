@@ -133,6 +133,7 @@ def test_a_published_item_whose_message_the_broker_lost_is_published_again_under
     assert outbox.relay()["published"] == 0
 
 
+@pytest.mark.django_db(transaction=True)  # its dead letter is committed on a connection of its own
 def test_an_item_whose_task_no_worker_registers_fails_at_once_and_stops_nothing_else(broker):
     with transaction.atomic():
         renamed = OutboxItem.objects.create(task_name="payments.tasks.charge_order", args=[1])
@@ -181,7 +182,7 @@ def test_a_finished_task_marks_its_item_done():
 
 def test_a_final_failure_ends_the_item_failed_unless_its_task_resumes_later(settings):
     with transaction.atomic():
-        failed = outbox.enqueue("payments.tasks.process_webhook", 13)
+        failed = outbox.enqueue("reports.tasks.generate_report", 13)
     item, parked = outbox.finish_failed(task_id=str(failed.task_id), reason="ProviderRejected: HTTP 422")
     assert (item.state, parked) == (OutboxItem.State.FAILED, False)
     # A second report of the same failure changes nothing.

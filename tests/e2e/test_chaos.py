@@ -18,6 +18,7 @@ import email
 import json
 import os
 import random
+import re
 import signal
 import socket
 import socketserver
@@ -58,11 +59,16 @@ SKUS = [f"CHAOS-{n}" for n in range(8)]
 STOCK_EACH = 80  # 640 units for about 750 wanted: some orders are rightly rejected
 CRITICAL_CONCURRENCY = 2
 DEFAULT_CONCURRENCY = 1
-# A killed worker's messages come back after the visibility timeout, which must stay above the
-# longest retry countdown (120 s: sync_to_fulfillment, send_notification) plus the hard time
-# limit (90 s), or a message waiting out its countdown is delivered a second time while the
-# first copy still waits, and each copy retries on its own (production: 3600 s).
-VISIBILITY_TIMEOUT = 240
+# The recovery windows, production's rules with shorter numbers. A killed worker's messages come
+# back after the visibility timeout, which must stay above the longest retry countdown (120 s:
+# sync_to_fulfillment, send_notification) plus the hard time limit, or a message waiting out its
+# countdown is delivered a second time while the first copy still waits, and each copy retries
+# on its own. A message that never reaches a worker is published again by the relay after
+# OUTBOX_LOST_AFTER_SECONDS, above the visibility timeout plus the hard time limit.
+# Production: limits 60/90 s (critical) and 30/60 s (default), 3600 s, 7200 s.
+HARD_TIME_LIMIT = 30
+VISIBILITY_TIMEOUT = 120 + HARD_TIME_LIMIT + 10
+LOST_AFTER = VISIBILITY_TIMEOUT + HARD_TIME_LIMIT + 10
 FAST_RECOVERY = {
     "OUTBOX_RELAY_SECONDS": "1",
     "OUTBOX_FAST_PATH_GRACE_SECONDS": "2",
@@ -72,12 +78,20 @@ FAST_RECOVERY = {
     "CELERY_VISIBILITY_TIMEOUT": str(VISIBILITY_TIMEOUT),
     "CELERY_UNACKED_RESTORE_INTERVAL": "1",
     "CELERY_UNACKED_RESTORE_THROTTLE": "1",
+    "OUTBOX_LOST_AFTER_SECONDS": str(LOST_AFTER),
+    "CRITICAL_SOFT_TIME_LIMIT": "20",
+    "CRITICAL_TIME_LIMIT": str(HARD_TIME_LIMIT),
+    "DEFAULT_SOFT_TIME_LIMIT": "20",
+    "DEFAULT_TIME_LIMIT": str(HARD_TIME_LIMIT),
+    # Each call's deadline under the soft limit, as in production.
+    "PROVIDER_CALL_DEADLINE": "10",
     "PROVIDER_READ_TIMEOUT": "5",
     "EMAIL_TIMEOUT": "5",
 }
-# After the failures stop: a killed worker's messages are back after the visibility timeout;
-# what they start may wait out a retry countdown at its cap (120 s), or be parked for 20 s.
-SETTLED_WITHIN_SECONDS = VISIBILITY_TIMEOUT + 120 + 60
+# After the failures stop: a killed worker's messages are back after the visibility timeout, and
+# what they start may wait out a retry countdown at its cap (120 s); a lost message is published
+# again after LOST_AFTER; parked work resumes after 20 s. Plus a minute for a loaded machine.
+SETTLED_WITHIN_SECONDS = max(VISIBILITY_TIMEOUT + 120, LOST_AFTER + 20) + 60
 # Each open outbox item has one message on the broker, two for a moment while a retry is handed over.
 MESSAGES_PER_OPEN_ITEM = 2
 QUEUES = {"critical": ("orders.", "payments."), "default": ("notifications.", "core."), "bulk": ("reports.",)}
@@ -390,15 +404,41 @@ def settled() -> bool:
     return not open_items.filter(Q(task_name__in=ORDER_STEPS) | Q(task_name__startswith="notifications.")).exists()
 
 
-def unsettled() -> str:
-    """What keeps the run from settling: orders by status and the open items, for the failure message."""
+def unsettled(stack: dict) -> str:
+    """What keeps the run from settling, for the failure message: orders waiting, open items, and where their
+    messages are (each Redis key that holds one, and every log line that names it)."""
     waiting = Order.objects.filter(status__in=[Order.Status.PENDING, Order.Status.CONFIRMED, Order.Status.PAID])
-    items = OutboxItem.objects.filter(state__in=OutboxItem.OPEN).order_by("id")
-    return (
-        f"orders waiting: {list(waiting.values_list('id', 'status')[:20])}; open items: "
-        f"{list(items.values_list('task_name', 'args', 'state', 'attempts', 'next_attempt_at', 'last_error')[:20])}; "
-        f"notifications: {dict(Counter(Notification.objects.values_list('status', flat=True)))}"
-    )
+    items = list(OutboxItem.objects.filter(state__in=OutboxItem.OPEN).order_by("id")[:20])
+    lines = [
+        f"orders waiting: {list(waiting.values_list('id', 'status')[:20])}",
+        f"notifications: {dict(Counter(Notification.objects.values_list('status', flat=True)))}",
+    ]
+    client = redis.Redis.from_url(stack["redis"].url)
+    keys = {key.decode(errors="replace"): client.type(key).decode() for key in client.keys("*")}
+    lines.append(f"redis keys: {keys}")
+    logs = {path.name: path.read_text(errors="replace") for path in stack["tmp"].glob("*.log")}
+    for item in items:
+        task_id = str(item.task_id)
+        lines.append(f"open: {item} attempts={item.attempts} published_at={item.published_at} task_id={task_id}")
+        for key, kind in keys.items():
+            values = {"list": lambda k: client.lrange(k, 0, -1), "hash": lambda k: client.hvals(k)}.get(kind)
+            if values and any(task_id.encode() in raw for raw in values(key)):
+                lines.append(f"  message in redis {key!r} ({kind})")
+        for name, text in logs.items():
+            lines += [f"  {name}: {line[:300]}" for line in text.splitlines() if task_id in line]
+    client.close()
+    return "\n".join(lines)
+
+
+def republished_as_lost(stack: dict) -> list[str]:
+    """Items whose message never reached a worker, which the relay published again (and what the logs say of them)."""
+    logs = [path.read_text(errors="replace") for path in sorted(stack["tmp"].glob("*.log"))]
+    pks = {int(pk) for text in logs for pk in re.findall(r"outbox item (\d+) \(.+?\): no news for its message", text)}
+    report = []
+    for item in OutboxItem.objects.filter(pk__in=pks).order_by("pk"):
+        report.append(f"{item} task_id={item.task_id} published_at={item.published_at}")
+        report += [f"  {line[:250]}" for text in logs for line in text.splitlines() if str(item.task_id) in line]
+    return report
 
 
 def test_500_orders_under_chaos_end_settled_charged_and_shipped_once_with_bounded_queues_and_dead_letters(
@@ -451,11 +491,13 @@ def run_chaos(stack, start_worker, sampler: QueueSampler):
     try:
         wait_for(settled, SETTLED_WITHIN_SECONDS, "every order and email to settle", interval=2)
     except BaseException:
-        print("not settled:", unsettled())
+        print("not settled:", unsettled(stack))
         raise
     finally:
         sampler.stop()
     print(f"settled {time.monotonic() - healed:.0f} s after the failures stopped")
+    lost = republished_as_lost(stack)
+    print("published again by the relay, their first message lost:", "\n".join(lost) or "none")
 
     # Every order is final, or on hold with a message for the shopper
     by_status = Counter(Order.objects.values_list("status", flat=True))

@@ -131,7 +131,7 @@ def test_order_on_hold_shows_its_hold_reason_on_its_page_and_in_the_api(client, 
     assert hold_notice(client, paid_order) == (False, "")
     assert client.get(f"/api/orders/{paid_order.pk}/").json()["hold_reason"] == ""
 
-    hold_stuck_order(order_id=paid_order.pk, task_name=SYNC, reason="ProviderUnavailable: warehouse down")
+    hold_stuck_order(order_id=paid_order.pk, task_name=SYNC, reason="ProviderUnavailable: warehouse down", resumes=True)
 
     assert hold_notice(client, paid_order) == (True, HOLD_MESSAGES[S.PAID])
     body = client.get(f"/api/orders/{paid_order.pk}/").json()

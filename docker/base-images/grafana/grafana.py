@@ -102,7 +102,9 @@ class Handler(BaseHTTPRequestHandler):
             uid = path.removeprefix("/api/dashboards/uid/")
             for item in dashboards():
                 if item["dashboard"].get("uid") == uid:
-                    return self.send_json(200, {"dashboard": item["dashboard"], "meta": {"folderTitle": item["folderTitle"]}})
+                    return self.send_json(
+                        200, {"dashboard": item["dashboard"], "meta": {"folderTitle": item["folderTitle"]}}
+                    )
             return self.send_json(404, {"message": "Dashboard not found"})
         return self.send_json(404, {"message": "Not found"})
 

@@ -18,7 +18,7 @@ import sys
 import threading
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import getaddresses
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -49,7 +49,7 @@ def store(raw: bytes, sender: str, recipients: list[str]) -> None:
         "Cc": _people(parsed.get("Cc")),
         "Bcc": [],
         "Subject": str(parsed.get("Subject", "")),
-        "Created": datetime.now(timezone.utc).isoformat(),
+        "Created": datetime.now(UTC).isoformat(),
         "Size": len(raw),
         "Snippet": " ".join(body.split())[:250],
         "Text": body,
@@ -168,7 +168,7 @@ def serve() -> None:
     smtp = SMTPServer(_address(os.environ.get("MP_SMTP_BIND_ADDR", "0.0.0.0:1025")), SMTPHandler)
     threading.Thread(target=smtp.serve_forever, daemon=True).start()
     web = ThreadingHTTPServer(_address(os.environ.get("MP_UI_BIND_ADDR", "0.0.0.0:8025")), HTTPHandler)
-    print("mailpit stand-in: SMTP on %s:%d, HTTP on %s:%d" % (*smtp.server_address, *web.server_address), flush=True)
+    print(f"mailpit stand-in: SMTP on {smtp.server_address}, HTTP on {web.server_address}", flush=True)
     web.serve_forever()
 
 
