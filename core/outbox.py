@@ -34,7 +34,7 @@ from typing import Any
 import redis
 from celery import current_app, signals
 from django.conf import settings
-from django.db import connection, connections, transaction
+from django.db import DatabaseError, connection, connections, transaction
 from django.db.models import F, Q
 from django.dispatch import Signal
 from django.utils import timezone
@@ -103,7 +103,7 @@ def _task(task_name: str):
 
 
 def _backoff(attempt: int) -> timedelta:
-    """Exponential with full jitter, capped: the same shape as the tasks' own retries."""
+    """Exponential, capped, with jitter (between half and all of the ceiling)."""
     ceiling = min(settings.OUTBOX_BACKOFF_MAX_SECONDS, settings.OUTBOX_BACKOFF_BASE_SECONDS * 2**attempt)
     return timedelta(seconds=random.uniform(ceiling / 2, ceiling))
 
@@ -130,9 +130,15 @@ def _publish(item_id: int, task_id: str, task_name: str, args, kwargs) -> bool:
             next_attempt_at=timezone.now() + _backoff(0), last_error=f"broker unreachable: {exc}"[:500]
         )
         return False
-    OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
-        state=OutboxItem.State.PUBLISHED, attempts=F("attempts") + 1, published_at=timezone.now()
-    )
+    try:
+        OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
+            state=OutboxItem.State.PUBLISHED, attempts=F("attempts") + 1, published_at=timezone.now()
+        )
+    except DatabaseError:
+        # The message is out; only its record is missing. The relay publishes it once more after
+        # the grace period (a duplicate the idempotent task absorbs): better than failing a
+        # request whose order is already committed.
+        logger.exception("outbox item %s published but not marked so", item_id)
     return True
 
 

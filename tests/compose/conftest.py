@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.compose.checkout import copy_working_tree, read_dotenv
 from tests.compose.engine import CACHE, Engine
 from tests.stack import REPO_ROOT, free_port
 
@@ -83,6 +84,12 @@ def timed(config: pytest.Config, phase: str) -> Iterator[None]:
         config.stash.setdefault(TIMINGS, {})[phase] = time.monotonic() - started
 
 
+@pytest.fixture
+def timer(request):
+    """`with timer("phase"):` adds the phase's time to the summary printed at the end."""
+    return lambda phase: timed(request.config, phase)
+
+
 @dataclass
 class Stack:
     """The running compose project: `compose(...)` runs `docker compose` in its folder."""
@@ -129,27 +136,6 @@ class Stack:
         status = self.compose("ps", "--all", check=False, timeout=60).stdout
         logs = self.compose("logs", "--no-color", "--tail", "40", check=False, timeout=60).stdout
         return f"--- docker compose ps\n{status}\n--- docker compose logs (tail)\n{logs[-12000:]}"
-
-
-def read_dotenv(path: Path) -> dict[str, str]:
-    lines = path.read_text().splitlines()
-    return dict(line.split("=", 1) for line in lines if line.strip() and not line.lstrip().startswith("#"))
-
-
-def copy_working_tree(destination: Path) -> None:
-    """The files a clone would have (tracked, and new ones not ignored), as a user's checkout."""
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        check=True,
-    ).stdout.split(b"\0")
-    for name in filter(None, listed):
-        source = REPO_ROOT / name.decode()
-        if source.is_file():
-            target = destination / name.decode()
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target)
 
 
 @pytest.fixture(scope="session")

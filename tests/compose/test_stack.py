@@ -201,8 +201,9 @@ def test_the_tls_switch_sends_browsers_to_https_and_keeps_calls_between_services
     assert hooks["failed"] == 0
 
 
-def test_down_leaves_no_container_network_volume_or_process_and_the_engine_stops(stack, engine):
-    stack.compose("down", "--volumes", timeout=600)
+def test_down_leaves_no_container_network_volume_or_process_and_the_engine_stops(stack, engine, timer):
+    with timer("docker compose down --volumes"):
+        stack.compose("down", "--volumes", timeout=600)
     stack.down = True
     project = f"label=com.docker.compose.project={stack.env['COMPOSE_PROJECT_NAME']}"
     for kind in ("container", "network", "volume"):
@@ -210,7 +211,8 @@ def test_down_leaves_no_container_network_volume_or_process_and_the_engine_stops
         listed = engine.docker_cli(kind, "ls", *every, "--quiet", "--filter", project)
         assert listed.stdout.split() == [], f"{kind}s left: {listed.stdout}"
 
-    engine.stop()
+    with timer("engine stop"):
+        engine.stop()
 
     assert engine.process.poll() is not None
     assert engine.leftover_processes() == {}

@@ -253,3 +253,18 @@ def test_published_messages_carry_no_time_limits_so_the_consuming_worker_decides
         enqueue_committed(18)
     (raw,) = broker.lrange("default", 0, -1)
     assert json.loads(raw)["headers"]["timelimit"] == [None, None]
+
+
+def test_a_database_error_after_the_publish_does_not_fail_the_committed_request(broker):
+    from unittest import mock
+
+    from django.db import OperationalError
+
+    item = enqueue_committed(19)  # committed; its after-commit publish is run by hand below
+    failing = mock.Mock()
+    failing.update.side_effect = OperationalError("the database went away")
+    with mock.patch.object(OutboxItem.objects, "filter", return_value=failing):
+        outbox._publish_after_commit(item.pk, str(item.task_id), TASK, [19])  # does not raise
+    assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.PENDING  # the relay publishes it once more after the grace period
