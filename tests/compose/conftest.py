@@ -154,7 +154,6 @@ def engine(request) -> Iterator[Engine]:
 
 @pytest.fixture(scope="session")
 def stack(request, engine) -> Iterator[Stack]:
-    run_folder = RUN_FOLDER
     config = request.config
     with timed(config, "base images (Debian packages)"):
         build = subprocess.run(
@@ -167,7 +166,7 @@ def stack(request, engine) -> Iterator[Stack]:
         )
         assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
 
-    directory = run_folder / "checkout"
+    directory = RUN_FOLDER / "checkout"
     copy_working_tree(directory)
     example = (directory / ".env.example").read_text()
     dotenv = example
@@ -198,6 +197,6 @@ def stack(request, engine) -> Iterator[Stack]:
         yield running
     finally:
         logs = running.compose("logs", "--no-color", "--timestamps", check=False, timeout=120).stdout
-        (run_folder / "compose.log").write_text(logs)
+        (RUN_FOLDER / "compose.log").write_text(logs)
         if not running.down:
             running.compose("down", "--volumes", "--remove-orphans", check=False, timeout=600)

@@ -122,6 +122,9 @@ def test_flower_behind_basic_auth_lists_the_three_queues(stack):
     assert requests.get(f"{base}/api/queues/length", timeout=10).status_code == 401
 
     def queues() -> set[str]:
+        # Flower asks the workers for their queues when it starts, and again on a refresh of its
+        # workers view (the dashboard's Refresh): a worker that was still starting is known after one.
+        requests.get(f"{base}/api/workers", params={"refresh": 1}, auth=auth, timeout=15)
         response = requests.get(f"{base}/api/queues/length", auth=auth, timeout=15)
         return {queue["name"] for queue in response.json()["active_queues"]} if response.ok else set()
 

@@ -41,7 +41,9 @@ def run_django(tmp_path: Path, argv: list[str], env: dict[str, str]) -> subproce
 
 @pytest.mark.parametrize("environment", ["production", ".env.example"])
 def test_deploy_check_is_clean_with_debug_off(tmp_path, environment):
-    env = PRODUCTION if environment == "production" else env_example()
+    # .env.example serves plain http out of the box; production behind TLS is its documented switch.
+    tls = {"SECURE_SSL_REDIRECT": "true", "SECURE_COOKIES": "true"}
+    env = PRODUCTION if environment == "production" else {**env_example(), **tls}
     assert env["DEBUG"] == "false"
     result = run_django(tmp_path, ["manage.py", "check", "--deploy", "--fail-level", "WARNING"], env)
     assert result.returncode == 0, result.stderr
