@@ -287,8 +287,9 @@ def held_from(order: Order) -> str | None:
     if order.status != Order.Status.ON_HOLD:
         return None
     return (
+        # By id, not time: events are written by several processes whose clocks may differ.
         order.events.filter(to_status=Order.Status.ON_HOLD)
-        .order_by("-created_at", "-id")
+        .order_by("-id")
         .values_list("from_status", flat=True)
         .first()
     )

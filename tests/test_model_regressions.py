@@ -7,13 +7,15 @@ import time
 import pytest
 from django.conf import settings
 
+from core import outbox
+from core.models import OutboxItem
 from integrations.errors import ProviderUnavailable
 from orders import services as order_services
-from orders.models import Order, Product
+from orders.models import Order
 from payments import services as payment_services
-from payments.models import Payment
+from payments.models import Payment, Subscription
 from sandbox.signing import sign
-from tests.factories import ProductFactory, UserFactory
+from tests.factories import PlanFactory, ProductFactory, UserFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("broker")]
 
@@ -59,3 +61,35 @@ def test_staff_cannot_fail_an_order_the_provider_was_paid_for(sandbox):
     assert payment.status == Payment.Status.SUCCEEDED
     assert order.status != Order.Status.PAYMENT_FAILED, "the provider holds EUR 25.00 for an order the shop failed"
     assert product.stock == 3
+
+
+def test_cancelling_while_a_charge_outcome_is_unknown_never_records_a_later_charge_as_a_plain_success(sandbox):
+    # Given a subscription whose first charge reached the provider (it charged) but whose answer was lost,
+    owner = UserFactory()
+    subscription = payment_services.subscribe(owner=owner, plan_code=PlanFactory(code="monthly").code)
+    period = subscription.current_period_start.isoformat()
+    sandbox.set_faults(fail_after_charge_next=1)
+    with pytest.raises(ProviderUnavailable):
+        payment_services.charge_subscription(subscription_id=subscription.pk, billing_period=period)
+    # and whose charge task then failed for good (retries spent: the outbox's work_failed, as the worker sends it)
+    [item] = OutboxItem.objects.filter(task_name="payments.tasks.charge_subscription", args=[subscription.pk, period])
+    failed, parked = outbox.finish_failed(task_id=str(item.task_id), reason="ProviderUnavailable: retries spent")
+    outbox.work_failed.send(sender=OutboxItem, item=failed, reason=failed.last_error, by_relay=False, parked=parked)
+    payment = Payment.objects.get(subscription=subscription)
+    assert payment.status == Payment.Status.NEEDS_ATTENTION  # "unfinished": its outcome is unknown
+
+    # When the owner cancels (told whether a charge was in flight) and the provider's webhook arrives afterwards
+    outcome = payment_services.cancel_subscription(subscription_id=subscription.pk, owner=owner)
+    [charge] = sandbox.charges(reference=payment.idempotency_key)
+    deliver_event_of(sandbox, charge["id"])
+
+    # Then the money taken after the owner was told "nothing in flight" is not booked as a plain success:
+    # either the cancel voided the unfinished charge (and said so) and the late charge is a refund for staff,
+    # or the cancel reported it in flight.
+    payment.refresh_from_db()
+    subscription.refresh_from_db()
+    assert subscription.status == Subscription.Status.CANCELLED
+    assert outcome.voided_charge or payment.status != Payment.Status.SUCCEEDED, (
+        f"cancel said no charge was in flight, then the provider's charge was recorded {payment.status}"
+    )
+    assert payment.status == Payment.Status.NEEDS_ATTENTION, payment.status

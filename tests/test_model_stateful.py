@@ -193,6 +193,11 @@ class ShopModel(RuleBasedStateMachine):
             return Payment.objects.filter(subscription_id=item.args[0], billing_period=item.args[1])
         return Payment.objects.none()
 
+    def mark_retrying(self, task_name: str, *args) -> None:
+        """A delivery of the task failed transiently: Celery retries its message (the open item of those args)."""
+        items = self.open_items().filter(task_name=task_name, args=list(args))
+        self.retrying.update(str(task_id) for task_id in items.values_list("task_id", flat=True))
+
     def run_item(self, item: OutboxItem, outcome: str) -> None:
         """Deliver the item's message: run its task; a transient error leaves it for a retry, success marks it done."""
         task = TASKS[item.task_name]
@@ -289,6 +294,7 @@ class ShopModel(RuleBasedStateMachine):
                 unavailable = False
             except ProviderUnavailable:
                 unavailable = True
+                self.mark_retrying(pipeline.NEXT_STEP[waits_in], order.pk)
         self.remember_in_flight(outcome, order.payments.all())
         after = Order.objects.get(pk=order.pk)
         # An order held on its way out of a status still waits for the step (process_order aside: it reserves anew).
@@ -328,12 +334,7 @@ class ShopModel(RuleBasedStateMachine):
         note(f"provider charged {charge.id} for order {order.pk}; not recorded")
         self.in_flight.add(payment.idempotency_key)
         # The worker died holding the charge's message: it is delivered again, until the losses count as its failure.
-        self.retrying.update(
-            str(pk)
-            for pk in self.open_items()
-            .filter(task_name=CHARGE_ORDER, args=[order.pk])
-            .values_list("task_id", flat=True)
-        )
+        self.mark_retrying(CHARGE_ORDER, order.pk)
 
     @rule(data=st.data(), by_owner=st.booleans())
     def cancel_order(self, data, by_owner):
@@ -464,7 +465,7 @@ class ShopModel(RuleBasedStateMachine):
             try:
                 payment_services.charge_subscription(subscription_id=subscription_id, billing_period=period)
             except ProviderUnavailable:
-                pass
+                self.mark_retrying(CHARGE_SUBSCRIPTION, subscription_id, period)
         payments = Payment.objects.filter(subscription_id=subscription_id, billing_period=period)
         self.remember_in_flight(outcome, payments)
         if cancelled and not existed:
@@ -482,12 +483,12 @@ class ShopModel(RuleBasedStateMachine):
     def provider_webhook_arrives(self, data, event, process_now):
         """One of the provider's events, in any order, once or again (a replay stores and dispatches nothing).
 
-        `unrecorded`: an event for a charge the shop has not recorded (its payment still processing or voided),
-        when there is one. `another_amount`: first the provider charges, under someone else's key, another
+        `unrecorded`: an event for a charge the shop has not recorded (its payment processing, voided or needing
+        attention), when there is one. `another_amount`: first the provider charges, under someone else's key, another
         amount with one of our payments' keys as its reference (preferably a processing one); the event is
         that charge's.
         """
-        open_payments = Payment.objects.filter(status__in=[P.PROCESSING, P.VOIDED])
+        open_payments = Payment.objects.filter(status__in=[P.PROCESSING, P.VOIDED, P.NEEDS_ATTENTION])
         if event == "another_amount":
             payments = list(open_payments.order_by("pk")) or list(Payment.objects.order_by("pk"))
             if not payments:
