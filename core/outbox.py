@@ -93,12 +93,17 @@ def enqueue_once(task_name: str, *args: Any) -> OutboxItem | None:
     return enqueue(task_name, *args)
 
 
+_import_lock = threading.Lock()
+
+
 def _task(task_name: str):
     try:
         return current_app.tasks[task_name]
     except KeyError:
-        # Outside a worker, task modules are imported on first use.
-        current_app.loader.import_default_modules()
+        # Outside a worker, task modules are imported on first use; once, under a lock: a second
+        # thread of a gunicorn worker must not look before the first has finished importing them.
+        with _import_lock:
+            current_app.loader.import_default_modules()
         return current_app.tasks[task_name]
 
 
@@ -143,8 +148,12 @@ def _publish(item_id: int, task_id: str, task_name: str, args, kwargs) -> bool:
 
 
 def _publish_after_commit(item_id: int, task_id: str, task_name: str, args) -> None:
-    # Any error but an unreachable broker (a bug, or an eager task failing in tests) is raised.
-    _publish(item_id, task_id, task_name, args, {})
+    # Any error but an unreachable broker or an unknown task (a bug, or an eager task failing in
+    # tests) is raised. The request's work is committed either way; the relay has the item.
+    try:
+        _publish(item_id, task_id, task_name, args, {})
+    except Unpublishable:
+        logger.exception("outbox item %s not published after commit; the relay will deal with it", item_id)
 
 
 # A key the broker's Redis keeps for as long as its data lives: it holds the time the data began.
@@ -188,14 +197,79 @@ def broker_epoch() -> datetime | None:
         return None
 
 
+# Finds which of the task ids in ARGV still have a message in the lists or hashes named by KEYS
+# (the queues, and kombu's `unacked` hash of messages delivered but not acknowledged). Run inside
+# Redis, so a long queue is scanned where it lies instead of being copied out.
+_STILL_HELD = """
+local wanted = {}
+for _, id in ipairs(ARGV) do wanted[id] = true end
+local found = {}
+local function look(element)
+  local id = string.match(element, '"id": "([%x%-]+)"')
+  if id and wanted[id] then
+    found[#found + 1] = id
+    wanted[id] = nil
+  end
+end
+for _, key in ipairs(KEYS) do
+  local kind = redis.call('TYPE', key)['ok']
+  if kind == 'list' then
+    for _, element in ipairs(redis.call('LRANGE', key, 0, -1)) do look(element) end
+  elseif kind == 'hash' then
+    for _, element in ipairs(redis.call('HVALS', key)) do look(element) end
+  end
+end
+return found
+"""
+UNACKED_KEY = "unacked"  # kombu's Redis transport (QoS.unacked_key)
+
+
+def _held_by_broker(task_ids: list[str]) -> set[str] | None:
+    """Which of these task ids the broker still holds (queued, or delivered and unacknowledged); None if unknown."""
+    client = _epoch_client()
+    if client is None or not task_ids:
+        return None
+    keys = [queue.name for queue in current_app.amqp.queues.values()] + [UNACKED_KEY]
+    try:
+        found = client.eval(_STILL_HELD, len(keys), *keys, *task_ids)
+    except redis.RedisError as exc:
+        logger.warning("broker not searched for stale outbox items: %r", exc)
+        return None
+    return {item.decode() if isinstance(item, bytes) else item for item in found}
+
+
+def _lost_in_transit(now: datetime) -> list[int]:
+    """Published items not finished after OUTBOX_LOST_AFTER_SECONDS whose message the broker no longer holds.
+
+    A worker killed between taking a message off its queue and recording it as unacknowledged
+    (two steps in kombu's Redis transport) loses it while Redis keeps its data. Each stale item is
+    looked for once per OUTBOX_LOST_AFTER_SECONDS; one still queued or running is left alone.
+    """
+    stale = list(
+        OutboxItem.objects.filter(
+            state=OutboxItem.State.PUBLISHED,
+            published_at__lt=now - timedelta(seconds=settings.OUTBOX_LOST_AFTER_SECONDS),
+            next_attempt_at__lte=now,
+        ).values_list("pk", "task_id")[:500]
+    )
+    held = _held_by_broker([str(task_id) for _, task_id in stale])
+    if held is None:
+        return []
+    OutboxItem.objects.filter(pk__in=[pk for pk, task_id in stale if str(task_id) in held]).update(
+        next_attempt_at=now + timedelta(seconds=settings.OUTBOX_LOST_AFTER_SECONDS)
+    )
+    return [pk for pk, task_id in stale if str(task_id) not in held]
+
+
 def _claim_due(*, limit: int, epoch: datetime | None) -> list[OutboxItem]:
     """Take the due items for this run (SKIP LOCKED, then pushed out of the next run's way) and commit at once.
 
     Due: pending items past their next attempt, and published items whose message the broker
-    lost (published before its current data began), which go back to pending.
+    lost (published before its current data began, or no longer held by it), which go back to pending.
     """
     now = timezone.now()
     lost = Q(state=OutboxItem.State.PUBLISHED, published_at__lt=epoch) if epoch else Q(pk__in=[])
+    lost |= Q(state=OutboxItem.State.PUBLISHED, pk__in=_lost_in_transit(now))
     with transaction.atomic():
         due = list(
             OutboxItem.objects.select_for_update(skip_locked=True)

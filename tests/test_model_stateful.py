@@ -752,8 +752,8 @@ class Books:
         )
 
 
-# Shrinking a failure replays the machine for up to five minutes (Hypothesis' own bound): leave it room.
-@pytest.mark.timeout(600)
+# Generating takes about a second per example; shrinking a failure up to five minutes more (Hypothesis' bound).
+@pytest.mark.timeout(max(600, 300 + 4 * MODEL_EXAMPLES))
 @pytest.mark.django_db(transaction=True)
 def test_money_and_stock_stay_right_whatever_the_order_of_steps(sandbox, broker, settings):
     # Three publishes, then the relay gives up: its failure path is reachable within a few steps.

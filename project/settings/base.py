@@ -369,6 +369,9 @@ CELERY_BEAT_SCHEDULE = {
 OUTBOX_FAST_PATH_GRACE_SECONDS = env.float("OUTBOX_FAST_PATH_GRACE_SECONDS", default=30.0)
 # Reconciliation leaves a processing payment this young alone: its charge may still be on its way.
 RECONCILIATION_GRACE_SECONDS = env.int("RECONCILIATION_GRACE_SECONDS", default=3 * 3600)
+# A published item not finished this long after its publish is looked for on the broker (queues and
+# unacknowledged messages); if the broker no longer holds its message, it is published again.
+OUTBOX_LOST_AFTER_SECONDS = env.int("OUTBOX_LOST_AFTER_SECONDS", default=900)
 # An item a relay run has claimed is left alone by other runs for this long.
 OUTBOX_CLAIM_SECONDS = env.float("OUTBOX_CLAIM_SECONDS", default=60.0)
 # Publishes per item before it ends failed with a dead letter. A broker outage costs none.

@@ -268,3 +268,31 @@ def test_a_database_error_after_the_publish_does_not_fail_the_committed_request(
     assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
     item.refresh_from_db()
     assert item.state == OutboxItem.State.PENDING  # the relay publishes it once more after the grace period
+
+
+def test_a_message_lost_in_transit_is_published_again_after_the_horizon_and_a_held_one_is_not(broker, settings):
+    """A worker killed between taking a message off its queue and recording it unacknowledged: Redis kept
+    its data, but not that message. After OUTBOX_LOST_AFTER_SECONDS the relay looks for it on the broker."""
+    held, lost, running = (enqueue_committed(n) for n in (20, 21, 22))
+    OutboxItem.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
+    assert outbox.relay()["published"] == 3
+    by_id = {json.loads(raw)["headers"]["id"]: raw for raw in broker.lrange("default", 0, -1)}
+    broker.lrem("default", 0, by_id[str(lost.task_id)])  # taken off the queue, then the worker died
+    broker.lrem("default", 0, by_id[str(running.task_id)])
+    broker.hset("unacked", "tag-1", json.dumps([json.loads(by_id[str(running.task_id)]), "default", "default"]))
+
+    # Before the horizon: nothing is looked for.
+    assert outbox.relay()["published"] == 0
+    past = timezone.now() - timedelta(seconds=settings.OUTBOX_LOST_AFTER_SECONDS + 1)
+    OutboxItem.objects.update(published_at=past, next_attempt_at=past)
+    broker.set(outbox.BROKER_EPOCH_KEY, repr((past - timedelta(hours=1)).timestamp()))  # Redis kept its data
+
+    assert outbox.relay()["published"] == 1
+    for item in (held, lost, running):
+        item.refresh_from_db()
+    assert [message["id"] for message in queued(broker)].count(str(lost.task_id)) == 1
+    assert lost.attempts == 2
+    # The queued one and the running one are left alone, and not looked for again before the horizon.
+    assert (held.attempts, running.attempts) == (1, 1)
+    assert held.next_attempt_at > timezone.now() and running.next_attempt_at > timezone.now()
+    assert outbox.relay()["published"] == 0

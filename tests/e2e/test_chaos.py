@@ -69,6 +69,9 @@ VISIBILITY_TIMEOUT = 120 + HARD_TIME_LIMIT + 10
 FAST_RECOVERY = {
     "OUTBOX_RELAY_SECONDS": "1",
     "OUTBOX_FAST_PATH_GRACE_SECONDS": "2",
+    # A message a killed worker took off its queue but never recorded as unacknowledged is looked for
+    # on the broker, and published again, this long after its publish.
+    "OUTBOX_LOST_AFTER_SECONDS": "60",
     # Parked work (warehouse or mail down for all its retries) resumes within the test.
     "FULFILLMENT_RESUME_SECONDS": "20",
     "NOTIFICATION_RESUME_SECONDS": "20",
