@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.dispatch import Signal
 from django.utils import timezone
 
@@ -273,7 +273,11 @@ def cancel_subscription(*, subscription_id: int, owner) -> CancelOutcome:
         subscription.status = Subscription.Status.CANCELLED
         subscription.cancelled_at = timezone.now()
         subscription.save(update_fields=["status", "cancelled_at"])
-        voided = Payment.objects.filter(subscription=subscription, status=Payment.Status.PROCESSING).update(
+        # In flight: claimed and unfinished, or in needs_attention with its outcome never learnt.
+        in_flight = Q(status=Payment.Status.PROCESSING) | Q(
+            status=Payment.Status.NEEDS_ATTENTION, failure_reason__regex=r"^(unfinished|rejected):"
+        )
+        voided = Payment.objects.filter(in_flight, subscription=subscription).update(
             status=Payment.Status.VOIDED, failure_reason="voided: subscription cancelled", updated_at=timezone.now()
         )
     return CancelOutcome(subscription, bool(voided))
