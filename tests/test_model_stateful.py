@@ -54,6 +54,7 @@ from core.models import OutboxItem
 from integrations import provider
 from integrations.errors import ProviderUnavailable
 from ops.models import FailedTask
+from ops.worker import WorkerLostTooOften
 from orders import pipeline, stock
 from orders import services as order_services
 from orders import tasks as order_tasks
@@ -95,6 +96,9 @@ OUTCOME_FAULTS = {
     "response_lost": {"fail_after_charge_next": 1, "fail_after_shipment_next": 1},
 }
 OUTCOMES = st.sampled_from(sorted(OUTCOME_FAULTS))
+# For the worker, a transient failure can also be the last of the task's retries: it then fails for good.
+LAST_RETRY = "_on_the_last_retry"
+WORKER_OUTCOMES = st.sampled_from(sorted(OUTCOME_FAULTS) + [f"unavailable{LAST_RETRY}", f"response_lost{LAST_RETRY}"])
 
 PRODUCTS = {"MUG": ("12.50", 4), "TEA": ("3.00", 6), "SAMPLE": ("0.00", 3)}
 ITEMS = st.lists(
@@ -153,8 +157,6 @@ class ShopModel(RuleBasedStateMachine):
         # Subscription id -> {payment id: status} when it was cancelled.
         self.cancelled: dict[int, dict[int, str]] = {}
         self.today = timezone.localdate()
-        # Task ids of the items whose last run failed transiently: Celery is retrying them.
-        self.retrying: set[str] = set()
         self.steps_since_settled = 0
 
     def teardown(self):
@@ -193,25 +195,38 @@ class ShopModel(RuleBasedStateMachine):
             return Payment.objects.filter(subscription_id=item.args[0], billing_period=item.args[1])
         return Payment.objects.none()
 
-    def mark_retrying(self, task_name: str, *args) -> None:
-        """A delivery of the task failed transiently: Celery retries its message (the open item of those args)."""
-        items = self.open_items().filter(task_name=task_name, args=list(args))
-        self.retrying.update(str(task_id) for task_id in items.values_list("task_id", flat=True))
-
     def run_item(self, item: OutboxItem, outcome: str) -> None:
-        """Deliver the item's message: run its task; a transient error leaves it for a retry, success marks it done."""
+        """Deliver the item's message and report as the worker does: success marks it done; a transient
+        error leaves it to a Celery retry, or, on the last retry, is the task's final failure (task_failure)."""
         task = TASKS[item.task_name]
-        with self.provider_outcome(outcome):
+        provider_outcome = outcome.removesuffix(LAST_RETRY)
+        with self.provider_outcome(provider_outcome):
             try:
                 result = task(*item.args)
             except ProviderUnavailable as exc:
-                note(f"{item}: {exc} (retried later)")
-                self.remember_in_flight(outcome, self.payments_of(item))
-                self.retrying.add(str(item.task_id))
+                self.remember_in_flight(provider_outcome, self.payments_of(item))
+                if outcome.endswith(LAST_RETRY):
+                    note(f"{item}: {exc}, retries spent")
+                    self.fail_for_good(item, exc)
+                else:
+                    note(f"{item}: {exc} (retried later)")
                 return
-        self.remember_in_flight(outcome, self.payments_of(item))
+        self.remember_in_flight(provider_outcome, self.payments_of(item))
         with as_worker(task, item):
             celery_signals.task_success.send(sender=task, result=result)
+
+    def fail_for_good(self, item: OutboxItem, exc: Exception) -> None:
+        task = TASKS[item.task_name]
+        with as_worker(task, item):
+            celery_signals.task_failure.send(
+                sender=task,
+                task_id=str(item.task_id),
+                exception=exc,
+                args=item.args,
+                kwargs={},
+                traceback=None,
+                einfo=None,
+            )
 
     def provider_events(self) -> list[dict]:
         return self.sandbox.get("/v1/events", limit=1000).json()["data"]
@@ -294,7 +309,6 @@ class ShopModel(RuleBasedStateMachine):
                 unavailable = False
             except ProviderUnavailable:
                 unavailable = True
-                self.mark_retrying(pipeline.NEXT_STEP[waits_in], order.pk)
         self.remember_in_flight(outcome, order.payments.all())
         after = Order.objects.get(pk=order.pk)
         # An order held on its way out of a status still waits for the step (process_order aside: it reserves anew).
@@ -314,9 +328,13 @@ class ShopModel(RuleBasedStateMachine):
             failed = outcome == "unavailable"
             assert (after.status == S.FULFILLED, unavailable) == (not failed, failed)
 
-    @rule(data=st.data())
-    def crash_after_the_provider_charged(self, data):
-        """Claim as charge_order does, charge with the payment's key, then die before recording the answer."""
+    @rule(data=st.data(), for_good=st.booleans())
+    def crash_after_the_provider_charged(self, data, for_good):
+        """Claim as charge_order does, charge with the payment's key, then die before recording the answer.
+
+        The message is delivered again; `for_good`: the worker died too often with it and its losses count
+        as the task's final failure (as ops.worker reports them).
+        """
         order = self.pick_order(data, S.CONFIRMED)
         with transaction.atomic():
             order = Order.objects.select_for_update().get(pk=order.pk)
@@ -333,8 +351,9 @@ class ShopModel(RuleBasedStateMachine):
         )
         note(f"provider charged {charge.id} for order {order.pk}; not recorded")
         self.in_flight.add(payment.idempotency_key)
-        # The worker died holding the charge's message: it is delivered again, until the losses count as its failure.
-        self.mark_retrying(CHARGE_ORDER, order.pk)
+        if for_good:
+            for item in self.open_items().filter(task_name=CHARGE_ORDER, args=[order.pk]):
+                self.fail_for_good(item, WorkerLostTooOften("the worker was lost running it 3 times", losses=3))
 
     @rule(data=st.data(), by_owner=st.booleans())
     def cancel_order(self, data, by_owner):
@@ -465,7 +484,7 @@ class ShopModel(RuleBasedStateMachine):
             try:
                 payment_services.charge_subscription(subscription_id=subscription_id, billing_period=period)
             except ProviderUnavailable:
-                self.mark_retrying(CHARGE_SUBSCRIPTION, subscription_id, period)
+                pass
         payments = Payment.objects.filter(subscription_id=subscription_id, billing_period=period)
         self.remember_in_flight(outcome, payments)
         if cancelled and not existed:
@@ -520,14 +539,14 @@ class ShopModel(RuleBasedStateMachine):
 
     # --- The worker and the relay -----------------------------------------------------
 
-    @rule(data=st.data(), outcome=OUTCOMES)
+    @rule(data=st.data(), outcome=WORKER_OUTCOMES)
     def worker_runs_an_item(self, data, outcome):
         """Any open item's message, in any order (queues, retries and prefetch reorder them)."""
         items = list(self.open_items())
         if items:
             self.run_item(data.draw(st.sampled_from(items), label="item"), outcome)
 
-    @rule(outcome=OUTCOMES)
+    @rule(outcome=WORKER_OUTCOMES)
     def worker_runs_the_oldest_item(self, outcome):
         item = self.open_items().first()
         if item is not None:
@@ -538,25 +557,6 @@ class ShopModel(RuleBasedStateMachine):
         items = list(OutboxItem.objects.filter(task_name__in=TASKS, state=OutboxItem.State.DONE).order_by("pk"))
         if items:
             self.run_item(data.draw(st.sampled_from(items), label="item"), "success")
-
-    @rule(data=st.data())
-    def retries_spent(self, data):
-        """A retried item failed for good (retries spent): the final task_failure, as the worker sends it."""
-        items = [item for item in self.open_items() if str(item.task_id) in self.retrying]
-        if not items:
-            return
-        item = data.draw(st.sampled_from(items), label="item")
-        task = TASKS[item.task_name]
-        with as_worker(task, item):
-            celery_signals.task_failure.send(
-                sender=task,
-                task_id=str(item.task_id),
-                exception=ProviderUnavailable("retries spent"),
-                args=item.args,
-                kwargs={},
-                traceback=None,
-                einfo=None,
-            )
 
     @rule(data=st.data())
     def relay_after_a_message_is_lost(self, data):
