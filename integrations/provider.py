@@ -42,6 +42,9 @@ class Charge:
     amount: Decimal
     currency: str
     reference: str
+    # The key it was made under: the one charge under a reference that is the shop's own (others may
+    # reuse the reference as theirs). Empty when the provider does not say.
+    idempotency_key: str = ""
 
 
 def _url(path: str) -> str:
@@ -55,6 +58,7 @@ def _charge_from(data: dict) -> Charge:
         amount=Decimal(str(data["amount"])),
         currency=data["currency"],
         reference=data.get("reference", ""),
+        idempotency_key=data.get("idempotency_key") or "",
     )
 
 

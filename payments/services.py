@@ -109,7 +109,9 @@ def _record(payment_id: int, outcome: Outcome) -> Payment:
     the payment needs attention (a dead letter and an alert, through `needs_attention`). So does a
     success for a payment voided meanwhile (the provider took money after the cancellation). A
     payment whose outcome was unknown when it was put in needs_attention (retries spent, a
-    refusal) still takes the provider's charge when one turns up (a late webhook, a lookup).
+    refusal, someone else's charge under its reference) still takes the provider's charge when one
+    turns up (a late webhook, a lookup); a foreign charge it replaces stays in the dead letters and
+    for reconciliation.
     """
     payment = Payment.objects.select_for_update().get(pk=payment_id)
     voided = payment.status == Payment.Status.VOIDED
@@ -172,25 +174,43 @@ def mark_needs_attention(
     return payment
 
 
+# Why a payment was put in needs_attention without its own outcome learnt: retries spent, a refusal,
+# or a charge under its reference that was not its own (someone else's, of another amount).
+OUTCOME_UNKNOWN_REASONS = ("unfinished:", "rejected:", "mismatch:")
+
+
+def mismatched(payment: Payment) -> bool:
+    """A payment in needs_attention because a charge under its reference was not its own (amount, currency)."""
+    return payment.status == Payment.Status.NEEDS_ATTENTION and payment.failure_reason.startswith("mismatch:")
+
+
 def outcome_unknown(payment: Payment) -> bool:
-    """A payment in needs_attention because its outcome was never learnt (not a mismatch, not money after a void)."""
+    """A payment in needs_attention whose own outcome was never learnt (not money taken after a void)."""
     return payment.status == Payment.Status.NEEDS_ATTENTION and payment.failure_reason.startswith(
-        ("unfinished:", "rejected:")
+        OUTCOME_UNKNOWN_REASONS
     )
 
 
 def look_up_at_provider(*, payment_id: int) -> Payment:
     """Ask the provider what it did under the payment's key and record a charge it made; call outside a transaction.
 
-    For a payment whose outcome is unknown (processing, or needs_attention without a known
-    outcome) before staff act on it. Raises ProviderUnavailable when the provider cannot be asked.
+    For a payment whose own outcome is unknown (processing, or needs_attention without it, a
+    mismatch included) before staff act on it. Others can reuse our reference, never our key, so
+    the charge made under the payment's own key is the answer. Raises ProviderUnavailable when
+    the provider cannot be asked.
     """
     assert_outside_transaction("a provider lookup")
     payment = Payment.objects.get(pk=payment_id)
     if payment.status != Payment.Status.PROCESSING and not outcome_unknown(payment):
         return payment
     charges = list(provider.list_charges(reference=payment.idempotency_key))
-    made = next((charge for charge in charges if charge.status == "succeeded"), None) or next(iter(charges), None)
+    if any(charge.idempotency_key for charge in charges):
+        made = next((charge for charge in charges if charge.idempotency_key == payment.idempotency_key), None)
+    elif mismatched(payment):
+        made = None  # which of them is ours cannot be told
+    else:
+        # A provider that does not say under which key: a success first, else whatever it made.
+        made = next((charge for charge in charges if charge.status == "succeeded"), None) or next(iter(charges), None)
     if made is None:
         return payment
     with transaction.atomic():
@@ -273,10 +293,10 @@ def cancel_subscription(*, subscription_id: int, owner) -> CancelOutcome:
         subscription.status = Subscription.Status.CANCELLED
         subscription.cancelled_at = timezone.now()
         subscription.save(update_fields=["status", "cancelled_at"])
-        # In flight: claimed and unfinished, or in needs_attention with its outcome never learnt.
-        in_flight = Q(status=Payment.Status.PROCESSING) | Q(
-            status=Payment.Status.NEEDS_ATTENTION, failure_reason__regex=r"^(unfinished|rejected):"
-        )
+        # In flight: claimed and unfinished, or in needs_attention with its own outcome never learnt.
+        in_flight = Q(status=Payment.Status.PROCESSING)
+        for reason in OUTCOME_UNKNOWN_REASONS:
+            in_flight |= Q(status=Payment.Status.NEEDS_ATTENTION, failure_reason__startswith=reason)
         voided = Payment.objects.filter(in_flight, subscription=subscription).update(
             status=Payment.Status.VOIDED, failure_reason="voided: subscription cancelled", updated_at=timezone.now()
         )

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import time
+import uuid
 
 import pytest
 from django.conf import settings
@@ -93,3 +94,120 @@ def test_cancelling_while_a_charge_outcome_is_unknown_never_records_a_later_char
         f"cancel said no charge was in flight, then the provider's charge was recorded {payment.status}"
     )
     assert payment.status == Payment.Status.NEEDS_ATTENTION, payment.status
+
+
+def place_and_lose_the_charge_answer(sandbox, product_price: str = "12.50"):
+    """A confirmed order whose charge reached the provider (it charged) but whose answer was lost."""
+    product = ProductFactory(sku="MUG", price=product_price, stock=5)
+    order = order_services.place_order(owner=UserFactory(), items=[("MUG", 2)])
+    order_services.process_order(order_id=order.pk)
+    sandbox.set_faults(fail_after_charge_next=1)
+    with pytest.raises(ProviderUnavailable):
+        order_services.charge_order(order_id=order.pk)
+    return product, order, Payment.objects.get(order=order)
+
+
+def a_foreign_charge_under(sandbox, payment: Payment) -> str:
+    """Someone else's charge of another amount, with our payment's key as its reference; its webhook is received."""
+    response = sandbox.charge(
+        key=f"foreign_{uuid.uuid4().hex}", reference=payment.idempotency_key, amount=str(payment.amount + 1)
+    )
+    assert response.status_code == 201, response.text
+    deliver_event_of(sandbox, response.json()["id"])
+    return response.json()["id"]
+
+
+def test_a_charge_of_another_amount_under_our_reference_does_not_hide_our_own_charge_from_staff(sandbox):
+    # Given an order whose own charge the provider made (answer lost), and a charge of another amount
+    # under its reference whose webhook made the payment "mismatch" (needs attention)
+    product, order, payment = place_and_lose_the_charge_answer(sandbox)
+    foreign = a_foreign_charge_under(sandbox, payment)
+    payment.refresh_from_db()
+    assert payment.status == Payment.Status.NEEDS_ATTENTION and payment.failure_reason.startswith("mismatch:")
+
+    # When the charge task's retries run out and staff give up on the charge
+    order_services.hold_stuck_order(order_id=order.pk, task_name="orders.tasks.charge_order", reason="retries spent")
+    with pytest.raises(order_services.PaymentTaken):
+        order_services.fail_held_order(order_id=order.pk)
+
+    # Then the provider's own charge under our key is found: the order is paid, its stock kept
+    order.refresh_from_db()
+    product.refresh_from_db()
+    payment.refresh_from_db()
+    [own] = [c for c in sandbox.charges(reference=payment.idempotency_key) if c["id"] != foreign]
+    assert payment.status == Payment.Status.SUCCEEDED
+    assert payment.provider_charge_id == own["id"]
+    assert order.status != Order.Status.PAYMENT_FAILED, "the provider holds EUR 25.00 for an order the shop failed"
+    assert product.stock == 3
+
+
+def test_staff_can_fail_an_order_whose_only_charge_under_its_reference_is_someone_elses(sandbox):
+    # Given an order whose charge never reached the provider, and someone else's charge under its reference
+    product = ProductFactory(sku="MUG", price="12.50", stock=5)
+    order = order_services.place_order(owner=UserFactory(), items=[("MUG", 2)])
+    order_services.process_order(order_id=order.pk)
+    sandbox.set_faults(fail_next=1)
+    with pytest.raises(ProviderUnavailable):
+        order_services.charge_order(order_id=order.pk)
+    payment = Payment.objects.get(order=order)
+    a_foreign_charge_under(sandbox, payment)
+
+    # When staff give up on the held charge
+    order_services.hold_stuck_order(order_id=order.pk, task_name="orders.tasks.charge_order", reason="retries spent")
+    order_services.fail_held_order(order_id=order.pk)
+
+    # Then the order fails and its stock comes back; the foreign charge stays for staff (needs attention)
+    order.refresh_from_db()
+    product.refresh_from_db()
+    payment.refresh_from_db()
+    assert order.status == Order.Status.PAYMENT_FAILED
+    assert product.stock == 5
+    assert payment.status == Payment.Status.NEEDS_ATTENTION and payment.failure_reason.startswith("mismatch:")
+
+
+def test_our_own_charge_arriving_after_a_foreign_one_under_its_reference_pays_the_order(sandbox):
+    # Given an order whose charge answer was lost, and a foreign charge under its reference received first
+    product, order, payment = place_and_lose_the_charge_answer(sandbox)
+    a_foreign_charge_under(sandbox, payment)
+    payment.refresh_from_db()
+    assert payment.failure_reason.startswith("mismatch:")
+
+    # When the provider's event for our own charge arrives
+    [own] = [
+        c for c in sandbox.charges(reference=payment.idempotency_key) if c["idempotency_key"] == payment.idempotency_key
+    ]
+    deliver_event_of(sandbox, own["id"])
+    # and the charge step it hands on runs
+    assert OutboxItem.objects.filter(task_name="orders.tasks.charge_order", args=[order.pk]).exists()
+    order_services.charge_order(order_id=order.pk)
+
+    # Then the payment is our charge's and the order is paid
+    payment.refresh_from_db()
+    order.refresh_from_db()
+    assert (payment.status, payment.provider_charge_id) == (Payment.Status.SUCCEEDED, own["id"])
+    assert order.status == Order.Status.PAID
+
+
+def test_cancelling_a_subscription_whose_charge_met_a_foreign_one_voids_it(sandbox):
+    # Given a subscription whose first charge's answer was lost, and a foreign charge under its reference
+    owner = UserFactory()
+    subscription = payment_services.subscribe(owner=owner, plan_code=PlanFactory(code="monthly").code)
+    period = subscription.current_period_start.isoformat()
+    sandbox.set_faults(fail_after_charge_next=1)
+    with pytest.raises(ProviderUnavailable):
+        payment_services.charge_subscription(subscription_id=subscription.pk, billing_period=period)
+    payment = Payment.objects.get(subscription=subscription)
+    a_foreign_charge_under(sandbox, payment)
+
+    # When the owner cancels and then our own charge's event arrives
+    outcome = payment_services.cancel_subscription(subscription_id=subscription.pk, owner=owner)
+    [own] = [
+        c for c in sandbox.charges(reference=payment.idempotency_key) if c["idempotency_key"] == payment.idempotency_key
+    ]
+    deliver_event_of(sandbox, own["id"])
+
+    # Then the cancel said a charge was in flight, and the money taken is a refund for staff, not a success
+    payment.refresh_from_db()
+    assert outcome.voided_charge
+    assert payment.status == Payment.Status.NEEDS_ATTENTION
+    assert payment.failure_reason.startswith("charged after it was voided")

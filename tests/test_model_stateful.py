@@ -17,8 +17,8 @@ Webhooks are the provider's own events (from /v1/events), signed and received in
 replayed, and for a charge of another amount under one of our references.
 
 Invariants, after every step (`check_*`), and liveness in `everything_settles`. Budget: MODEL_EXAMPLES
-examples (default 25) of up to MODEL_STEPS steps (default 30); MODEL_SEED replays a run, and a
-failure prints its seed and Hypothesis' reproduce blob.
+examples (default 25) of up to MODEL_STEPS steps (default 30), from a fixed MODEL_SEED unless it is
+`random` (`make fuzz`); a failure prints its seed and Hypothesis' reproduce blob to replay it.
 """
 
 import json
@@ -68,7 +68,10 @@ from tests.orders.test_concurrency import run_at_once
 
 MODEL_EXAMPLES = int(os.environ.get("MODEL_EXAMPLES", "25"))
 MODEL_STEPS = int(os.environ.get("MODEL_STEPS", "30"))
-MODEL_SEED = int(os.environ.get("MODEL_SEED") or random.randrange(2**32))
+# A fixed seed by default, so `make test` (and CI) runs the same examples every time; `make fuzz`
+# (MODEL_SEED=random) looks further, with a new seed each run.
+_seed = os.environ.get("MODEL_SEED", "20261202")
+MODEL_SEED = random.randrange(2**32) if _seed == "random" else int(_seed)
 
 S = Order.Status
 P = Payment.Status
@@ -440,7 +443,10 @@ class ShopModel(RuleBasedStateMachine):
             with pytest.raises(payment_services.SubscriptionError):
                 payment_services.cancel_subscription(subscription_id=subscription.pk, owner=subscription.owner)
             return
-        in_flight = subscription.payments.filter(status=P.PROCESSING).exists()
+        # In flight: claimed and unfinished, or needing attention with its outcome never learnt.
+        in_flight = any(
+            p.status == P.PROCESSING or payment_services.outcome_unknown(p) for p in subscription.payments.all()
+        )
         outcome = payment_services.cancel_subscription(subscription_id=subscription.pk, owner=subscription.owner)
         assert outcome.voided_charge == in_flight
         self.snapshot_cancelled(subscription.pk)
