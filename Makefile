@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: run test test-compose fuzz lint format clean bench bench-pipeline bench-reports
+.PHONY: run test test-compose fuzz lint lock format clean bench bench-pipeline bench-reports
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,9 @@ SANDBOX_PORT ?= 8100
 # Runs web, three workers, beat, Flower and the sandbox provider (project/procfile.py, one line of the
 # Procfile each); Ctrl-C stops them all with a warm shutdown.
 # Without DATABASE_URL/REDIS_URL: SQLite in var/ and the filesystem broker in var/broker (wiped here).
-# Emails are files in var/emails/. Metrics: every process starts with PROMETHEUS_MULTIPROC_DIR set
-# (ops/metrics.py); var/metrics is wiped here.
+# Emails are files in var/emails/. Flower starts once the workers listen, so its first inspection
+# reaches them (on Redis a broadcast sent before a worker subscribes is lost).
+# Metrics: every process starts with PROMETHEUS_MULTIPROC_DIR set (ops/metrics.py); var/metrics is wiped here.
 # var/run.env records the settings chosen here, so `.venv/bin/python manage.py ...` and
 # `.venv/bin/celery -A project ...` in another terminal reach the same database and broker
 # (project/settings/base.py reads it; real environment variables win over it).
@@ -43,7 +44,7 @@ run: $(VENV)/.runtime
 	  $(VAR_DIR)/emails
 	export DEBUG=$${DEBUG:-true} PATH=$(CURDIR)/$(BIN):$$PATH PROMETHEUS_MULTIPROC_DIR=$(VAR_DIR)/metrics \
 	  DATABASE_URL=$${DATABASE_URL:-sqlite:///$(VAR_DIR)/db.sqlite3} REDIS_URL=$${REDIS_URL:-} \
-	  EMAIL_URL=$${EMAIL_URL:-filemail://$(VAR_DIR)/emails} \
+	  EMAIL_URL=$${EMAIL_URL:-filemail://} \
 	  PAYMENT_PROVIDER_URL=$${PAYMENT_PROVIDER_URL:-http://127.0.0.1:$(SANDBOX_PORT)} \
 	  GUNICORN_BIND=$(ADDRESS):$(WEB_PORT) FLOWER_ADDRESS=$(ADDRESS) SANDBOX_HOST=$(ADDRESS) SANDBOX_PORT=$(SANDBOX_PORT) \
 	  SHOP_WEBHOOK_URL=$${SHOP_WEBHOOK_URL:-http://127.0.0.1:$(WEB_PORT)/payments/webhooks/provider/} \
@@ -57,11 +58,12 @@ run: $(VENV)/.runtime
 	  python manage.py collectstatic --noinput -v 0 && \
 	  python manage.py seed_demo && \
 	  echo "Shop: http://127.0.0.1:$(WEB_PORT)/   Flower: http://127.0.0.1:$(FLOWER_PORT)/   Sandbox provider: http://127.0.0.1:$(SANDBOX_PORT)/v1/faults" && \
-	  exec python -m project.procfile --append flower=--port=$(FLOWER_PORT) Procfile
+	  exec python -m project.procfile --append flower=--port=$(FLOWER_PORT) \
+	    --after flower=worker-critical,worker-bulk,worker-default Procfile
 
-# The import contracts first (pyproject.toml: the apps' import graph is a tree), then the suite.
+# Lint first (ruff, mypy, the import contracts: the apps' import graph is a tree), then the suite.
 test: $(VENV)/.dev
-	$(BIN)/lint-imports --no-cache
+	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest
 	$(MAKE) --no-print-directory test-compose
 
@@ -89,10 +91,20 @@ bench-pipeline: $(VENV)/.bench
 bench-reports: $(VENV)/.runtime
 	$(BIN)/python bench/report_scale.py
 
+# ruff, mypy (pyproject.toml: every app, strict on definitions; no server needed) and the import contracts.
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/lint-imports --no-cache
+
+# The locks: requirements*.txt compiled from the short requirements*.in by uv, every transitive pin
+# written by the tool. Versions already locked are kept; `make lock UPGRADE=--upgrade` moves them.
+LOCK = $(BIN)/uv pip compile --quiet --python-version 3.11 --custom-compile-command "make lock" $(UPGRADE)
+lock: $(VENV)/.dev
+	$(LOCK) requirements.in -o requirements.txt
+	$(LOCK) requirements-dev.in -o requirements-dev.txt
+	$(LOCK) requirements-bench.in -o requirements-bench.txt
 
 format: $(VENV)/.dev
 	$(BIN)/ruff format .

@@ -272,25 +272,18 @@ class Stack:
             process.wait(5)
 
     def start_workers(self) -> dict[str, int]:
+        started = []
         for name in WORKERS:
             self.metrics_ports[name] = self.free_port()
             env = {**self.env, "CELERY_METRICS_PORT": str(self.metrics_ports[name])}
-            self.workers[name] = self.processes.spawn(name, procfile_command(name, env), env)
-        for name, process in self.workers.items():
-            self._wait_ready(name, process)
+            worker = self.processes.spawn_worker(
+                name, procfile_command(name, env), env, node=name.removeprefix("worker-")
+            )
+            self.workers[name] = worker.process
+            started.append(worker)
+        for worker in started:
+            worker.wait_ready(90)
         return {name: process.pid for name, process in self.workers.items()}
-
-    def _wait_ready(self, name: str, process: subprocess.Popen, timeout: float = 90) -> None:
-        node = name.removeprefix("worker-")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            logs = "".join(path.read_text(errors="replace") for path in self.workdir.glob(f"{name}-*.log"))
-            if re.search(rf"{node}@\S+ ready\.", logs):
-                return
-            if process.poll() is not None:
-                raise RuntimeError(f"{name} exited with {process.returncode}:\n{logs[-4000:]}")
-            time.sleep(0.2)
-        raise TimeoutError(f"{name} not ready after {timeout} s")
 
     def _wait_http(self, url: str, what: str, timeout: float = 60) -> None:
         from tests.stack import http_ok

@@ -22,9 +22,7 @@ import json
 import os
 import platform
 import random
-import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -146,39 +144,6 @@ def seed(lines: int) -> float:
     return time.monotonic() - began
 
 
-def start_worker(env: dict[str, str], log_path: Path) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "celery", "-A", "project", "worker",
-        "-Q", "bulk", "-c", "2", "--pool", "prefork", "-n", "bench-bulk@%h", "--loglevel=INFO",
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        worker = subprocess.Popen(  # noqa: S603 (a fixed command line)
-            command,
-            cwd=REPO_ROOT,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 60
-    while not re.search(r"bench-bulk@\S+ ready\.", log_path.read_text(errors="replace")):
-        if worker.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the bench worker did not start:\n" + log_path.read_text(errors="replace"))
-        time.sleep(0.1)
-    return worker
-
-
-def stop_worker(worker: subprocess.Popen) -> None:
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait(5)
-
-
 def children_of(pid: int) -> list[int]:
     """Pids whose parent is `pid`, read from /proc/<pid>/stat (no psutil)."""
     found = []
@@ -216,20 +181,22 @@ def run(lines: int, formats: list[str]) -> dict:
 
     from reports import services
     from reports.models import Report
+    from tests.stack import start_celery_worker
 
     staff = get_user_model().objects.get(username=BENCH_STAFF)
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as logdir:
         log_path = Path(logdir) / "worker.log"
-        worker = start_worker(dict(os.environ), log_path)
+        worker = start_celery_worker("bulk", name="bench-bulk", env=os.environ, log_path=log_path, concurrency=2)
         try:
-            pool = children_of(worker.pid)
+            worker.wait_ready(60)
+            pool = children_of(worker.process.pid)
             idle = {pid: memory_kb(pid).get("VmRSS", 0) for pid in pool}
             peaks: dict[int, dict[str, int]] = {pid: {"VmRSS": 0, "VmHWM": 0} for pid in pool}
             requested = time.monotonic()
             reports = [services.request_report(owner=staff, kind="sales", filters={}, format=fmt).pk for fmt in formats]
             deadline = requested + settings.REPORT_TIME_LIMIT + 30
             while time.monotonic() < deadline:
-                for pid in children_of(worker.pid):
+                for pid in children_of(worker.process.pid):
                     sample = memory_kb(pid)
                     peak = peaks.setdefault(pid, {"VmRSS": 0, "VmHWM": 0})
                     for key, value in sample.items():
@@ -238,9 +205,9 @@ def run(lines: int, formats: list[str]) -> dict:
                     break
                 time.sleep(SAMPLE_SECONDS)
             wall = time.monotonic() - requested
-            worker_log = log_path.read_text(errors="replace")
+            worker_log = worker.log()
         finally:
-            stop_worker(worker)
+            worker.stop(timeout=20)
 
     results = []
     for report in Report.objects.filter(pk__in=reports).order_by("pk"):

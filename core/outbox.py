@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import redis
-from celery import current_app, signals
+from celery import Task, current_app, signals
 from django.conf import settings
 from django.db import DatabaseError, connection, connections, transaction
 from django.db.models import F, Q
@@ -63,11 +63,12 @@ def resume_after_failure(task_name: str, seconds: float) -> None:
     _resume_after[task_name] = seconds
 
 
-def enqueue(task_name: str, *args: Any, delay: float = 0) -> OutboxItem:
+def enqueue(task_name: str, *args: Any, delay: float = 0, kwargs: dict[str, Any] | None = None) -> OutboxItem:
     """Record a task call to publish after the current transaction commits; returns the item.
 
     Call inside `transaction.atomic`: the row commits or rolls back with the change that
-    causes it. With `delay`, the relay publishes it that many seconds later instead.
+    causes it. With `delay`, the relay publishes it that many seconds later instead. Tasks take
+    positional primary keys; `kwargs` is for replaying a call recorded with keywords (a dead letter).
     """
     if not in_transaction():
         raise RuntimeError("outbox.enqueue must be called inside transaction.atomic()")
@@ -75,10 +76,12 @@ def enqueue(task_name: str, *args: Any, delay: float = 0) -> OutboxItem:
     # Until the fast path has had its chance, the relay leaves the item alone.
     wait = delay if delay > 0 else settings.OUTBOX_FAST_PATH_GRACE_SECONDS
     item = OutboxItem.objects.create(
-        task_name=task_name, args=list(args), next_attempt_at=now + timedelta(seconds=wait)
+        task_name=task_name, args=list(args), kwargs=kwargs or {}, next_attempt_at=now + timedelta(seconds=wait)
     )
     if delay <= 0:
-        transaction.on_commit(functools.partial(_publish_after_commit, item.pk, str(item.task_id), task_name, args))
+        transaction.on_commit(
+            functools.partial(_publish_after_commit, item.pk, str(item.task_id), task_name, args, kwargs or {})
+        )
     return item
 
 
@@ -96,7 +99,7 @@ def enqueue_once(task_name: str, *args: Any) -> OutboxItem | None:
 _import_lock = threading.Lock()
 
 
-def _task(task_name: str):
+def _task(task_name: str) -> Task[Any, Any]:
     try:
         return current_app.tasks[task_name]
     except KeyError:
@@ -117,7 +120,7 @@ class Unpublishable(Exception):
     """The item names a task no worker registers (renamed or removed): publishing it can never work."""
 
 
-def _publish(item_id: int, task_id: str, task_name: str, args, kwargs) -> bool:
+def _publish(item_id: int, task_id: str, task_name: str, args: Any, kwargs: Any) -> bool:
     """Send one message of a pending item and mark it published; False (and a later try) when the broker is unreachable.
 
     Raises Unpublishable for a task name that is not registered.
@@ -128,7 +131,8 @@ def _publish(item_id: int, task_id: str, task_name: str, args, kwargs) -> bool:
         raise Unpublishable(f"no task named {task_name!r} is registered") from exc
     try:
         _ensure_epoch()  # before the message: the key is never younger than a message it covers
-        task.apply_async(args=list(args), kwargs=dict(kwargs or {}), task_id=task_id)
+        # Celery takes any sequence of args; celery-types says tuple.
+        task.apply_async(args=list(args), kwargs=dict(kwargs or {}), task_id=task_id)  # type: ignore[arg-type]
     except BrokerUnreachable as exc:
         logger.warning("broker unreachable: outbox item %s (%s) stays pending: %s", item_id, task_name, exc)
         OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
@@ -147,11 +151,11 @@ def _publish(item_id: int, task_id: str, task_name: str, args, kwargs) -> bool:
     return True
 
 
-def _publish_after_commit(item_id: int, task_id: str, task_name: str, args) -> None:
+def _publish_after_commit(item_id: int, task_id: str, task_name: str, args: Any, kwargs: Any) -> None:
     # Any error but an unreachable broker or an unknown task (a bug, or an eager task failing in
     # tests) is raised. The request's work is committed either way; the relay has the item.
     try:
-        _publish(item_id, task_id, task_name, args, {})
+        _publish(item_id, task_id, task_name, args, kwargs)
     except Unpublishable:
         logger.exception("outbox item %s not published after commit; the relay will deal with it", item_id)
 
@@ -199,7 +203,8 @@ def broker_epoch() -> datetime | None:
         return None
     try:
         client.set(BROKER_EPOCH_KEY, repr(time.time()), nx=True)
-        return datetime.fromtimestamp(float(client.get(BROKER_EPOCH_KEY)), tz=UTC)
+        # A missing key (None) raises TypeError, handled below.
+        return datetime.fromtimestamp(float(client.get(BROKER_EPOCH_KEY)), tz=UTC)  # type: ignore[arg-type]
     except (redis.RedisError, TypeError, ValueError) as exc:
         logger.warning("broker epoch not read: %r", exc)
         return None
@@ -421,20 +426,22 @@ def _in_own_connection(work: Callable[[], None], name: str) -> None:
         raise errors[0]
 
 
-def _is_eager(sender) -> bool:
+def _is_eager(sender: Any) -> bool:
     request = getattr(sender, "request", None)
     return bool(getattr(request, "is_eager", False))
 
 
 @signals.task_success.connect(dispatch_uid="core.outbox.task_succeeded")
-def _task_succeeded(sender=None, **kwargs) -> None:
+def _task_succeeded(sender: Any = None, **kwargs: Any) -> None:
     task_id = getattr(sender.request, "id", None)
     if task_id:
         _finish_done(task_id)
 
 
 @signals.task_failure.connect(dispatch_uid="core.outbox.task_failed")
-def _task_failed(sender=None, task_id=None, exception=None, **kwargs) -> None:
+def _task_failed(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **kwargs: Any
+) -> None:
     if not task_id or _is_eager(sender):
         return
     reason = f"{type(exception).__name__}: {exception}"

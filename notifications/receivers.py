@@ -4,11 +4,15 @@ Each receiver runs inside the transaction of the change, so the Notification row
 outbox item commit (or roll back) with it.
 """
 
+from typing import Any
+
 from django.conf import settings
 from django.dispatch import receiver
 
 from core import outbox
+from orders.models import Order
 from orders.pipeline import status_changed
+from payments.models import Payment, Subscription
 from payments.services import subscription_charged
 
 from . import services
@@ -18,14 +22,14 @@ outbox.resume_after_failure("notifications.tasks.send_notification", seconds=set
 
 
 @receiver(status_changed, dispatch_uid="notifications.order_status_changed")
-def order_status_changed(sender, order, to_status: str, **kwargs) -> None:
+def order_status_changed(sender: Any, order: Order, to_status: str, **kwargs: Any) -> None:
     kind = services.ORDER_STATUS_KINDS.get(to_status)
     if kind:
         services.notify(kind=kind, object_type="order", object_id=order.pk, recipient_id=order.owner_id)
 
 
 @receiver(subscription_charged, dispatch_uid="notifications.subscription_charged")
-def subscription_payment(sender, payment, subscription, **kwargs) -> None:
+def subscription_payment(sender: Any, payment: Payment, subscription: Subscription, **kwargs: Any) -> None:
     kind = services.SUBSCRIPTION_PAYMENT_KINDS.get(payment.status)
     if kind:
         services.notify(kind=kind, object_type="payment", object_id=payment.pk, recipient_id=subscription.owner_id)

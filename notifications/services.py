@@ -16,9 +16,9 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from core import outbox
+from core.task_base import TRANSIENT_ERRORS
 from orders.models import Order
 from payments.models import Payment
-from project.celery import TRANSIENT_ERRORS
 
 from .models import Notification
 
@@ -29,13 +29,13 @@ DELIVERY_ERRORS = (ConnectionError, smtplib.SMTPException, TimeoutError)
 # What the send task retries: the mail server or the database being briefly unavailable.
 RETRYABLE_ERRORS = (*DELIVERY_ERRORS, *TRANSIENT_ERRORS)
 
-ORDER_STATUS_KINDS = {
+ORDER_STATUS_KINDS: dict[str, str] = {
     Order.Status.CONFIRMED: Notification.Kind.ORDER_CONFIRMED,
     Order.Status.PAID: Notification.Kind.ORDER_PAID,
     Order.Status.PAYMENT_FAILED: Notification.Kind.ORDER_PAYMENT_FAILED,
     Order.Status.FULFILLED: Notification.Kind.ORDER_FULFILLED,
 }
-SUBSCRIPTION_PAYMENT_KINDS = {
+SUBSCRIPTION_PAYMENT_KINDS: dict[str, str] = {
     Payment.Status.SUCCEEDED: Notification.Kind.SUBSCRIPTION_CHARGED,
     Payment.Status.DECLINED: Notification.Kind.SUBSCRIPTION_DECLINED,
 }

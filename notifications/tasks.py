@@ -7,7 +7,7 @@ retries are spent, the outbox tries again NOTIFICATION_RESUME_SECONDS later (not
 
 from celery import shared_task
 
-from project.celery import retry_policy
+from core.task_base import retry_policy
 
 from . import services
 

@@ -15,7 +15,7 @@ class FailedTaskAdmin(admin.ModelAdmin):
     actions = ["requeue_selected", "mark_resolved"]
 
     # A dead letter is evidence: it changes only through the actions.
-    def get_readonly_fields(self, request, obj=None):
+    def get_readonly_fields(self, request: HttpRequest, obj: FailedTask | None = None) -> list[str]:
         return [field.name for field in self.model._meta.fields]
 
     def has_add_permission(self, request: HttpRequest) -> bool:

@@ -16,13 +16,17 @@ Where each one fires (Celery 5.7):
 
 import logging
 import uuid
+from typing import Any
 
 from celery import signals
 from django.dispatch import receiver
 from django.utils import timezone
+from kombu.message import Message
 from kombu.utils.encoding import safe_repr
 
 from core import outbox
+from core.models import OutboxItem
+from payments.models import Payment
 from payments.services import needs_attention as payment_needs_attention
 
 from .models import FailedTask
@@ -47,7 +51,15 @@ def describe(exc: BaseException) -> str:
 
 
 @signals.task_failure.connect(dispatch_uid="ops.deadletters.record_task_failure")
-def record_task_failure(sender=None, task_id=None, exception=None, args=None, kwargs=None, einfo=None, **extra):
+def record_task_failure(
+    sender: Any = None,
+    task_id: Any = None,
+    exception: Any = None,
+    args: Any = None,
+    kwargs: Any = None,
+    einfo: Any = None,
+    **extra: Any,
+) -> None:
     request = sender.request
     if request.is_eager:
         # Run in-process by apply() or eager mode: no message was lost and there is none to replay.
@@ -71,7 +83,7 @@ def record_task_failure(sender=None, task_id=None, exception=None, args=None, kw
         logger.exception("dead letter not recorded: %s[%s] args=%r kwargs=%r", sender.name, task_id, args, kwargs)
 
 
-def _record_refused(message, reason: str, task_name: str) -> None:
+def _record_refused(message: Message, reason: str, task_name: str) -> None:
     headers = message.headers if isinstance(message.headers, dict) else {}
     properties = message.properties or {}
     task_id = headers.get("id") or properties.get("correlation_id") or f"refused-{uuid.uuid4()}"
@@ -94,7 +106,7 @@ def _record_refused(message, reason: str, task_name: str) -> None:
 
 
 @signals.task_rejected.connect(dispatch_uid="ops.deadletters.record_rejected_message")
-def record_rejected_message(sender=None, message=None, exc=None, **extra):
+def record_rejected_message(sender: Any = None, message: Any = None, exc: Any = None, **extra: Any) -> None:
     # Not under the name the message claims (it is in the headers): a poison message must
     # not pass for a failure of a real task, in the admin or in the dead-letter metrics.
     reason = describe(exc) if exc is not None else "unknown message format"
@@ -102,7 +114,9 @@ def record_rejected_message(sender=None, message=None, exc=None, **extra):
 
 
 @signals.task_unknown.connect(dispatch_uid="ops.deadletters.record_unknown_task")
-def record_unknown_task(sender=None, message=None, exc=None, name=None, id=None, **extra):  # noqa: A002 (signal's name)
+def record_unknown_task(  # noqa: A002 (signal's name)
+    sender: Any = None, message: Any = None, exc: Any = None, name: Any = None, id: Any = None, **extra: Any
+) -> None:
     _record_refused(message, f"NotRegistered: no task named {name!r}", task_name=name)
 
 
@@ -110,7 +124,7 @@ def record_unknown_task(sender=None, message=None, exc=None, name=None, id=None,
 
 
 @receiver(outbox.work_failed, dispatch_uid="ops.deadletters.record_abandoned_item")
-def record_abandoned_item(sender, item, reason: str, by_relay: bool, **extra) -> None:
+def record_abandoned_item(sender: Any, item: OutboxItem, reason: str, by_relay: bool, **extra: Any) -> None:
     """An outbox item the relay gave up on never ran to a task failure: its dead letter is written here."""
     if not by_relay:
         return  # the task's own failure: record_task_failure has it
@@ -129,13 +143,13 @@ def record_abandoned_item(sender, item, reason: str, by_relay: bool, **extra) ->
 
 
 @receiver(outbox.work_recovered, dispatch_uid="ops.deadletters.resolve_recovered_item")
-def resolve_recovered_item(sender, item_task_id: str, **extra) -> None:
+def resolve_recovered_item(sender: Any, item_task_id: str, **extra: Any) -> None:
     """Parked work (the warehouse or the mail server was down) finished by itself: its dead letter is resolved."""
     FailedTask.objects.filter(task_id=item_task_id, resolved=False).update(resolved=True, resolved_at=timezone.now())
 
 
 @receiver(payment_needs_attention, dispatch_uid="ops.deadletters.record_payment_needing_attention")
-def record_payment_needing_attention(sender, payment, reason: str, **extra) -> None:
+def record_payment_needing_attention(sender: Any, payment: Payment, reason: str, **extra: Any) -> None:
     """A payment whose outcome cannot be recorded (mismatch, refusal, retries spent) is a dead letter."""
     try:
         record_failure(

@@ -25,10 +25,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
+from celery import current_app as app
 from celery.signals import (
     before_task_publish,
     task_failure,
@@ -51,7 +53,6 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from payments.models import PaymentMismatch
-from project.celery import app
 
 from .deadletters import PAYMENT_NEEDS_ATTENTION
 from .models import FailedTask
@@ -97,7 +98,7 @@ def _queue_label(routing_key: str | None) -> str:
     return routing_key if routing_key in app.amqp.queues else "other"
 
 
-def _queue_of(task, request) -> str:
+def _queue_of(task: Any, request: Any) -> str:
     delivery_info = getattr(request, "delivery_info", None) or {}
     if routing_key := delivery_info.get("routing_key"):
         return _queue_label(routing_key)
@@ -105,11 +106,11 @@ def _queue_of(task, request) -> str:
     return _queue_label(app.amqp.router.route({}, task.name)["queue"].name)
 
 
-def _is_eager(request) -> bool:
+def _is_eager(request: Any) -> bool:
     return bool(getattr(request, "is_eager", False))
 
 
-def _timestamp(value) -> float | None:
+def _timestamp(value: object) -> float | None:
     if isinstance(value, int | float):
         return float(value)
     if isinstance(value, str):
@@ -124,13 +125,13 @@ def _timestamp(value) -> float | None:
 
 
 @before_task_publish.connect(dispatch_uid="ops.metrics.stamp_publish_time")
-def stamp_publish_time(headers: dict | None = None, **kwargs) -> None:
+def stamp_publish_time(headers: dict[str, Any] | None = None, **kwargs: Any) -> None:
     if headers is not None:
         headers[SENT_AT_HEADER] = time.time()
 
 
 @task_prerun.connect(dispatch_uid="ops.metrics.record_start")
-def record_start(task_id: str, task, **kwargs) -> None:
+def record_start(task_id: str, task: Any, **kwargs: Any) -> None:
     request = task.request
     if _is_eager(request):
         return
@@ -145,35 +146,35 @@ def record_start(task_id: str, task, **kwargs) -> None:
 
 
 @task_postrun.connect(dispatch_uid="ops.metrics.record_duration")
-def record_duration(task_id: str, task, **kwargs) -> None:
+def record_duration(task_id: str, task: Any, **kwargs: Any) -> None:
     started = _started.pop(task_id, None)
     if started is not None:
         TASK_DURATION.labels(task.name, _queue_of(task, task.request)).observe(time.monotonic() - started)
 
 
-def _count_outcome(task, request, status: str) -> None:
+def _count_outcome(task: Any, request: Any, status: str) -> None:
     if not _is_eager(request):
         TASKS.labels(task.name, _queue_of(task, request), status).inc()
 
 
 @task_success.connect(dispatch_uid="ops.metrics.count_success")
-def count_success(sender, **kwargs) -> None:
+def count_success(sender: Any, **kwargs: Any) -> None:
     _count_outcome(sender, sender.request, "success")
 
 
 @task_failure.connect(dispatch_uid="ops.metrics.count_failure")
-def count_failure(sender, **kwargs) -> None:
+def count_failure(sender: Any, **kwargs: Any) -> None:
     # Sent once per final failure: by the pool process for an exception, by the parent
     # for a hard time limit, a lost worker or a rejection.
     _count_outcome(sender, sender.request, "failure")
 
 
 @task_retry.connect(dispatch_uid="ops.metrics.count_retry")
-def count_retry(sender, request=None, **kwargs) -> None:
+def count_retry(sender: Any, request: Any = None, **kwargs: Any) -> None:
     _count_outcome(sender, request or sender.request, "retry")
 
 
-def _count_message(message, status: str, name: str | None = None) -> None:
+def _count_message(message: Any, status: str, name: str | None = None) -> None:
     name = name or (getattr(message, "headers", None) or {}).get("task")
     # Names from a message the worker could not run are not trusted as label values.
     label = name if name in app.tasks else UNKNOWN
@@ -182,12 +183,12 @@ def _count_message(message, status: str, name: str | None = None) -> None:
 
 
 @task_rejected.connect(dispatch_uid="ops.metrics.count_rejected")
-def count_rejected(message=None, **kwargs) -> None:
+def count_rejected(message: Any = None, **kwargs: Any) -> None:
     _count_message(message, "rejected")
 
 
 @task_unknown.connect(dispatch_uid="ops.metrics.count_unknown")
-def count_unknown(message=None, name: str | None = None, **kwargs) -> None:
+def count_unknown(message: Any = None, name: str | None = None, **kwargs: Any) -> None:
     _count_message(message, "unknown", name)
 
 
@@ -202,7 +203,7 @@ def worker_metrics_port(nodename: str) -> int | None:
 
 
 @worker_init.connect(dispatch_uid="ops.metrics.serve_worker_metrics")
-def serve_worker_metrics(sender, **kwargs) -> None:
+def serve_worker_metrics(sender: Any, **kwargs: Any) -> None:
     """Give this worker its own empty metrics directory and serve the sum of its processes' files.
 
     Runs in the parent process before the pool forks, so the pool processes inherit the directory.
@@ -243,7 +244,7 @@ def _declare_task_series() -> None:
 
 
 @worker_process_shutdown.connect(dispatch_uid="ops.metrics.forget_pool_process")
-def forget_pool_process(pid: int, **kwargs) -> None:
+def forget_pool_process(pid: int, **kwargs: Any) -> None:
     # Counters and histograms of a finished process stay in the sum; only its live gauges go.
     if multiprocess_mode():
         multiprocess.mark_process_dead(pid)
@@ -311,7 +312,7 @@ def _task_names() -> frozenset[str]:
     return frozenset(name for name in app.tasks if not name.startswith("celery.")) | {PAYMENT_NEEDS_ATTENTION}
 
 
-def _message_count(channel, queue: str) -> int:
+def _message_count(channel: Any, queue: str) -> int:
     # kombu's Redis channel sums LLEN over the queue's list and its priority lists
     # (`queue`, `queue\x06\x163`, ...: Channel._size and _q_for_pri in kombu/transport/redis.py).
     try:
@@ -349,7 +350,7 @@ class ReconciliationCollector(Collector):
 
 
 class _ThisProcess(Collector):
-    def collect(self) -> Iterator[Metric]:
+    def collect(self) -> Iterable[Metric]:
         return REGISTRY.collect()
 
 

@@ -7,11 +7,12 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from celery import current_app as app
 from django.db import connections, transaction
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from project.celery import app
+from core import outbox
 
 from .models import FailedTask
 
@@ -109,6 +110,8 @@ def requeue_refusal(failed: FailedTask) -> str | None:
         return "the message was refused and never ran"
     if failed.resolved:
         return "already resolved"
+    if not isinstance(failed.args, list) or not isinstance(failed.kwargs, dict):
+        return "its recorded arguments are not a list and a mapping"
     # Outside a worker, task modules are imported only when first used: import them all
     # (autodiscovery, CELERY_IMPORTS) before asking whether the name exists.
     app.loader.import_default_modules()
@@ -121,26 +124,24 @@ def requeue_failed_task(*, failed_task_id: int) -> FailedTask:
     """Send a failed task again, as a new task id with the same name and arguments, onto its routed queue; mark it
     requeued and resolved.
 
-    Raises NotRequeueable for a refused message, an already resolved row, or a task name no longer registered.
+    The replay is an outbox item of the same transaction: it is published after commit, or by the
+    relay if the broker is down then, so a dead letter marked requeued is never a replay that did
+    not happen. Two operators requeueing the same row wait for each other's row lock and the
+    second sees it resolved. Raises NotRequeueable for a refused message, an already resolved
+    row, or a task name no longer registered.
     """
     with transaction.atomic():
         failed = FailedTask.objects.select_for_update().get(pk=failed_task_id)
         if reason := requeue_refusal(failed):
             raise NotRequeueable(failed, reason)
-        # Published under the row lock rather than after commit: the task reads nothing this
-        # transaction writes, and a publish that fails must leave the dead letter unresolved
-        # instead of marking a replay that never happened. Two operators requeueing the same
-        # row wait for each other and the second sees it resolved.
-        result = app.send_task(
-            failed.task_name, args=failed.args, kwargs=failed.kwargs, queue=queue_for(failed.task_name)
-        )
+        item = outbox.enqueue(failed.task_name, *failed.args, kwargs=failed.kwargs)
         now = timezone.now()
-        failed.requeued_as = result.id
+        failed.requeued_as = str(item.task_id)
         failed.requeued_at = now
         failed.resolved = True
         failed.resolved_at = now
         failed.save(update_fields=["requeued_as", "requeued_at", "resolved", "resolved_at"])
-    logger.info("dead letter %s requeued as %s", failed, result.id)
+    logger.info("dead letter %s requeued as %s", failed, failed.requeued_as)
     return failed
 
 

@@ -2,28 +2,27 @@
 
 import hmac
 
+from celery import current_app as app
 from django.conf import settings
 from django.db import DatabaseError, connection
-from django.http import HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.cache import never_cache
 from kombu.exceptions import OperationalError as BrokerError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-from project.celery import app
 
 from .metrics import web_registry
 
 
 @never_cache
-def healthz(request):
+def healthz(request: HttpRequest) -> JsonResponse:
     """The process is up and serving requests."""
     return JsonResponse({"status": "ok"})
 
 
 @never_cache
-def readyz(request):
+def readyz(request: HttpRequest) -> JsonResponse:
     """The database and the broker answer; 503 otherwise."""
-    checks = {}
+    checks: dict[str, str] = {}
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
@@ -41,7 +40,7 @@ def readyz(request):
 
 
 @never_cache
-def metrics(request):
+def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus exposition: every web process's metrics, queue depth and dead letters.
 
     With METRICS_TOKEN set, only a request with `Authorization: Bearer <METRICS_TOKEN>` gets them (401 otherwise).

@@ -19,9 +19,11 @@
 
 import logging
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 import redis
-from billiard.einfo import ExceptionInfo, ExceptionWithTraceback
+from billiard.einfo import ExceptionInfo, ExceptionWithTraceback  # type: ignore[attr-defined]  # not in celery-types
 from celery import signals
 from celery.exceptions import InvalidTaskError, WorkerLostError
 from celery.worker import state as worker_state
@@ -29,7 +31,8 @@ from celery.worker.consumer import Consumer
 from celery.worker.request import Request
 from django.conf import settings
 from kombu.exceptions import ContentDisallowed, DecodeError
-from kombu.serialization import TRUSTED_CONTENT, prepare_accept_content
+from kombu.message import Message
+from kombu.serialization import TRUSTED_CONTENT, prepare_accept_content  # type: ignore[attr-defined]  # not in celery-types
 from kombu.utils.encoding import safe_repr
 
 logger = logging.getLogger(__name__)
@@ -76,7 +79,8 @@ class LossCounter:
             return self._local[task_id]
         key = f"ops:worker-lost:{task_id}"
         with client.pipeline() as pipe:
-            losses, _ = pipe.incr(key).expire(key, LOSS_MEMORY_SECONDS).execute()
+            # A pipeline's command returns the pipeline; redis types it as the client's answer.
+            losses, _ = pipe.incr(key).expire(key, LOSS_MEMORY_SECONDS).execute()  # type: ignore[attr-defined]
         return int(losses)
 
     def forget(self, task_id: str) -> None:
@@ -94,7 +98,11 @@ losses = LossCounter()
 
 
 class WorkerLostBoundRequest(Request):
-    def on_failure(self, exc_info, send_failed_event=True, return_ok=False):
+    # Celery's Request sets these on revoke and cancel; not in celery-types.
+    _already_cancelled: bool
+    _already_revoked: bool
+
+    def on_failure(self, exc_info: ExceptionInfo, send_failed_event: bool = True, return_ok: bool = False) -> None:
         exc = exc_info.exception
         if isinstance(exc, ExceptionWithTraceback):
             exc = exc.exc
@@ -115,10 +123,11 @@ class WorkerLostBoundRequest(Request):
         # failure path: acknowledge (acks_on_failure), mark failed, send task_failure.
         return super().on_failure(exc_info, send_failed_event=send_failed_event, return_ok=return_ok)
 
-    def _will_requeue_as_worker_lost(self, exc: BaseException) -> bool:
+    def _will_requeue_as_worker_lost(self, exc: BaseException | None) -> bool:
         """True where Celery's on_failure would put the message back because the pool process died."""
         task = self.task
-        if not (task.acks_late and task.reject_on_worker_lost) or task.retry_on_worker_lost:
+        # retry_on_worker_lost is new in Celery 5.6, not yet in celery-types.
+        if not (task.acks_late and task.reject_on_worker_lost) or task.retry_on_worker_lost:  # type: ignore[attr-defined]
             return False
         if worker_state.should_terminate:
             return False  # a cold shutdown killed the pool: not the task's doing
@@ -130,7 +139,7 @@ class WorkerLostBoundRequest(Request):
             self._already_cancelled or self._already_revoked
         )
 
-    def _gave_up_info(self, exc: BaseException, count: int, limit: int) -> ExceptionInfo:
+    def _gave_up_info(self, exc: BaseException | None, count: int, limit: int) -> ExceptionInfo:
         message = f"{exc!r} on {count} deliveries; not requeued again (TASK_MAX_WORKER_LOST={limit})"
         try:
             raise WorkerLostTooOften(message, count) from exc
@@ -138,7 +147,7 @@ class WorkerLostBoundRequest(Request):
             return ExceptionInfo()
 
 
-def malformed_task_message(message, accept: set[str]) -> Exception | None:
+def malformed_task_message(message: Message, accept: set[str]) -> Exception | None:
     """Why a protocol 2 task message can never become a task call, or None to leave it to Celery's own checks."""
     headers = message.headers
     if not isinstance(headers, dict) or "task" not in headers:
@@ -165,11 +174,12 @@ def malformed_task_message(message, accept: set[str]) -> Exception | None:
 
 
 class DeadLetterConsumer(Consumer):
-    def create_task_handler(self, *args, **kwargs):
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         handle_task_message = super().create_task_handler(*args, **kwargs)
         accept = prepare_accept_content(self.app.conf.accept_content)
+        assert accept is not None  # None only for no accept_content, and Celery always has one
 
-        def on_task_received(message):
+        def on_task_received(message: Message) -> Any:
             if (reason := malformed_task_message(message, accept)) is not None:
                 # Logged at ERROR, removed from the queue, task_rejected sent.
                 return self.on_invalid_task(None, message, reason)
@@ -177,6 +187,6 @@ class DeadLetterConsumer(Consumer):
 
         return on_task_received
 
-    def on_decode_error(self, message, exc):
+    def on_decode_error(self, message: Message, exc: Exception) -> None:
         super().on_decode_error(message, exc)  # logs at CRITICAL and acknowledges
         signals.task_rejected.send(sender=self, message=message, exc=exc)

@@ -1,19 +1,26 @@
 import uuid
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
-from django.urls import path
+from django.urls import URLPattern, path
 from django.utils.text import capfirst
+
+from core.types import AuthenticatedHttpRequest
 
 from . import services as order_services
 from . import stock
 from .models import ApiToken, Order, OrderEvent, OrderItem, Product, StockMovement
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 # Far below the column's limit, far above any real delivery or count.
 MAX_STOCK_CHANGE = 1_000_000
@@ -24,7 +31,7 @@ class OnceForm(forms.Form):
 
     submission = forms.CharField(widget=forms.HiddenInput, max_length=64, required=False)
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not self.is_bound:
             self.initial["submission"] = uuid.uuid4().hex
@@ -50,7 +57,7 @@ class AdjustStockForm(OnceForm):
         return self.cleaned_data["delta"]
 
 
-StockChange = Callable[[Product, dict, object], StockMovement]
+StockChange = Callable[[Product, dict[str, Any], "User"], StockMovement]
 
 
 @admin.register(Product)
@@ -69,7 +76,7 @@ class ProductAdmin(admin.ModelAdmin):
         else:
             obj.save()
 
-    def get_urls(self):
+    def get_urls(self) -> list[URLPattern]:
         stock_urls = [
             path(
                 "<path:object_id>/receive-stock/",
@@ -85,7 +92,7 @@ class ProductAdmin(admin.ModelAdmin):
         # Before the defaults: their "<path:object_id>/" would swallow these.
         return stock_urls + super().get_urls()
 
-    def receive_stock_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+    def receive_stock_view(self, request: AuthenticatedHttpRequest, object_id: str) -> HttpResponse:
         return self._stock_change_view(
             request,
             object_id,
@@ -100,7 +107,7 @@ class ProductAdmin(admin.ModelAdmin):
             ),
         )
 
-    def adjust_stock_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+    def adjust_stock_view(self, request: AuthenticatedHttpRequest, object_id: str) -> HttpResponse:
         return self._stock_change_view(
             request,
             object_id,
@@ -117,7 +124,7 @@ class ProductAdmin(admin.ModelAdmin):
 
     def _stock_change_view(
         self,
-        request: HttpRequest,
+        request: AuthenticatedHttpRequest,
         object_id: str,
         *,
         title: str,
@@ -126,7 +133,8 @@ class ProductAdmin(admin.ModelAdmin):
     ) -> HttpResponse:
         product = self.get_object(request, unquote(object_id))
         if product is None:
-            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)
+            # ModelAdmin's own answer for a missing object; private, so not in django-stubs.
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)  # type: ignore[attr-defined]
         if not self.has_change_permission(request, product):
             raise PermissionDenied
         form = form_class(request.POST if request.method == "POST" else None)
@@ -208,7 +216,9 @@ class OrderAdmin(admin.ModelAdmin):
     inlines = [OrderItemInline, OrderEventInline]
     actions = ["retry_held", "fail_held"]
 
-    def _resolve_holds(self, request: HttpRequest, queryset, service: Callable, done: str) -> None:
+    def _resolve_holds(
+        self, request: HttpRequest, queryset: QuerySet[Order], service: Callable[..., Order], done: str
+    ) -> None:
         changed, refused = 0, []
         for order_id in queryset.order_by("pk").values_list("pk", flat=True):
             try:
@@ -222,13 +232,13 @@ class OrderAdmin(admin.ModelAdmin):
             self.message_user(request, reason, messages.WARNING)
 
     @admin.action(description="Retry the step that is on hold", permissions=["change"])
-    def retry_held(self, request: HttpRequest, queryset) -> None:
+    def retry_held(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
         self._resolve_holds(
             request, queryset, order_services.retry_held_order, "sent back to the step they were held at"
         )
 
     @admin.action(description="Fail the held payment and release the stock", permissions=["change"])
-    def fail_held(self, request: HttpRequest, queryset) -> None:
+    def fail_held(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
         self._resolve_holds(request, queryset, order_services.fail_held_order, "failed, stock released")
 
 

@@ -4,14 +4,17 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Annotated
 
-from django.db.models import prefetch_related_objects
-from django.shortcuts import get_object_or_404
+from django.db.models import QuerySet, prefetch_related_objects
+from django.http import Http404, HttpRequest
 from ninja import Field, Header, Router, Schema, Status
 from ninja.errors import ValidationError
-from ninja.pagination import LimitOffsetPagination, paginate
+from ninja.pagination import paginate
 from pydantic import ConfigDict, StrictInt, StringConstraints, field_validator
 
-from . import services
+from core.pagination import bounded_pagination
+from core.types import ApiRequest
+
+from . import selectors, services
 from .models import Order, Product
 
 router = Router(tags=["orders"])
@@ -22,12 +25,7 @@ Sku = Annotated[
 ]
 
 
-class Pagination(LimitOffsetPagination):
-    """Limit and offset with upper bounds: an absurd value is a 422, not a database error."""
-
-    class Input(Schema):
-        limit: int = Field(100, ge=1, le=100)
-        offset: int = Field(0, ge=0, le=2**31 - 1)
+Pagination = bounded_pagination(default_limit=100)
 
 
 class ItemIn(Schema):
@@ -93,10 +91,6 @@ class OrderOut(Schema):
     # The order's charge, once it is claimed: the order page's receipt follows it without a reload.
     payment: PaymentOut | None
 
-    @staticmethod
-    def resolve_payment(order: Order):
-        return next(iter(order.payments.all()), None)
-
 
 class ProductOut(Schema):
     sku: str
@@ -109,14 +103,10 @@ class ErrorOut(Schema):
     detail: list[dict] | str
 
 
-def _orders_of(request):
-    return Order.objects.filter(owner=request.auth).prefetch_related("items", "events", "payments")
-
-
 @router.get("/products/", response=list[ProductOut], summary="List the catalogue")
 @paginate(Pagination)
-def list_products(request):
-    return Product.objects.order_by("sku")
+def list_products(request: HttpRequest) -> QuerySet[Product]:
+    return selectors.product_list(ordering="sku")
 
 
 @router.post(
@@ -125,12 +115,12 @@ def list_products(request):
     summary="Place an order",
 )
 def create_order(
-    request,
+    request: ApiRequest,
     payload: OrderIn,
     idempotency_key: Annotated[
         str, Header(alias="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
     ] = "",
-):
+) -> Status[Order]:
     """Place an order. Sending the same `Idempotency-Key` again returns the same order."""
     try:
         order = services.place_order(
@@ -151,19 +141,22 @@ def create_order(
             ]
         ) from exc
     # The order in hand, with what OrderOut shows of it loaded: not read again by owner and id.
-    prefetch_related_objects([order], "items", "events", "payments")
+    prefetch_related_objects([order], *selectors.ORDER_DETAIL)
     return Status(201, order)
 
 
 @router.get("/orders/", response=list[OrderOut], summary="List my orders")
 @paginate(Pagination)
-def list_orders(request):
-    return _orders_of(request)
+def list_orders(request: ApiRequest) -> QuerySet[Order]:
+    return selectors.order_list_for(owner=request.auth)
 
 
 @router.get("/orders/{order_id}/", response={200: OrderOut, 404: ErrorOut}, summary="One of my orders")
-def get_order(request, order_id: int):
-    return get_object_or_404(_orders_of(request), pk=order_id)
+def get_order(request: ApiRequest, order_id: int) -> Order:
+    order = selectors.order_get_for(owner=request.auth, order_id=order_id)
+    if order is None:
+        raise Http404("no such order")
+    return order
 
 
 @router.post(
@@ -171,7 +164,11 @@ def get_order(request, order_id: int):
     response={200: OrderOut, 404: ErrorOut, 409: ErrorOut},
     summary="Cancel one of my orders while it is pending or confirmed",
 )
-def cancel_order(request, order_id: int):
-    get_object_or_404(Order, pk=order_id, owner=request.auth)
-    order = services.cancel_order(order_id=order_id, owner=request.auth)
-    return _orders_of(request).get(pk=order.pk)
+def cancel_order(request: ApiRequest, order_id: int) -> Order:
+    try:
+        # Read once, under its lock, by owner: another owner's order is a 404 like a missing one.
+        order = services.cancel_order(order_id=order_id, owner=request.auth)
+    except Order.DoesNotExist:
+        raise Http404("no such order") from None
+    prefetch_related_objects([order], *selectors.ORDER_DETAIL)
+    return order

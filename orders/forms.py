@@ -1,3 +1,5 @@
+from typing import Any
+
 from django import forms
 
 from .models import Product
@@ -11,7 +13,7 @@ class OrderForm(forms.Form):
 
     idempotency_key = forms.CharField(widget=forms.HiddenInput, max_length=64, required=False)
 
-    def __init__(self, *args, products: list[Product], **kwargs):
+    def __init__(self, *args: Any, products: list[Product], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.products = products
         for product in products:
@@ -23,11 +25,12 @@ class OrderForm(forms.Form):
                 widget=forms.NumberInput(attrs={"min": 0, "max": MAX_QUANTITY, "step": 1, "inputmode": "numeric"}),
             )
 
-    def quantity_fields(self):
+    def quantity_fields(self) -> list[tuple[Product, forms.BoundField]]:
         return [(product, self[QTY_PREFIX + product.sku]) for product in self.products]
 
-    def clean(self):
+    def clean(self) -> dict[str, Any]:
         cleaned = super().clean()
+        assert cleaned is not None  # BaseForm.clean returns cleaned_data
         posted = [key for key in self.data if key.startswith(QTY_PREFIX)]
         unknown = sorted(key[len(QTY_PREFIX) :] for key in posted if key not in self.fields)
         if unknown:

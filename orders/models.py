@@ -1,9 +1,13 @@
 import hashlib
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+
+if TYPE_CHECKING:
+    from payments.models import Payment
 
 
 class Product(models.Model):
@@ -73,6 +77,11 @@ class Order(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL
+
+    @property
+    def payment(self) -> "Payment | None":
+        """The order's charge once claimed (one per order), from prefetched `payments` when loaded."""
+        return next(iter(self.payments.all()), None)
 
 
 class OrderItem(models.Model):

@@ -14,12 +14,14 @@ notifications follow `status_changed`.
 """
 
 import logging
+from typing import Any
 
 from django.conf import settings
 from django.dispatch import Signal, receiver
 
 from core import outbox
 from core.models import OutboxItem
+from payments.models import Payment
 from payments.services import payment_settled
 
 from .models import Order, OrderEvent
@@ -101,7 +103,7 @@ outbox.resume_after_failure(NEXT_STEP[S.PAID], seconds=settings.FULFILLMENT_RESU
 
 
 @receiver(outbox.work_failed, dispatch_uid="orders.pipeline.step_failed")
-def step_failed(sender, item: OutboxItem, reason: str, parked: bool, **kwargs) -> None:
+def step_failed(sender: Any, item: OutboxItem, reason: str, parked: bool, **kwargs: Any) -> None:
     """An order step that failed for good (retries spent, a permanent error) puts the order on hold, visibly."""
     if item.task_name not in NEXT_STEP.values() or not item.args:
         return
@@ -111,7 +113,7 @@ def step_failed(sender, item: OutboxItem, reason: str, parked: bool, **kwargs) -
 
 
 @receiver(payment_settled, dispatch_uid="orders.pipeline.payment_settled")
-def payment_settled_elsewhere(sender, payment, **kwargs) -> None:
+def payment_settled_elsewhere(sender: Any, payment: Payment, **kwargs: Any) -> None:
     """A webhook finished an order's payment: the charge step applies its outcome (it finds the payment final)."""
     if payment.order_id:
         outbox.enqueue(NEXT_STEP[S.CONFIRMED], payment.order_id)

@@ -8,9 +8,11 @@ import logging
 import secrets
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, transaction
 
+from core.errors import ApplicationError
 from integrations import warehouse
 from integrations.errors import ProviderUnavailable
 from payments import services as payment_services
@@ -19,36 +21,44 @@ from payments.models import Payment
 from . import pipeline, stock
 from .models import ApiToken, Order, OrderItem, Product
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
 logger = logging.getLogger(__name__)
 
 MAX_ITEMS = 50
 MAX_QUANTITY = 1000
 
 
-class OrderError(Exception):
+class OrderError(ApplicationError):
     """Base of the errors a caller can show to the shopper."""
 
     field = "items"
 
 
 class InvalidItems(OrderError):
-    pass
+    code = "invalid_items"
 
 
 class UnknownProduct(OrderError):
+    code = "unknown_sku"
+
     def __init__(self, skus: Iterable[str]):
         self.skus = sorted(skus)
         super().__init__(f"unknown sku: {', '.join(self.skus)}")
 
 
 class IdempotencyKeyReused(OrderError):
-    field = "Idempotency-Key"
+    code = "idempotency_key_reused"
+    field = "idempotency_key"
 
     def __init__(self) -> None:
         super().__init__("this Idempotency-Key was already used for an order with other items")
 
 
 class OrderNotCancellable(OrderError):
+    code = "not_cancellable"
+    status = 409
     field = "status"
 
     def __init__(self, order: Order):
@@ -76,14 +86,14 @@ def _same_items(order: Order, items: list[ItemSpec]) -> bool:
     return sorted(order.items.values_list("sku", "quantity")) == items
 
 
-def _existing_for_key(owner, idempotency_key: str, items: list[ItemSpec]) -> Order | None:
+def _existing_for_key(owner: "User", idempotency_key: str, items: list[ItemSpec]) -> Order | None:
     order = Order.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
     if order is not None and not _same_items(order, items):
         raise IdempotencyKeyReused()
     return order
 
 
-def place_order(*, owner, items: Sequence[ItemSpec], idempotency_key: str = "") -> Order:
+def place_order(*, owner: "User", items: Sequence[ItemSpec], idempotency_key: str = "") -> Order:
     """Create a pending order with prices copied from the catalogue; its processing is an outbox item of its commit.
 
     The same idempotency key from the same owner returns the first order (also when
@@ -203,7 +213,7 @@ def apply_payment_outcome(*, order_id: int, payment: Payment) -> Order | None:
     return order
 
 
-def cancel_order(*, order_id: int, owner) -> Order:
+def cancel_order(*, order_id: int, owner: "User") -> Order:
     """Cancel the owner's order while pending or confirmed and not yet being charged; stock is released."""
     with transaction.atomic():
         order = Order.objects.select_for_update().get(pk=order_id, owner=owner)
@@ -252,7 +262,7 @@ def _awaits_shipment(order: Order) -> bool:
 # --- Holds: a step that cannot finish by itself ------------------------------------------
 
 # What the shopper reads on an order held on the way from each status.
-HOLD_MESSAGES = {
+HOLD_MESSAGES: dict[str, str] = {
     Order.Status.PENDING: "We could not process your order yet. Our staff have been told and will sort it out.",
     Order.Status.CONFIRMED: (
         "Your payment could not be completed. Our staff are looking into it; you will not be charged twice."
@@ -264,7 +274,7 @@ HOLD_MESSAGES = {
 
 
 # What the shopper reads once a step stopped trying by itself: staff take over.
-STOPPED_HOLD_MESSAGES = {
+STOPPED_HOLD_MESSAGES: dict[str, str] = {
     Order.Status.PAID: (
         "Your order is paid. Handing it to the warehouse failed repeatedly; our staff have been told and will "
         "send it as soon as possible."
@@ -273,6 +283,8 @@ STOPPED_HOLD_MESSAGES = {
 
 
 class NotOnHold(OrderError):
+    code = "not_on_hold"
+    status = 409
     field = "status"
 
     def __init__(self, order: Order | None, action: str, order_id: int | None = None):
@@ -336,14 +348,16 @@ def hold_stuck_order(*, order_id: int, task_name: str, reason: str, resumes: boo
 
 
 class PaymentTaken(OrderError):
+    code = "payment_taken"
+    status = 409
     field = "status"
 
     def __init__(self, order: Order):
         super().__init__(f"order {order.pk}: the provider took the payment, so the order is {order.status}, not failed")
 
 
-class ProviderNotConfirmed(OrderError):
-    field = "status"
+class ProviderNotConfirmed(ProviderUnavailable):
+    """Staff acted on a held charge while the provider could not be asked: worth trying again."""
 
     def __init__(self, order_id: int, error: Exception):
         super().__init__(f"order {order_id}: the provider could not be asked what it charged ({error}); try again")
@@ -376,7 +390,7 @@ def retry_held_order(*, order_id: int) -> Order:
         settled = payment is not None and payment.status in (Payment.Status.SUCCEEDED, Payment.Status.DECLINED)
         if origin is None and order is not None and settled and order.status != Order.Status.PAYMENT_FAILED:
             return order  # the provider's answer settled it (paid, or failed by its decline)
-        if origin is None:
+        if origin is None or order is None:  # no origin without an order
             raise NotOnHold(order, "retry", order_id)
         if origin == Order.Status.CONFIRMED:
             payment_services.reopen_payment(order_id=order.pk)
@@ -400,14 +414,14 @@ def fail_held_order(*, order_id: int) -> Order:
         return pipeline.set_status(order, Order.Status.PAYMENT_FAILED, note="payment failed by staff; stock released")
 
 
-def issue_api_token(*, user) -> str:
+def issue_api_token(*, user: "User") -> str:
     """Create an API token for the user and return it; only its digest is stored."""
     raw = secrets.token_urlsafe(32)
     ApiToken.objects.create(user=user, digest=ApiToken.digest_of(raw))
     return raw
 
 
-def user_for_token(raw: str):
+def user_for_token(raw: str) -> "User | None":
     """The active user a raw API token belongs to, or None."""
     token = ApiToken.objects.select_related("user").filter(digest=ApiToken.digest_of(raw)).first()
     if token is None or not token.user.is_active:

@@ -5,11 +5,15 @@ read and stock never goes below zero. Products are always updated in pk order.
 """
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, transaction
 from django.db.models import F, Sum
 
 from .models import Order, Product, StockMovement
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 
 class StockError(Exception):
@@ -51,7 +55,7 @@ def _once_per_submission(submission: str, change: Callable[[], StockMovement]) -
 
 
 def receive_stock(
-    *, product_id: int, quantity: int, reason: str = "", user=None, submission: str = ""
+    *, product_id: int, quantity: int, reason: str = "", user: "User | None" = None, submission: str = ""
 ) -> StockMovement:
     """Add received units to the product's stock on hand; record a `received` movement (once per `submission`)."""
     if type(quantity) is not int or quantity <= 0:
@@ -72,7 +76,9 @@ def receive_stock(
     return _once_per_submission(submission, change)
 
 
-def adjust_stock(*, product_id: int, delta: int, reason: str, user=None, submission: str = "") -> StockMovement:
+def adjust_stock(
+    *, product_id: int, delta: int, reason: str, user: "User | None" = None, submission: str = ""
+) -> StockMovement:
     """Correct the product's stock on hand by delta (a count, breakage); record an `adjusted` movement.
 
     Once per `submission`. Raises InsufficientStock when a negative delta is larger than the stock on hand.

@@ -8,7 +8,7 @@ puts the order on hold (orders/pipeline.py: step_failed).
 
 from celery import shared_task
 
-from project.celery import retry_policy
+from core.task_base import retry_policy
 
 from . import services
 

@@ -1,28 +1,32 @@
 import uuid
+from typing import cast
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.shortcuts import get_object_or_404, redirect, render
+from django.http import Http404, HttpRequest, HttpResponse, QueryDict
+from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
 
-from . import services
+from core.types import AuthenticatedHttpRequest
+
+from . import selectors, services
 from .forms import OrderForm
-from .models import Order, Product
+from .models import Order
 
 
-def home(request):
-    return render(request, "orders/home.html", {"products": Product.objects.order_by("name")})
+def home(request: HttpRequest) -> HttpResponse:
+    return render(request, "orders/home.html", {"products": selectors.product_list()})
 
 
 @login_required
-def order_list(request):
-    orders = Order.objects.filter(owner=request.user).prefetch_related("items")[:100]
+def order_list(request: AuthenticatedHttpRequest) -> HttpResponse:
+    orders = selectors.order_list_for(owner=request.user)[:100]
     return render(request, "orders/order_list.html", {"orders": orders})
 
 
 @login_required
-def order_new(request):
-    products = list(Product.objects.order_by("name"))
+def order_new(request: AuthenticatedHttpRequest) -> HttpResponse:
+    products = list(selectors.product_list())
     if request.method == "POST":
         form = OrderForm(request.POST, products=products)
         if form.is_valid():
@@ -39,8 +43,9 @@ def order_new(request):
                 return redirect("orders:detail", order_id=order.pk)
         if form.has_error("idempotency_key"):
             # The posted key can never pass; a fresh one lets the shopper submit the form again.
-            form.data = form.data.copy()
-            form.data["idempotency_key"] = uuid.uuid4().hex
+            data = cast(QueryDict, form.data).copy()  # a bound form's data is the request's QueryDict
+            data["idempotency_key"] = uuid.uuid4().hex
+            form.data = data
         status = 400
     else:
         form = OrderForm(initial={"idempotency_key": uuid.uuid4().hex}, products=products)
@@ -49,20 +54,20 @@ def order_new(request):
 
 
 @login_required
-def order_detail(request, order_id: int):
-    order = get_object_or_404(
-        Order.objects.prefetch_related("items", "events", "payments"), pk=order_id, owner=request.user
-    )
-    payment = next(iter(order.payments.all()), None)
-    return render(request, "orders/order_detail.html", {"order": order, "payment": payment})
+def order_detail(request: AuthenticatedHttpRequest, order_id: int) -> HttpResponse:
+    order = selectors.order_get_for(owner=request.user, order_id=order_id)
+    if order is None:
+        raise Http404("no such order")
+    return render(request, "orders/order_detail.html", {"order": order, "payment": order.payment})
 
 
 @login_required
 @require_POST
-def order_cancel(request, order_id: int):
-    get_object_or_404(Order, pk=order_id, owner=request.user)
+def order_cancel(request: AuthenticatedHttpRequest, order_id: int) -> HttpResponse:
     try:
         services.cancel_order(order_id=order_id, owner=request.user)
+    except Order.DoesNotExist:
+        raise Http404("no such order") from None
     except services.OrderNotCancellable as exc:
         messages.error(request, str(exc))
     else:

@@ -42,13 +42,13 @@ class PaymentMismatchAdmin(admin.ModelAdmin):
     actions = ["mark_resolved"]
 
     # Found by reconciliation (python manage.py reconcile_payments): it changes only through the action.
-    def get_readonly_fields(self, request, obj=None):
+    def get_readonly_fields(self, request: HttpRequest, obj: PaymentMismatch | None = None) -> list[str]:
         return [field.name for field in self.model._meta.fields]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
-    def has_delete_permission(self, request: HttpRequest, obj=None) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: PaymentMismatch | None = None) -> bool:
         return False
 
     @admin.action(description="Mark resolved", permissions=["change"])

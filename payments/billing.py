@@ -9,7 +9,8 @@ import re
 from datetime import date
 
 from dateutil.relativedelta import relativedelta
-from django.core.exceptions import ValidationError
+
+from core.errors import ApplicationError
 
 MONTH = "month"
 YEAR = "year"
@@ -43,11 +44,16 @@ def next_period_start(anchor: date, interval: str, current_start: date) -> date:
     return start
 
 
+class InvalidBillingPeriod(ApplicationError):
+    code = "invalid_billing_period"
+    field = "billing_period"
+
+
 def parse_billing_period(value: object) -> date:
     """The date a billing period string names; only `YYYY-MM-DD` is accepted, so a period has one spelling."""
     if not isinstance(value, str) or not _BILLING_PERIOD.fullmatch(value):
-        raise ValidationError(f"billing_period must be a YYYY-MM-DD date, got {value!r}")
+        raise InvalidBillingPeriod(f"billing_period must be a YYYY-MM-DD date, got {value!r}")
     try:
         return date.fromisoformat(value)
     except ValueError as exc:
-        raise ValidationError(f"billing_period is not a calendar date: {value!r}") from exc
+        raise InvalidBillingPeriod(f"billing_period is not a calendar date: {value!r}") from exc

@@ -1,10 +1,13 @@
 """What payments do when their own work fails for good (core.outbox.work_failed)."""
 
+from typing import Any
+
 from django.conf import settings
 from django.db import transaction
 from django.dispatch import receiver
 
 from core import outbox
+from core.models import OutboxItem
 
 from . import services
 from .models import Subscription
@@ -18,7 +21,7 @@ outbox.resume_after_failure(PROCESS_WEBHOOK, seconds=settings.WEBHOOK_RESUME_SEC
 
 
 @receiver(outbox.work_failed, dispatch_uid="payments.receivers.subscription_charge_failed")
-def subscription_charge_failed(sender, item, reason: str, **kwargs) -> None:
+def subscription_charge_failed(sender: Any, item: OutboxItem, reason: str, **kwargs: Any) -> None:
     """A period's charge failed for good: its payment needs attention and the subscription is past due, once."""
     if item.task_name != CHARGE_SUBSCRIPTION or len(item.args) != 2:
         return

@@ -11,15 +11,15 @@ import json
 import logging
 import secrets
 from datetime import date
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.dispatch import Signal
 from django.utils import timezone
 
 from core import outbox
+from core.errors import ApplicationError
 from core.transactions import assert_outside_transaction
 from integrations import provider
 
@@ -27,11 +27,22 @@ from . import billing
 from .models import Payment, Plan, Subscription, WebhookEvent
 from .signatures import WebhookRejected, verify_signature
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
 logger = logging.getLogger(__name__)
 
 
-class SubscriptionError(Exception):
-    pass
+class SubscriptionError(ApplicationError):
+    code = "subscription_refused"
+    field = "plan"
+
+
+class InvalidWebhookEvent(ApplicationError):
+    """An event the shop cannot act on: stored as invalid, never retried."""
+
+    code = "invalid_event"
+    field = "event"
 
 
 # A payment that staff must look at (needs_attention): sent after commit (payment=, reason=).
@@ -54,7 +65,7 @@ def new_idempotency_key() -> str:
     return f"pay_{secrets.token_hex(16)}"
 
 
-def _claim(*, natural_key: dict, **fields) -> Payment:
+def _claim(*, natural_key: dict[str, Any], **fields: Any) -> Payment:
     """The Payment for this order or subscription period, created as `processing` if it does not exist yet.
 
     Under concurrent calls the unique constraint on `natural_key` decides; the losers read the
@@ -124,7 +135,13 @@ def _record(payment_id: int, outcome: Outcome) -> Payment:
     elif isinstance(outcome, provider.ProviderRejected):
         status, charge_id, reason = Payment.Status.NEEDS_ATTENTION, "", f"rejected: {outcome}"
     elif problems := mismatch(payment, outcome):
-        status, charge_id, reason = Payment.Status.NEEDS_ATTENTION, outcome.id, f"mismatch: {problems}"
+        reason = f"mismatch: {problems}"
+        if voided:
+            # Someone else's charge says nothing of ours: the payment stays voided (our own charge,
+            # should it turn up, is then a refund for staff); staff hear of the foreign one.
+            _alert(payment, f"{reason} (charge {outcome.id})")
+            return payment
+        status, charge_id = Payment.Status.NEEDS_ATTENTION, outcome.id
     elif outcome.status in ("failed", "declined"):
         status, charge_id, reason = Payment.Status.DECLINED, outcome.id, outcome.status
     elif outcome.status != "succeeded":
@@ -137,9 +154,14 @@ def _record(payment_id: int, outcome: Outcome) -> Payment:
     payment.status, payment.provider_charge_id, payment.failure_reason = status, charge_id, reason[:200]
     payment.save(update_fields=["status", "provider_charge_id", "failure_reason", "updated_at"])
     if status == Payment.Status.NEEDS_ATTENTION:
-        logger.error("payment %s needs attention: %s", payment.pk, reason)
-        transaction.on_commit(lambda: needs_attention.send(sender=Payment, payment=payment, reason=reason))
+        _alert(payment, reason)
     return payment
+
+
+def _alert(payment: Payment, reason: str) -> None:
+    """Tell staff, after commit, that this payment needs a look (ops records a dead letter for it)."""
+    logger.error("payment %s needs attention: %s", payment.pk, reason)
+    transaction.on_commit(lambda: needs_attention.send(sender=Payment, payment=payment, reason=reason))
 
 
 def settle_payment(*, payment_id: int) -> Payment:
@@ -159,6 +181,7 @@ def mark_needs_attention(
     *, reason: str, order_id: int | None = None, subscription_id: int | None = None, billing_period: str = ""
 ) -> Payment | None:
     """The charge of this order (or subscription period) failed for good: its processing payment needs attention."""
+    lookup: dict[str, Any]
     if order_id is not None:
         lookup = {"order_id": order_id}
     else:
@@ -238,7 +261,7 @@ def reopen_payment(*, order_id: int) -> Payment | None:
     return payment
 
 
-def claim_order_payment(*, order) -> Payment:
+def claim_order_payment(*, order: Any) -> Payment:  # an orders.Order: payments does not import orders
     """The order's payment, claimed as processing for its total. Call while holding the order's row lock."""
     return _claim(natural_key={"order": order}, amount=order.total, currency=order.currency)
 
@@ -246,7 +269,7 @@ def claim_order_payment(*, order) -> Payment:
 # --- Subscriptions --------------------------------------------------------------------
 
 
-def subscribe(*, owner, plan_code: str) -> Subscription:
+def subscribe(*, owner: "User", plan_code: str) -> Subscription:
     """Start a subscription whose first period is due now; its first charge is an outbox item of the same commit.
 
     One live subscription per owner and plan (a conditional unique constraint decides): a second
@@ -280,7 +303,7 @@ class CancelOutcome(NamedTuple):
     voided_charge: bool
 
 
-def cancel_subscription(*, subscription_id: int, owner) -> CancelOutcome:
+def cancel_subscription(*, subscription_id: int, owner: "User") -> CancelOutcome:
     """Cancel the owner's subscription: nothing more is billed; a charge claimed but unfinished is voided.
 
     Decided under the subscription's row lock, which charge_subscription takes before it claims
@@ -436,7 +459,7 @@ HANDLED_EVENTS = ("charge.succeeded", "charge.declined")
 def process_webhook(*, event_id: int) -> WebhookEvent | None:
     """Reconcile our Payment with the charge the event names, as the provider reports it.
 
-    Raises ValidationError for an event we cannot act on (never worth a retry) and
+    Raises InvalidWebhookEvent for an event we cannot act on (never worth a retry) and
     provider.ProviderUnavailable when the provider cannot be asked (retry).
     """
     event = WebhookEvent.objects.filter(pk=event_id).first()
@@ -444,7 +467,7 @@ def process_webhook(*, event_id: int) -> WebhookEvent | None:
         return event
     try:
         charge_id = _validated_charge_id(event)
-    except ValidationError as exc:
+    except InvalidWebhookEvent as exc:
         WebhookEvent.objects.filter(pk=event.pk).update(status=WebhookEvent.Status.INVALID, error=str(exc)[:500])
         raise
     charge = provider.retrieve_charge(charge_id=charge_id)
@@ -471,10 +494,10 @@ def process_webhook(*, event_id: int) -> WebhookEvent | None:
 
 def _validated_charge_id(event: WebhookEvent) -> str:
     if event.type not in HANDLED_EVENTS:
-        raise ValidationError(f"unhandled event type {event.type!r}")
+        raise InvalidWebhookEvent(f"unhandled event type {event.type!r}")
     data = event.payload.get("data")
     charge = data.get("charge") if isinstance(data, dict) else None
     charge_id = charge.get("id") if isinstance(charge, dict) else None
     if not isinstance(charge_id, str) or not charge_id or len(charge_id) > 100:
-        raise ValidationError("event has no data.charge.id")
+        raise InvalidWebhookEvent("event has no data.charge.id")
     return charge_id

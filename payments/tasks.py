@@ -2,13 +2,13 @@
 
 Retries: only transient errors (the provider unreachable: integrations.errors.ProviderUnavailable
 is a ConnectionError; the database restarting) are retried, with exponential backoff and
-jitter; a decline, a refusal or a validation error fails at once.
+jitter; a decline, a refusal or an ApplicationError (core.errors: an event or a period we
+cannot act on) fails at once.
 """
 
 from celery import shared_task
-from django.core.exceptions import ValidationError
 
-from project.celery import retry_policy
+from core.task_base import retry_policy
 
 from . import reconciliation, services
 
@@ -25,7 +25,7 @@ def bill_due_subscriptions() -> int:
 
 
 # Its retries spent, it starts again WEBHOOK_RESUME_SECONDS later (payments/receivers.py).
-@shared_task(dont_autoretry_for=(ValidationError,), **retry_policy(retries=8, backoff_max=60))
+@shared_task(**retry_policy(retries=8, backoff_max=60))
 def process_webhook(event_id: int) -> str | None:
     event = services.process_webhook(event_id=event_id)
     return event.status if event else None

@@ -1,10 +1,12 @@
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
+
+from core.types import AuthenticatedHttpRequest
 
 from . import services
 from .forms import SubscribeForm
@@ -14,7 +16,7 @@ MAX_WEBHOOK_BYTES = 64 * 1024
 
 
 @login_required
-def subscriptions(request):
+def subscriptions(request: AuthenticatedHttpRequest) -> HttpResponse:
     subs = Subscription.objects.filter(owner=request.user).select_related("plan")
     payments = Payment.objects.filter(subscription__owner=request.user).select_related("subscription__plan")[:50]
     plans = Plan.objects.filter(active=True)
@@ -23,7 +25,7 @@ def subscriptions(request):
 
 @login_required
 @require_POST
-def subscribe(request):
+def subscribe(request: AuthenticatedHttpRequest) -> HttpResponse:
     form = SubscribeForm(request.POST)
     if not form.is_valid():
         messages.error(request, "unknown plan: choose one of the plans listed")
@@ -48,7 +50,7 @@ def subscribe(request):
 
 @login_required
 @require_POST
-def cancel(request, subscription_id: int):
+def cancel(request: AuthenticatedHttpRequest, subscription_id: int) -> HttpResponse:
     get_object_or_404(Subscription, pk=subscription_id, owner=request.user)
     try:
         outcome = services.cancel_subscription(subscription_id=subscription_id, owner=request.user)
@@ -68,7 +70,7 @@ def cancel(request, subscription_id: int):
 
 @csrf_exempt  # Authenticated by the provider's HMAC signature instead of a CSRF token.
 @require_POST
-def webhook(request):
+def webhook(request: HttpRequest) -> JsonResponse:
     if int(request.META.get("CONTENT_LENGTH") or 0) > MAX_WEBHOOK_BYTES:
         return JsonResponse({"detail": "body too large"}, status=413)
     try:

@@ -1,20 +1,23 @@
 """The JSON API: authentication, body parsing and error shapes shared by every router."""
 
 import json
+from typing import Any
 
 from django.core.exceptions import RequestDataTooBig
-from django.http import Http404
+from django.http import Http404, HttpRequest, HttpResponse
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
+from ninja.openapi.schema import OpenAPISchema
 from ninja.parser import Parser
 from ninja.security import HttpBearer, SessionAuth
 
+from core.errors import ApplicationError
 from orders import services as order_services
 from orders.api import router as orders_router
 
 
 class BearerToken(HttpBearer):
-    def authenticate(self, request, token):
+    def authenticate(self, request: HttpRequest, token: str) -> Any | None:
         if len(token) > 200:
             return None
         return order_services.user_for_token(token)
@@ -23,7 +26,7 @@ class BearerToken(HttpBearer):
 class InputError(Exception):
     """Bad request input, answered as `{"detail": [{"loc": loc, "msg": msg}]}` with the given status."""
 
-    def __init__(self, status: int, loc: list, msg: str):
+    def __init__(self, status: int, loc: list[str], msg: str) -> None:
         self.status = status
         self.loc = loc
         self.msg = msg
@@ -37,7 +40,7 @@ class ShopperSession(SessionAuth):
     first and answer a client without credentials with 403 instead of 401.
     """
 
-    def __call__(self, request):
+    def __call__(self, request: HttpRequest) -> Any | None:
         if not request.user.is_authenticated:
             return None
         try:
@@ -45,14 +48,14 @@ class ShopperSession(SessionAuth):
         except HttpError as exc:
             raise InputError(403, ["header", "X-CSRFToken"], "CSRF token missing or incorrect") from exc
 
-    def authenticate(self, request, key):
+    def authenticate(self, request: HttpRequest, key: str | None) -> Any | None:
         return request.user if request.user.is_authenticated else None
 
 
 class JsonParser(Parser):
     """Only `application/json` bodies, decoded as strict UTF-8."""
 
-    def parse_body(self, request):
+    def parse_body(self, request: HttpRequest) -> Any:
         content_type = request.META.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             raise InputError(415, ["header", "Content-Type"], "Content-Type must be application/json")
@@ -92,7 +95,7 @@ ERROR_SCHEMA = {
 UNSAFE_METHODS = {"post", "put", "patch", "delete"}
 
 
-def shared_errors(method: str, operation: dict) -> dict[int, str]:
+def shared_errors(method: str, operation: dict[str, Any]) -> dict[int, str]:
     """The error answers this module gives an operation, whatever its router declares."""
     errors = {401: "No or unknown credentials"}
     parameters = operation.get("parameters", [])
@@ -113,7 +116,7 @@ class ShopAPI(NinjaAPI):
     """NinjaAPI whose schema also declares the errors of the shared handlers below, so clients
     (and the schemathesis suite, tests/security/test_api_fuzz.py) know every status an operation answers."""
 
-    def get_openapi_schema(self, **kwargs):
+    def get_openapi_schema(self, **kwargs: Any) -> OpenAPISchema:
         schema = super().get_openapi_schema(**kwargs)
         schema.setdefault("components", {}).setdefault("schemas", {})["Error"] = ERROR_SCHEMA
         error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
@@ -141,32 +144,38 @@ api.add_router("/", orders_router)
 api.add_router("/", "reports.api.router")
 
 
-def _error(request, status: int, loc: list, msg: str):
+def _error(request: HttpRequest, status: int, loc: list[str], msg: str) -> HttpResponse:
     return api.create_response(request, {"detail": [{"loc": loc, "msg": msg}]}, status=status)
 
 
 @api.exception_handler(InputError)
-def input_error(request, exc: InputError):
+def input_error(request: HttpRequest, exc: InputError) -> HttpResponse:
     return _error(request, exc.status, exc.loc, exc.msg)
 
 
 @api.exception_handler(HttpError)
-def http_error(request, exc: HttpError):
+def http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     # ninja wraps any body parser error in a bare HttpError(400); the parser's own error names the field.
     if isinstance(exc.__cause__, InputError):
         return input_error(request, exc.__cause__)
     return api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
 
 
-@api.exception_handler(order_services.OrderError)
-def order_error(request, exc: order_services.OrderError):
-    status = 409 if isinstance(exc, order_services.OrderNotCancellable) else 422
-    where = "header" if exc.field == "Idempotency-Key" else "body"
-    return _error(request, status, [where, exc.field], str(exc))
+# Where a domain field sits in a request, when not in the JSON body.
+FIELD_LOCATIONS = {"idempotency_key": ["header", "Idempotency-Key"]}
+
+
+@api.exception_handler(ApplicationError)
+def application_error(request: HttpRequest, exc: ApplicationError) -> HttpResponse:
+    # The one place a domain error becomes an HTTP answer: its status and the field it names.
+    loc = FIELD_LOCATIONS.get(exc.field, ["body", exc.field] if exc.field else ["body"])
+    return api.create_response(
+        request, {"detail": [{"loc": loc, "msg": str(exc), "type": exc.code}]}, status=exc.status
+    )
 
 
 @api.exception_handler(ValidationError)
-def validation_error(request, exc: ValidationError):
+def validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
     errors = [
         {"loc": list(error.get("loc", [])), "msg": error.get("msg", "invalid"), "type": error.get("type", "")}
         for error in exc.errors
@@ -175,12 +184,12 @@ def validation_error(request, exc: ValidationError):
 
 
 @api.exception_handler(RequestDataTooBig)
-def body_too_big(request, exc):
+def body_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
     return _error(request, 413, ["body"], "request body is too large")
 
 
 @api.exception_handler(AuthenticationError)
-def unauthorized(request, exc):
+def unauthorized(request: HttpRequest, exc: AuthenticationError) -> HttpResponse:
     response = _error(
         request, 401, ["header", "Authorization"], "authentication required: send `Authorization: Bearer <token>`"
     )
@@ -189,5 +198,5 @@ def unauthorized(request, exc):
 
 
 @api.exception_handler(Http404)
-def not_found(request, exc):
+def not_found(request: HttpRequest, exc: Http404) -> HttpResponse:
     return api.create_response(request, {"detail": "not found"}, status=404)

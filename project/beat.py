@@ -5,6 +5,7 @@ HEARTBEAT_SECONDS whatever the schedule (docker-compose.yml's beat healthcheck c
 """
 
 from pathlib import Path
+from typing import Any
 
 from celery.beat import PersistentScheduler
 
@@ -12,6 +13,8 @@ HEARTBEAT_SECONDS = 15.0
 
 
 class HeartbeatScheduler(PersistentScheduler):
-    def tick(self, *args, **kwargs) -> float:
+    schedule_filename: str  # set by PersistentScheduler.__init__; not in celery-types
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
         Path(f"{self.schedule_filename}.heartbeat").touch()
         return min(super().tick(*args, **kwargs), HEARTBEAT_SECONDS)

@@ -8,8 +8,9 @@ its order. `LOG_FORMAT=json` switches the console to JSON lines (python-json-log
 import inspect
 import logging
 from functools import cache
+from typing import Any
 
-from celery import current_app
+from celery import Task, current_app
 from celery._state import get_current_task
 
 NONE = "-"
@@ -25,10 +26,11 @@ def _order_id_position(task_name: str) -> int | None:
     return parameters.index("order_id") if "order_id" in parameters else None
 
 
-def _order_id_of(task) -> str:
+def _order_id_of(task: Task[Any, Any]) -> str:
     request = task.request
-    if "order_id" in (request.kwargs or {}):
-        return str(request.kwargs["order_id"])
+    kwargs = request.kwargs or {}
+    if "order_id" in kwargs:
+        return str(kwargs["order_id"])
     position = _order_id_position(task.name)
     args = request.args or ()
     if position is not None and position < len(args):

@@ -1,4 +1,5 @@
 from django.contrib import admin
+from django.http import HttpRequest
 from django.urls import reverse
 from django.utils.html import format_html
 
@@ -15,7 +16,7 @@ class ReportAdmin(admin.ModelAdmin):
     exclude = ("file",)
     readonly_fields = [field.name for field in Report._meta.fields if field.name != "file"] + ["download"]
 
-    def has_add_permission(self, request):
+    def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     @admin.display(description="file")

@@ -3,13 +3,17 @@
 from datetime import datetime
 from typing import Any
 
-from django.http import Http404
+from django.db.models import QuerySet
+from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404
 from django.urls import reverse
 from ninja import Field, Router, Schema, Status
 from ninja.errors import HttpError, ValidationError
-from ninja.pagination import LimitOffsetPagination, paginate
+from ninja.pagination import paginate
 from pydantic import ConfigDict
+
+from core.pagination import bounded_pagination
+from core.types import ApiRequest
 
 from . import services
 from .models import Report
@@ -18,10 +22,7 @@ from .views import report_file_response
 router = Router(tags=["reports"])
 
 
-class Pagination(LimitOffsetPagination):
-    class Input(Schema):
-        limit: int = Field(50, ge=1, le=100)
-        offset: int = Field(0, ge=0, le=2**31 - 1)
+Pagination = bounded_pagination(default_limit=50)
 
 
 class ReportIn(Schema):
@@ -65,7 +66,7 @@ class ErrorOut(Schema):
 
 
 @router.post("/reports/", response={201: ReportOut, 401: ErrorOut, 422: ErrorOut}, summary="Request a report")
-def create_report(request, payload: ReportIn):
+def create_report(request: ApiRequest, payload: ReportIn) -> Status[Report]:
     """Queue a report. Filters are checked against an allowlist; a bad one is a 422 naming it."""
     try:
         report = services.request_report(
@@ -84,12 +85,12 @@ def create_report(request, payload: ReportIn):
 
 @router.get("/reports/", response=list[ReportOut], summary="List my reports, newest first")
 @paginate(Pagination)
-def list_reports(request):
+def list_reports(request: ApiRequest) -> QuerySet[Report]:
     return Report.objects.filter(owner=request.auth)
 
 
 @router.get("/reports/{report_id}/", response={200: ReportOut, 404: ErrorOut}, summary="One report and its status")
-def get_report(request, report_id: int):
+def get_report(request: ApiRequest, report_id: int) -> Report:
     return get_object_or_404(services.reports_visible_to(request.auth), pk=report_id)
 
 
@@ -98,7 +99,7 @@ def get_report(request, report_id: int):
     response={200: None, 404: ErrorOut, 409: ErrorOut},
     summary="Download a finished report's file",
 )
-def download_report(request, report_id: int):
+def download_report(request: ApiRequest, report_id: int) -> FileResponse:
     try:
         report = services.downloadable_report(user=request.auth, report_id=report_id)
     except Report.DoesNotExist as exc:

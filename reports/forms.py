@@ -1,9 +1,14 @@
+from typing import TYPE_CHECKING, Any
+
 from django import forms
 
 from orders.models import Order
 
 from .models import Report
 from .services import ALLOWED_FILTERS, MAX_SKU_LENGTH
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 
 class ReportForm(forms.Form):
@@ -22,12 +27,12 @@ class ReportForm(forms.Form):
 
     ALWAYS_POSTED = ("csrfmiddlewaretoken",)
 
-    def __init__(self, *args, user, **kwargs):
+    def __init__(self, *args: Any, user: "User", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not user.is_staff:
             del self.fields["owner"]
 
-    def clean(self):
+    def clean(self) -> dict[str, Any] | None:
         cleaned = super().clean()
         unknown = sorted(key for key in self.data if key not in self.fields and key not in self.ALWAYS_POSTED)
         if unknown:
@@ -35,11 +40,11 @@ class ReportForm(forms.Form):
             raise forms.ValidationError(f"unknown field: {shown}", code="unknown_field")
         return cleaned
 
-    def filters(self) -> dict:
+    def filters(self) -> dict[str, Any]:
         """The filled-in filters, as the service (and the API) take them."""
-        filters = {}
+        filters: dict[str, Any] = {}
         for key in ALLOWED_FILTERS:
-            value = self.cleaned_data.get(key)
+            value: Any = self.cleaned_data.get(key)
             if value not in (None, ""):
                 filters[key] = value.isoformat() if hasattr(value, "isoformat") else value
         return filters

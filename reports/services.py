@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from django.conf import settings
@@ -28,6 +29,9 @@ from orders.models import Order, OrderItem
 
 from . import writers
 from .models import Report
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ class ReportNotReady(Exception):
 # --- Requesting -------------------------------------------------------------
 
 
-def _check_date(value) -> datetime.date | str:
+def _check_date(value: object) -> datetime.date | str:
     if not isinstance(value, str) or not _ISO_DATE.match(value):
         return "must be a date written YYYY-MM-DD"
     try:
@@ -75,13 +79,13 @@ def _check_date(value) -> datetime.date | str:
         return "is not a valid date"
 
 
-def _check_status(value) -> str | None:
+def _check_status(value: object) -> str | None:
     if not isinstance(value, str) or value not in Order.Status.values:
         return f"must be one of: {', '.join(Order.Status.values)}"
     return None
 
 
-def _check_sku(value) -> str | None:
+def _check_sku(value: object) -> str | None:
     if not isinstance(value, str) or not value.strip():
         return "must be a non-empty string"
     if len(value) > MAX_SKU_LENGTH:
@@ -91,7 +95,7 @@ def _check_sku(value) -> str | None:
     return None
 
 
-def _check_owner(value, requester) -> str | None:
+def _check_owner(value: object, requester: "User") -> str | None:
     if not requester.is_staff:
         return "only staff may filter by owner; your reports always cover your own orders"
     if not isinstance(value, str) or not _USERNAME.match(value):
@@ -101,7 +105,7 @@ def _check_owner(value, requester) -> str | None:
     return None
 
 
-def check_filters(*, filters, requester) -> dict:
+def check_filters(*, filters: object, requester: "User") -> dict[str, str]:
     """Return the filters normalised, or raise InvalidReportRequest naming every bad key.
 
     Only ALLOWED_FILTERS are accepted; `owner` only from staff. Values are checked for
@@ -140,7 +144,7 @@ def check_filters(*, filters, requester) -> dict:
     return clean
 
 
-def request_report(*, owner, kind: str, filters, format: str) -> Report:
+def request_report(*, owner: "User", kind: str, filters: object, format: str) -> Report:
     """Create a pending report from checked filters and dispatch its generation after commit.
 
     Raises InvalidReportRequest for an unknown kind or format or any bad filter.
@@ -162,13 +166,13 @@ def request_report(*, owner, kind: str, filters, format: str) -> Report:
 # --- Reading ----------------------------------------------------------------
 
 
-def reports_visible_to(user) -> QuerySet[Report]:
+def reports_visible_to(user: "User") -> QuerySet[Report]:
     """Staff see every report; anyone else only their own."""
     reports = Report.objects.select_related("owner")
     return reports if user.is_staff else reports.filter(owner=user)
 
 
-def downloadable_report(*, user, report_id: int) -> Report:
+def downloadable_report(*, user: "User", report_id: int) -> Report:
     """The finished report for download. Raises Report.DoesNotExist when the user may not see it, ReportNotReady."""
     report = reports_visible_to(user).get(pk=report_id)
     if not report.is_downloadable:

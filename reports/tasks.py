@@ -8,13 +8,15 @@ recorded failed there.
 """
 
 import logging
+from typing import Any
 
+from billiard.einfo import ExceptionInfo
 from celery import shared_task
 from celery.exceptions import TimeLimitExceeded
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection
 
-from project.celery import BaseTask
+from core.task_base import BaseTask
 
 from . import services
 
@@ -24,7 +26,9 @@ logger = logging.getLogger(__name__)
 class ReportTask(BaseTask):
     """Time limits from the worker's own settings; every way generation fails is recorded on the report row."""
 
-    def on_failure(self, exc, task_id, args, kwargs, einfo):
+    def on_failure(
+        self, exc: Exception, task_id: str, args: tuple[Any, ...], kwargs: dict[str, Any], einfo: ExceptionInfo
+    ) -> None:
         super().on_failure(exc, task_id, args, kwargs, einfo)
         report_id = kwargs.get("report_id", args[0] if args else None)
         if report_id is None:

@@ -1,7 +1,9 @@
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import redirect, render
+
+from core.types import AuthenticatedHttpRequest
 
 from . import services
 from .forms import ReportForm
@@ -20,7 +22,7 @@ def report_file_response(report: Report) -> FileResponse:
 
 
 @login_required
-def report_list(request):
+def report_list(request: AuthenticatedHttpRequest) -> HttpResponse:
     """My recent reports with their live status, and the form to request another."""
     status = 200
     if request.method == "POST":
@@ -47,7 +49,7 @@ def report_list(request):
 
 
 @login_required
-def report_download(request, report_id: int):
+def report_download(request: AuthenticatedHttpRequest, report_id: int) -> FileResponse:
     """The file of a finished report, to its owner or staff; anyone else gets a 404."""
     try:
         report = services.downloadable_report(user=request.user, report_id=report_id)

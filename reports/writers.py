@@ -22,7 +22,7 @@ class TooManyRows(Exception):
 Progress = Callable[[int], None]
 
 
-def _csv_cell(value):
+def _csv_cell(value: object) -> object:
     if isinstance(value, str):
         return "'" + value if value.startswith(FORMULA_PREFIXES) else value
     if isinstance(value, datetime.datetime):
@@ -44,7 +44,7 @@ def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence], *, ev
     return written
 
 
-def _xlsx_cell(value):
+def _xlsx_cell(value: object) -> object:
     if isinstance(value, Decimal):
         # Excel stores numbers as doubles; report amounts have two decimals and fit exactly enough.
         return float(value)

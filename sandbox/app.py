@@ -113,6 +113,7 @@ def _create(request: Request, *, scope: str, parse: Callable, perform: Callable)
 
     if claim.outcome is ledger.ClaimOutcome.REPLAY:
         time.sleep(current.latency_ms / 1000)
+        assert claim.status is not None and claim.body is not None  # a replay carries the stored answer
         return Response(claim.status, claim.body, {"Idempotent-Replayed": "true"})
 
     completed = False

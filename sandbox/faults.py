@@ -8,6 +8,7 @@ import random
 import sqlite3
 from dataclasses import asdict, dataclass
 from enum import StrEnum
+from typing import Any
 
 from sandbox import db
 from sandbox.config import get_settings
@@ -75,7 +76,8 @@ def get_faults() -> Faults:
     rows = db.connection().execute("SELECT name, value FROM faults").fetchall()
     stored = {row["name"]: row["value"] for row in rows if row["name"] in FIELDS}
     values = {**default_faults().as_dict(), **stored}
-    return Faults(**{name: int(v) if name in INTEGER_FIELDS else float(v) for name, v in values.items()})
+    parsed: dict[str, Any] = {name: int(v) if name in INTEGER_FIELDS else float(v) for name, v in values.items()}
+    return Faults(**parsed)
 
 
 def update_faults(*, changes: dict[str, float | int]) -> Faults:

@@ -236,7 +236,8 @@ def list_charges(
 
     Raises UnknownCharge when `starting_after` names no charge.
     """
-    clauses, args = [], []
+    clauses: list[str] = []
+    args: list[Any] = []
     if reference is not None:
         clauses.append("reference = ?")
         args.append(reference)

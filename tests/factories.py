@@ -2,8 +2,10 @@ from decimal import Decimal
 
 import factory
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from orders.models import Product
+from payments.services import new_idempotency_key
 
 
 class UserFactory(factory.django.DjangoModelFactory):
@@ -90,3 +92,77 @@ class PlanFactory(factory.django.DjangoModelFactory):
     code = factory.Sequence(lambda n: f"plan-{n}")
     name = factory.LazyAttribute(lambda plan: plan.code.title())
     price = Decimal("9.00")
+
+
+class SubscriptionFactory(factory.django.DjangoModelFactory):
+    """An active subscription whose period starting today is due, made directly: nothing is dispatched."""
+
+    class Meta:
+        model = "payments.Subscription"
+
+    owner = factory.SubFactory(UserFactory)
+    plan = factory.SubFactory(PlanFactory)
+    current_period_start = factory.LazyFunction(timezone.localdate)
+    current_period_end = factory.SelfAttribute("current_period_start")
+    billing_anchor = factory.SelfAttribute("current_period_start")
+
+
+class PaymentFactory(factory.django.DjangoModelFactory):
+    """A succeeded order payment, made directly: the provider knows nothing of it unless a test charges it."""
+
+    class Meta:
+        model = "payments.Payment"
+
+    order = factory.SubFactory(OrderFactory)
+    amount = factory.SelfAttribute("order.total")
+    status = "succeeded"
+    idempotency_key = factory.LazyFunction(new_idempotency_key)
+
+
+class WebhookEventFactory(factory.django.DjangoModelFactory):
+    """A received provider event for a charge, stored but not processed."""
+
+    class Meta:
+        model = "payments.WebhookEvent"
+
+    class Params:
+        charge_id = "ch_test"
+
+    provider_event_id = factory.Sequence(lambda n: f"evt_{n}")
+    type = "charge.succeeded"
+    payload = factory.LazyAttribute(
+        lambda event: {"id": event.provider_event_id, "type": event.type, "data": {"charge": {"id": event.charge_id}}}
+    )
+
+
+class ReportFactory(factory.django.DjangoModelFactory):
+    """A pending sales report, made directly: nothing is generated."""
+
+    class Meta:
+        model = "reports.Report"
+
+    owner = factory.SubFactory(UserFactory)
+
+
+class FailedTaskFactory(factory.django.DjangoModelFactory):
+    """A dead letter of orders.tasks.process_order on the critical queue."""
+
+    class Meta:
+        model = "ops.FailedTask"
+
+    task_id = factory.Faker("uuid4")
+    task_name = "orders.tasks.process_order"
+    queue = "critical"
+    args = factory.Sequence(lambda n: [n])
+    exception = "ValueError: boom"
+    traceback = "Traceback (most recent call last):\n  ...\nValueError: boom"
+
+
+class OutboxItemFactory(factory.django.DjangoModelFactory):
+    """A pending outbox item, due now, made directly: nothing is published until the relay runs."""
+
+    class Meta:
+        model = "core.OutboxItem"
+
+    task_name = "notifications.tasks.send_notification"
+    args = factory.Sequence(lambda n: [n])

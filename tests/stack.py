@@ -1,6 +1,8 @@
-"""Real processes for end-to-end tests: a private redis-server, and any command from the Procfile."""
+"""Real processes for end-to-end tests and the bench: a private redis-server, Celery workers, and any
+command from the Procfile."""
 
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -8,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -82,6 +86,85 @@ class RedisServer:
             self.process.wait(5)
 
 
+def worker_command(
+    *queues: str, name: str, concurrency: int = 1, pool: str | None = None, options: Sequence[str] = ()
+) -> list[str]:
+    """The Procfile's worker line: `celery -A project worker` on `queues`, node name `<name>@host`."""
+    return [
+        sys.executable, "-m", "celery", "-A", "project", "worker",
+        "-Q", ",".join(queues), "-c", str(concurrency),
+        *(["--pool", pool] if pool else []),
+        "-n", f"{name}@%h", "--loglevel=INFO", *options,
+    ]  # fmt: skip
+
+
+@dataclass
+class Worker:
+    """A Celery worker process in a session of its own, its output in `log_path`."""
+
+    name: str
+    queues: tuple[str, ...]
+    process: subprocess.Popen
+    log_path: Path
+    nodename: str = ""  # e.g. critical-test@host, known once ready; for app.control destinations
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def ready(self) -> bool:
+        """Whether the worker has logged `<name>@host ready.`; raises if it exited before that."""
+        if match := re.search(rf"({re.escape(self.name)}@\S+) ready\.", self.log()):
+            self.nodename = match.group(1)
+            return True
+        if self.process.poll() is not None:
+            raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+        return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"worker {self.name} not ready after {timeout} s:\n{self.log()[-4000:]}")
+            time.sleep(0.1)
+
+    def stop(self, timeout: float = 15) -> int:
+        """Warm shutdown (SIGTERM); SIGKILL for the whole process group if it does not finish in time."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                # The worker runs in its own session: its group is this worker and its pool children.
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+        return self.process.returncode
+
+
+def start_celery_worker(
+    *queues: str,
+    name: str,
+    env: Mapping[str, str],
+    log_path: Path,
+    concurrency: int = 1,
+    pool: str | None = "prefork",
+    options: Sequence[str] = (),
+) -> Worker:
+    """Start `worker_command(...)` in a session of its own; returns at once: call `wait_ready` on the result."""
+    assert queues, "name the queues the worker consumes"
+    command = worker_command(*queues, name=name, concurrency=concurrency, pool=pool, options=options)
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603 (a fixed command line)
+            command,
+            cwd=REPO_ROOT,
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Worker(name=name, queues=queues, process=process, log_path=log_path)
+
+
 class Processes:
     """Starts commands with their logs in a folder; stops them all at the end (SIGTERM, then SIGKILL)."""
 
@@ -90,13 +173,21 @@ class Processes:
         self.started: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(self, name: str, command: list[str], env: dict) -> subprocess.Popen:
+        return self._spawn(name, command, env)[0]
+
+    def spawn_worker(self, name: str, command: list[str], env: dict, *, node: str) -> Worker:
+        """`spawn`, for a worker command whose node name is `<node>@host`: call `wait_ready` on the result."""
+        process, log_path = self._spawn(name, command, env)
+        return Worker(name=node, queues=(), process=process, log_path=log_path)
+
+    def _spawn(self, name: str, command: list[str], env: dict) -> tuple[subprocess.Popen, Path]:
         log_path = self.log_dir / f"{name}-{len(self.started)}.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         self.started.append((name, process))
-        return process
+        return process, log_path
 
     def web(self, env: dict, *, workers: int = 2, port: int | None = None) -> str:
         """gunicorn with the production config (on a free port by default); returns its base URL once it answers."""
@@ -113,25 +204,14 @@ class Processes:
     def workers(self, env: dict, queues: dict[str, int], *, suffix: str = "", timeout: float = 60) -> None:
         """The Procfile's worker line for each queue, with its concurrency and node name `<queue><suffix>@host`;
         returns once every one of them is ready."""
-        pending: dict[str, tuple[subprocess.Popen, Path]] = {}
+        pending = []
         for queue, concurrency in queues.items():
             name = f"{queue}{suffix}"
-            command = [
-                sys.executable, "-m", "celery", "-A", "project", "worker",
-                "-Q", queue, "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel=INFO",
-            ]  # fmt: skip
-            process = self.spawn(f"worker-{name}", command, env)
-            pending[name] = (process, self.log_dir / f"worker-{name}-{len(self.started) - 1}.log")
-
-        def all_ready() -> bool:
-            for name, (process, log_path) in list(pending.items()):
-                log = log_path.read_text(errors="replace")
-                assert process.poll() is None, f"worker {name} exited:\n{log[-4000:]}"
-                if re.search(rf"{re.escape(name)}@\S+ ready\.", log):
-                    del pending[name]
-            return not pending
-
-        wait_for(all_ready, timeout, f"workers for {', '.join(queues)} to be ready")
+            command = worker_command(queue, name=name, concurrency=concurrency)
+            pending.append(self.spawn_worker(f"worker-{name}", command, env, node=name))
+        wait_for(
+            lambda: all(worker.ready() for worker in pending), timeout, f"workers for {', '.join(queues)} to be ready"
+        )
 
     def beat(self, env: dict) -> subprocess.Popen:
         schedule = self.log_dir / f"beat-schedule-{len(self.started)}"

@@ -1,11 +1,11 @@
-"""project/broker.py: a failed restore of unacked messages on connection loss is logged, not fatal."""
+"""core/broker.py: a failed restore of unacked messages on connection loss is logged, not fatal."""
 
 from unittest import mock
 
 import pytest
 from kombu import Connection
 
-from project.broker import QoS, RedisTransport
+from core.broker import QoS, RedisTransport
 
 
 def test_redis_urls_use_the_patched_transport():
@@ -83,7 +83,7 @@ def test_messages_held_but_not_running_when_the_connection_was_lost_are_restored
     """Prefetched or waiting for a countdown: the worker dropped them; they go back to the queue at once."""
     from django.conf import settings
 
-    from project import broker as transport
+    from core import broker as transport
 
     with Connection(settings.CELERY_BROKER_URL, transport=RedisTransport) as connection:
         lost = [_unacked_message(connection, "blip-orphans") for _ in range(2)]
@@ -105,3 +105,58 @@ def test_messages_held_but_not_running_when_the_connection_was_lost_are_restored
         assert broker.hexists(unacked_key, running.delivery_tag)  # the running one acks when it finishes
         assert not transport._orphaned
         fresh.close()
+
+
+def _filesystem_connection(folder, transport):
+    return Connection(
+        "filesystem://localhost/",
+        transport=transport,
+        transport_options={"data_folder_in": str(folder), "data_folder_out": str(folder)},
+    )
+
+
+@pytest.mark.parametrize("transport_name", ["kombu", "ours"])
+def test_a_consumer_never_takes_a_message_file_before_it_is_written_whole(tmp_path, transport_name):
+    """kombu's filesystem transport writes a message under its final name: a consumer polling then reads it empty."""
+    from queue import Empty
+
+    from kombu.transport import filesystem
+
+    from core import broker
+
+    module, transport = (broker, broker.FilesystemTransport) if transport_name == "ours" else (filesystem, None)
+    encode = module.str_to_bytes
+    taken = []
+    with _filesystem_connection(tmp_path, transport or filesystem.Transport) as connection:
+        channel = connection.channel()
+
+        def encode_while_a_consumer_polls(data):
+            # What a worker polling the folder takes at this moment: nothing yet, or the message whole.
+            try:
+                taken.append(channel._get("critical"))
+            except Empty:
+                taken.append(None)
+            except ValueError as exc:  # the file taken before its bytes were in
+                taken.append(exc)
+            return encode(data)
+
+        with mock.patch.object(module, "str_to_bytes", side_effect=encode_while_a_consumer_polls):
+            channel._put("critical", {"n": 1})
+
+        if transport_name == "kombu":
+            assert isinstance(taken[0], ValueError), (
+                "kombu writes files whole now: drop core.broker.FilesystemTransport"
+            )
+        else:
+            assert taken == [None]
+            assert channel._get("critical") == {"n": 1}
+        channel.close()
+
+
+def test_filesystem_urls_use_the_patched_transport(settings):
+    from kombu import Connection as KombuConnection
+
+    from core.broker import FilesystemTransport
+
+    with KombuConnection("filesystem://localhost/") as connection:
+        assert isinstance(connection.transport, FilesystemTransport)

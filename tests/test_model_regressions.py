@@ -211,3 +211,29 @@ def test_cancelling_a_subscription_whose_charge_met_a_foreign_one_voids_it(sandb
     assert outcome.voided_charge
     assert payment.status == Payment.Status.NEEDS_ATTENTION
     assert payment.failure_reason.startswith("charged after it was voided")
+
+
+def test_a_foreign_charge_processed_after_a_cancel_does_not_unvoid_the_payment(sandbox):
+    # Given a subscription whose first charge the provider made (answer lost), and the owner cancelling it
+    owner = UserFactory()
+    subscription = payment_services.subscribe(owner=owner, plan_code=PlanFactory(code="monthly").code)
+    period = subscription.current_period_start.isoformat()
+    sandbox.set_faults(fail_after_charge_next=1)
+    with pytest.raises(ProviderUnavailable):
+        payment_services.charge_subscription(subscription_id=subscription.pk, billing_period=period)
+    payment = Payment.objects.get(subscription=subscription)
+    assert payment_services.cancel_subscription(subscription_id=subscription.pk, owner=owner).voided_charge
+
+    # When someone else's charge under its reference is processed, then our own charge's event
+    a_foreign_charge_under(sandbox, payment)
+    payment.refresh_from_db()
+    assert payment.status == Payment.Status.VOIDED, "a foreign charge is no news about our own charge"
+    [own] = [
+        c for c in sandbox.charges(reference=payment.idempotency_key) if c["idempotency_key"] == payment.idempotency_key
+    ]
+    deliver_event_of(sandbox, own["id"])
+
+    # Then the money taken after the cancellation is a refund for staff, never a plain success
+    payment.refresh_from_db()
+    assert payment.status == Payment.Status.NEEDS_ATTENTION, payment.status
+    assert payment.failure_reason.startswith("charged after it was voided")

@@ -5,6 +5,7 @@ transport under ./var, so `make run` needs no server. Set DATABASE_URL and
 REDIS_URL to run on PostgreSQL and Redis.
 """
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,6 +18,19 @@ BASE_DIR = Path(__file__).resolve().parent.parent.parent
 VAR_DIR = Path(environ.Env().str("VAR_DIR", default=str(BASE_DIR / "var")))
 
 env = environ.Env()
+
+# --- The settings `make run` chose ----------------------------------------------
+# `make run` writes them (DEBUG, DATABASE_URL, REDIS_URL, EMAIL_URL, ...) to <VAR_DIR>/run.env, so a
+# command in another terminal (`.venv/bin/python manage.py ...`, `.venv/bin/celery -A project ...`)
+# reaches the same database and broker. A variable set in the environment wins over the file. Only a
+# file of this user that no one else can write is read, since it can turn DEBUG on; images never
+# hold one (.dockerignore leaves var/ out), and the test settings set RUN_ENV_FILE="" (none read).
+RUN_ENV_FILE = env.str("RUN_ENV_FILE", default=str(VAR_DIR / "run.env"))
+if RUN_ENV_FILE and Path(RUN_ENV_FILE).is_file():
+    _run_env = Path(RUN_ENV_FILE).stat()
+    if _run_env.st_uid != os.getuid() or _run_env.st_mode & 0o022:
+        raise ImproperlyConfigured(f"{RUN_ENV_FILE} must belong to this user and be writable by no one else.")
+    environ.Env.read_env(RUN_ENV_FILE)
 
 # --- Core -------------------------------------------------------------------
 
@@ -136,7 +150,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+STATIC_ROOT: Path | None = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
@@ -179,8 +193,8 @@ CONTENT_SECURITY_POLICY = {
 }
 
 # --- Email ------------------------------------------------------------------
-# EMAIL_URL picks the backend: consolemail:// (the default: `make run` prints emails
-# to the worker's output), smtp://mailpit:1025 in compose, smtp+tls://user:pass@host:587
+# EMAIL_URL picks the backend: consolemail:// (the default), filemail:// in `make run` (one
+# file per email in <VAR_DIR>/emails), smtp://mailpit:1025 in compose, smtp+tls://user:pass@host:587
 # in production. Tests use locmem (project/settings/test.py).
 # https://django-environ.readthedocs.io/en/latest/types.html#environ-env-email-url
 
@@ -192,6 +206,8 @@ EMAIL_HOST_USER = _EMAIL["EMAIL_HOST_USER"] or ""
 EMAIL_HOST_PASSWORD = _EMAIL["EMAIL_HOST_PASSWORD"] or ""
 EMAIL_USE_TLS = _EMAIL.get("EMAIL_USE_TLS", False)
 EMAIL_USE_SSL = _EMAIL.get("EMAIL_USE_SSL", False)
+# filemail:// (no path): one file per email in <VAR_DIR>/emails.
+EMAIL_FILE_PATH = _EMAIL.get("EMAIL_FILE_PATH") or str(VAR_DIR / "emails")
 # A notification is sent while its row is locked: a hung mail server must not hold
 # the lock (and a worker) for long. A timeout raises and the task retries later.
 EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
@@ -252,7 +268,8 @@ else:
     # Filesystem transport: a broker for laptops with no server. Folders are
     # created (and wiped) by `make run`.
     BROKER_DIR = VAR_DIR / "broker"
-    CELERY_BROKER_URL = "filesystem://"
+    # The transport ignores the host; naming one spares a "No hostname was supplied" warning per connection.
+    CELERY_BROKER_URL = "filesystem://localhost/"
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(BROKER_DIR / "queue"),
         "data_folder_out": str(BROKER_DIR / "queue"),
@@ -260,6 +277,10 @@ else:
         "processed_folder": str(BROKER_DIR / "processed"),
         "store_processed": False,
     }
+    # kombu's filesystem transport can hand a reader a message file its writer has not filled yet; Flower
+    # then loses an inspection of the workers (an ERROR line) and makes another at the next page view.
+    # Quiet here only: on Redis a failed inspection is worth a line.
+    LOGGING["loggers"] = {"flower.inspector": {"level": "CRITICAL"}}
 
 # JSON only: a pickled message could run code on the worker when decoded.
 CELERY_TASK_SERIALIZER = "json"
@@ -341,6 +362,9 @@ CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_TIMEZONE = "UTC"
 # Touches <schedule file>.heartbeat at every tick, for beat's healthcheck (project/beat.py).
 CELERY_BEAT_SCHEDULER = "project.beat:HeartbeatScheduler"
+# Beat's state (when each entry last ran) in the process's own VAR_DIR, so no command line has to
+# spell the path (a Procfile or compose `${VAR_DIR}` would be filled in from the caller's shell).
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 CELERY_BEAT_SCHEDULE = {
     # Publishes what the fast path after commit did not (broker down at commit, process died),
     # and what the broker lost. The only sweep: every piece of work is an outbox item (core/outbox.py).

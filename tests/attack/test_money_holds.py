@@ -22,7 +22,7 @@ from orders.services import (
 )
 from payments import reconciliation, services
 from payments.models import Payment, PaymentMismatch, WebhookEvent
-from tests.payments.support import WEBHOOK_URL
+from tests.payments.support import deliver_webhook
 
 # broker: eager mode off, so a commit publishes to Redis (no worker) instead of running the whole chain.
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("broker")]
@@ -122,13 +122,7 @@ def test_a_webhook_reporting_the_charge_of_an_unfinished_payment_settles_it(
 
     # When the provider's signed webhook for that very charge arrives (late: it retries while the shop is down)
     [charge] = sandbox.charges(reference=payment.idempotency_key)
-    [hook] = webhook_receiver.wait_for(lambda event: event["data"]["charge"]["id"] == charge["id"])
-    response = client.post(
-        WEBHOOK_URL,
-        data=hook.body,
-        content_type="application/json",
-        HTTP_SANDBOX_SIGNATURE=hook.headers["Sandbox-Signature"],
-    )
+    response = deliver_webhook(client, webhook_receiver, charge_id=charge["id"])
     assert response.status_code == 200
     # What the worker does with the process_webhook item, then the charge step it enqueues.
     services.process_webhook(event_id=WebhookEvent.objects.get().pk)

@@ -20,10 +20,9 @@ from orders.services import (
     retry_held_order,
 )
 from payments import services
-from payments.models import Payment, Plan, Subscription, WebhookEvent
-from tests.factories import ProductFactory, UserFactory
-from tests.orders.test_concurrency import run_at_once
-from tests.payments.support import make_subscription
+from payments.models import Payment, Subscription, WebhookEvent
+from tests.concurrency import run_concurrently
+from tests.factories import PlanFactory, ProductFactory, SubscriptionFactory, UserFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("broker")]
 
@@ -43,7 +42,7 @@ def test_cancel_order_racing_charge_order_never_cancels_a_charged_order(sandbox)
             except OrderNotCancellable:
                 return "refused"
 
-        run_at_once(2, act)
+        run_concurrently(2, act)
         order.refresh_from_db()
         payments = list(Payment.objects.filter(order=order))
         if order.status == Order.Status.CANCELLED:
@@ -58,18 +57,18 @@ def test_cancel_order_racing_charge_order_never_cancels_a_charged_order(sandbox)
 
 def test_cancel_subscription_racing_its_charge_never_charges_silently(sandbox):
     sandbox.set_faults(latency_ms=150)
-    plan = Plan.objects.create(code="race", name="Race", price="9.00")
+    plan = PlanFactory(code="race", name="Race", price="9.00")
     today = timezone.localdate()
     for i in range(6):
         owner = UserFactory()
-        subscription = make_subscription(owner, plan, period_start=today)
+        subscription = SubscriptionFactory(owner=owner, plan=plan, current_period_start=today)
 
         def act(i, subscription=subscription, owner=owner):
             if i == 0:
                 return services.charge_subscription(subscription_id=subscription.pk, billing_period=today.isoformat())
             return services.cancel_subscription(subscription_id=subscription.pk, owner=owner)
 
-        _, outcome = run_at_once(2, act)
+        _, outcome = run_concurrently(2, act)
         payment = Payment.objects.filter(subscription=subscription).first()
         charged = payment is not None and any(
             c["status"] == "succeeded" for c in sandbox.charges(reference=payment.idempotency_key)
@@ -88,7 +87,7 @@ def test_two_relays_at_once_publish_each_item_once(broker):
         items = [outbox.enqueue("notifications.tasks.send_notification", n, delay=60) for n in range(60)]
     OutboxItem.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
 
-    run_at_once(4, lambda i: outbox.relay())
+    run_concurrently(4, lambda i: outbox.relay())
 
     import json
 
@@ -124,7 +123,7 @@ def test_staff_retry_racing_the_late_webhook_of_the_same_charge_charges_once(cli
         services.process_webhook(event_id=event.pk)
         return charge_order(order_id=order.pk)
 
-    run_at_once(2, act)
+    run_concurrently(2, act)
     order.refresh_from_db()
     payment.refresh_from_db()
     assert (order.status, payment.status) == (Order.Status.PAID, Payment.Status.SUCCEEDED)
@@ -160,7 +159,7 @@ def test_the_webhook_overtaking_the_charge_tasks_answer_pays_once(client, sandbo
         services.process_webhook(event_id=WebhookEvent.objects.get().pk)
         return charge_order(order_id=order.pk)
 
-    run_at_once(2, act)
+    run_concurrently(2, act)
     order.refresh_from_db()
     assert order.status == Order.Status.PAID
     assert order.events.filter(to_status=Order.Status.PAID).count() == 1

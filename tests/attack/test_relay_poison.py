@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from core import outbox
 from core.models import OutboxItem
+from tests.factories import OutboxItemFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -21,7 +22,7 @@ RENAMED = "payments.tasks.charge_order"
 
 
 def due(task_name: str, seconds_ago: int) -> OutboxItem:
-    return OutboxItem.objects.create(
+    return OutboxItemFactory(
         task_name=task_name, args=[1], next_attempt_at=timezone.now() - timedelta(seconds=seconds_ago)
     )
 

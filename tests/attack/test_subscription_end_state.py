@@ -7,8 +7,8 @@ from core import outbox
 from core.models import OutboxItem
 from integrations.errors import ProviderUnavailable
 from payments import services
-from payments.models import Payment, Plan
-from tests.payments.support import make_subscription
+from payments.models import Payment
+from tests.factories import PlanFactory, SubscriptionFactory
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("broker")]
 
@@ -22,9 +22,9 @@ def fail_for_good(item: OutboxItem, reason: str) -> None:
 
 
 def test_a_subscription_charge_that_failed_for_good_ends_once_in_a_visible_state(user, sandbox):
-    plan = Plan.objects.create(code="basic", name="Basic", price="9.00")
+    plan = PlanFactory(code="basic", name="Basic", price="9.00")
     today = timezone.localdate()
-    subscription = make_subscription(user, plan, period_start=today)
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=today)
     sandbox.set_faults(error_rate=1.0)  # the provider is down for longer than the task's retry window
 
     rounds = 0
@@ -50,9 +50,9 @@ def test_a_charge_recorded_before_its_worker_died_still_moves_the_subscription_o
 
     from payments.models import Subscription
 
-    plan = Plan.objects.create(code="basic", name="Basic", price="9.00")
+    plan = PlanFactory(code="basic", name="Basic", price="9.00")
     today = timezone.localdate()
-    subscription = make_subscription(user, plan, period_start=today)
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=today)
 
     # Given charge_subscription claimed and settled the period's payment (the provider charged, the success is
     # recorded in its own transaction) and its worker died before the subscription was moved on

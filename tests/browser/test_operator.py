@@ -1,15 +1,13 @@
 """An operator in chromium: finds a dead letter in the admin and requeues it; a worker runs it again."""
 
 import time
-import uuid
 
 import pytest
 from playwright.sync_api import expect
 
-from ops.models import FailedTask
 from orders.models import Order
 from tests.browser.conftest import make_user, sign_in
-from tests.factories import OrderFactory
+from tests.factories import FailedTaskFactory, OrderFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -18,8 +16,7 @@ def test_staff_requeues_a_dead_letter_from_the_admin(page):
     staff = make_user(is_staff=True, is_superuser=True)
     # An order whose processing failed for good while the provider was down.
     order = OrderFactory(status=Order.Status.PENDING)
-    failed = FailedTask.objects.create(
-        task_id=str(uuid.uuid4()),
+    failed = FailedTaskFactory(
         task_name="orders.tasks.process_order",
         queue="critical",
         args=[order.pk],

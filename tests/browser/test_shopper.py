@@ -8,9 +8,8 @@ import pytest
 from playwright.sync_api import expect
 
 from orders.models import Order
-from payments.models import Plan
 from tests.browser.conftest import make_user, sign_in
-from tests.factories import OrderFactory, ProductFactory
+from tests.factories import OrderFactory, PlanFactory, ProductFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -74,7 +73,7 @@ def test_invalid_quantity_shows_a_form_error(page):
 
 def test_subscribe_to_a_plan_and_see_the_first_payment(page):
     shopper = make_user()
-    Plan.objects.create(code="browser-monthly", name="Browser Monthly", price="9.00")
+    PlanFactory(code="browser-monthly", name="Browser Monthly", price="9.00")
     sign_in(page, shopper)
     page.goto("/subscriptions/")
     page.get_by_role("button", name="Subscribe").click()

@@ -12,7 +12,7 @@ from core import outbox
 from core.models import OutboxItem
 from ops.models import FailedTask
 from project.celery import app
-from tests.factories import UserFactory
+from tests.factories import FailedTaskFactory, OutboxItemFactory
 from tests.stack import unreachable_broker
 
 pytestmark = pytest.mark.django_db
@@ -136,8 +136,8 @@ def test_a_published_item_whose_message_the_broker_lost_is_published_again_under
 @pytest.mark.django_db(transaction=True)  # its dead letter is committed on a connection of its own
 def test_an_item_whose_task_no_worker_registers_fails_at_once_and_stops_nothing_else(broker):
     with transaction.atomic():
-        renamed = OutboxItem.objects.create(task_name="payments.tasks.charge_order", args=[1])
-        good = OutboxItem.objects.create(task_name=TASK, args=[2])
+        renamed = OutboxItemFactory(task_name="payments.tasks.charge_order", args=[1])
+        good = OutboxItemFactory(task_name=TASK, args=[2])
     OutboxItem.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
     assert outbox.relay() == {"published": 1, "failed": 1, "deferred": 0}
     renamed.refresh_from_db()
@@ -155,7 +155,7 @@ def test_the_relay_gives_up_after_the_attempt_budget_with_one_dead_letter(broker
     outbox.work_failed.connect(lambda sender, **kw: seen.append(kw), weak=False, dispatch_uid="test-seen")
     try:
         with transaction.atomic():
-            item = OutboxItem.objects.create(task_name=TASK, args=[11])
+            item = OutboxItemFactory(task_name=TASK, args=[11])
         OutboxItem.objects.filter(pk=item.pk).update(attempts=2, next_attempt_at=timezone.now())
         assert outbox.relay()["failed"] == 1
         assert outbox.relay()["failed"] == 0
@@ -190,7 +190,7 @@ def test_a_final_failure_ends_the_item_failed_unless_its_task_resumes_later(sett
 
     outbox.resume_after_failure("tests.resuming", seconds=120)
     with transaction.atomic():
-        resuming = OutboxItem.objects.create(task_name="tests.resuming", args=[1], state=OutboxItem.State.PUBLISHED)
+        resuming = OutboxItemFactory(task_name="tests.resuming", args=[1], state=OutboxItem.State.PUBLISHED)
     item, parked = outbox.finish_failed(task_id=str(resuming.task_id), reason="ConnectionError: warehouse down")
     assert parked
     assert item.state == OutboxItem.State.PENDING
@@ -203,7 +203,7 @@ def test_a_final_failure_ends_the_item_failed_unless_its_task_resumes_later(sett
 
 def test_parked_work_that_finishes_by_itself_resolves_its_dead_letter():
     item = enqueue_committed(14)
-    FailedTask.objects.create(task_id=str(item.task_id), task_name=TASK, exception="ConnectionError: mail down")
+    FailedTaskFactory(task_id=str(item.task_id), task_name=TASK, exception="ConnectionError: mail down")
     OutboxItem.objects.filter(pk=item.pk).update(last_error="ConnectionError: mail down")
     app.tasks[TASK].apply(args=[14], task_id=str(item.task_id))
     assert FailedTask.objects.get(task_id=str(item.task_id)).resolved
@@ -219,12 +219,6 @@ def test_enqueue_once_skips_work_that_is_still_open():
     OutboxItem.objects.filter(pk=first.pk).update(state=OutboxItem.State.DONE)
     with transaction.atomic():
         assert outbox.enqueue_once(TASK, 15, "2026-01-31") is not None
-
-
-def test_user_factory_is_unaffected():
-    # Sanity: the outbox's receivers do not fire on unrelated model saves.
-    UserFactory()
-    assert not OutboxItem.objects.exists()
 
 
 def _outbox_writes(queries) -> list[str]:
@@ -264,7 +258,7 @@ def test_a_database_error_after_the_publish_does_not_fail_the_committed_request(
     failing = mock.Mock()
     failing.update.side_effect = OperationalError("the database went away")
     with mock.patch.object(OutboxItem.objects, "filter", return_value=failing):
-        outbox._publish_after_commit(item.pk, str(item.task_id), TASK, [19])  # does not raise
+        outbox._publish_after_commit(item.pk, str(item.task_id), TASK, [19], {})  # does not raise
     assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
     item.refresh_from_db()
     assert item.state == OutboxItem.State.PENDING  # the relay publishes it once more after the grace period

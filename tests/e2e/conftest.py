@@ -8,63 +8,17 @@ sees committed rows.
 """
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 from django.conf import settings
 from django.db import connection
 
-from tests.stack import Processes
+from tests.stack import Processes, Worker, start_celery_worker
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKERS = pytest.StashKey[list["Worker"]]()
-
-
-@dataclass
-class Worker:
-    """A worker process started by `start_worker`."""
-
-    name: str
-    queues: tuple[str, ...]
-    process: subprocess.Popen
-    log_path: Path
-    nodename: str = ""  # e.g. critical-test@host, known once ready; for app.control destinations
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def wait_ready(self, timeout: float) -> None:
-        ready = re.compile(rf"({re.escape(self.name)}@\S+) ready\.")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if match := ready.search(self.log()):
-                self.nodename = match.group(1)
-                return
-            if self.process.poll() is not None:
-                raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n{self.log()}")
-            time.sleep(0.1)
-        raise TimeoutError(f"worker {self.name} not ready after {timeout} s:\n{self.log()}")
-
-    def stop(self, timeout: float = 15) -> int:
-        """Warm shutdown (SIGTERM); SIGKILL for the whole process group if it does not finish in time."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                # The worker runs in its own session: its group is this worker and its pool children.
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-        return self.process.returncode
 
 
 def database_url(settings_dict: Mapping) -> str:
@@ -113,27 +67,15 @@ def start_worker(request, broker, worker_env, tmp_path) -> Iterator[Callable[...
     ) -> Worker:
         assert queues, "name the queues the worker consumes"
         name = name or f"{queues[0]}-test"
-        log_path = tmp_path / f"{name}-{len(workers)}.log"
-        command = [
-            sys.executable, "-m", "celery", "-A", "project", "worker",
-            "-Q", ",".join(queues),
-            "-c", str(concurrency),
-            "--pool", pool,
-            "-n", f"{name}@%h",
-            "--loglevel=INFO",
-            *options,
-        ]  # fmt: skip
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                command,
-                cwd=REPO_ROOT,
-                env={**worker_env, **(env or {})},
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = Worker(name=name, queues=queues, process=process, log_path=log_path)
+        worker = start_celery_worker(
+            *queues,
+            name=name,
+            env={**worker_env, **(env or {})},
+            log_path=tmp_path / f"{name}-{len(workers)}.log",
+            concurrency=concurrency,
+            pool=pool,
+            options=options,
+        )
         workers.append(worker)
         stops.callback(worker.stop)
         worker.wait_ready(ready_timeout)

@@ -89,7 +89,7 @@ def test_worker_losing_redis_mid_task_survives_and_the_task_completes(tmp_path, 
     """Redis restarts while a charge is in flight: the worker reconnects, and the charge completes once.
 
     When the connection drops at an unlucky moment kombu 5.7 stops the worker instead
-    ("Unrecoverable error" from QoS.restore_unacked; seen in CI); project/broker.py guards
+    ("Unrecoverable error" from QoS.restore_unacked; seen in CI); core/broker.py guards
     that path. This test does not hit that timing every run: it proves the recovery, not the guard.
     """
     from payments.models import Payment

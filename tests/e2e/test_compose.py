@@ -266,3 +266,13 @@ def test_the_base_images_folder_builds_every_image_the_stack_names(compose):
     named = {service["image"] for service in compose["services"].values()} - {"shop:latest"}
     named |= set(re.findall(r"^FROM (\S+)", (REPO_ROOT / "Dockerfile").read_text(), re.MULTILINE))
     assert named == built
+
+
+def test_no_command_line_takes_a_path_from_the_callers_shell(compose):
+    # `${VAR_DIR:-var}` in the Procfile or a compose command is filled in from whoever starts it
+    # (the host's shell for compose): beat's state file is placed by the settings instead.
+    commands = [(REPO_ROOT / "Procfile").read_text()] + [
+        str(service.get("command", "")) for service in compose["services"].values()
+    ]
+    assert not [command for command in commands if "${VAR_DIR" in command]
+    assert Path(settings.CELERY_BEAT_SCHEDULE_FILENAME) == Path(settings.VAR_DIR) / "celerybeat-schedule"

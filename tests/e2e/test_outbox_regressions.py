@@ -29,10 +29,9 @@ from ops.models import FailedTask
 from orders.models import Order, Product
 from orders.services import HOLD_MESSAGES, issue_api_token, place_order
 from payments.models import Payment, WebhookEvent
-from payments.services import new_idempotency_key
 from project.celery import app
 from reports.models import Report
-from tests.factories import OrderFactory, ProductFactory, UserFactory
+from tests.factories import OrderFactory, PaymentFactory, ProductFactory, UserFactory
 from tests.stack import RedisServer, free_port, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -329,7 +328,7 @@ def test_a_webhook_and_a_report_accepted_while_redis_is_down_are_processed_when_
     shopper = UserFactory()
     token = issue_api_token(user=shopper)
     order = OrderFactory(owner=shopper)  # confirmed, its charge in flight when our task died
-    payment = Payment.objects.create(order=order, amount=order.total, idempotency_key=new_idempotency_key())
+    payment = PaymentFactory(order=order, status=Payment.Status.PROCESSING)
     charge = sandbox.charge(key=payment.idempotency_key, reference=payment.idempotency_key, amount=str(order.total))
     assert charge.status_code == 201, charge.text
     [delivery] = webhook_receiver.wait_for(lambda event: event["data"]["charge"]["id"] == charge.json()["id"])

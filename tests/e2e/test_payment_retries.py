@@ -4,7 +4,7 @@ A provider that fails N times and then succeeds -> the task retries with delays 
 follow exponential backoff with full jitter under the task's own cap, then succeeds; a
 decline -> no retry; a validation error -> fails at once; an unreachable provider ->
 retried up to max_retries, then the task fails. The caps and retry counts are read from
-the tasks (project.celery.retry_policy), never restated here.
+the tasks (core.task_base.retry_policy), never restated here.
 
 The worker log is the record: Celery logs each retry as
 `Task <name>[<id>] retry: Retry in <countdown>s: <exc>` at the end of the attempt that
@@ -26,7 +26,7 @@ from orders.models import Order, OrderEvent
 from orders.services import place_order
 from payments import tasks as payment_tasks
 from payments.models import Payment, WebhookEvent
-from tests.factories import ProductFactory, UserFactory
+from tests.factories import ProductFactory, UserFactory, WebhookEventFactory
 from tests.stack import wait_for
 
 CHARGE_ORDER = order_tasks.charge_order.name
@@ -199,7 +199,7 @@ def test_declined_charge_is_not_retried_and_releases_the_stock(start_worker, san
 @pytest.mark.django_db(transaction=True)
 def test_webhook_that_fails_validation_fails_at_once(start_worker, sandbox):
     worker = start_worker("critical")
-    event = WebhookEvent.objects.create(
+    event = WebhookEventFactory(
         provider_event_id="evt_weird",
         type="charge.refunded.weird",
         payload={"id": "evt_weird", "type": "charge.refunded.weird", "data": {"charge": {"id": "ch_1"}}},
@@ -215,7 +215,7 @@ def test_webhook_that_fails_validation_fails_at_once(start_worker, sandbox):
     log = worker.log()
     failed = task_lines(log, PROCESS_WEBHOOK, "raised unexpected")
     assert len(failed) == 1 and failed[0].task_id == result.id, log
-    assert "ValidationError" in failed[0].text and "charge.refunded.weird" in failed[0].text, log
+    assert "InvalidWebhookEvent" in failed[0].text and "charge.refunded.weird" in failed[0].text, log
     assert task_lines(log, PROCESS_WEBHOOK, "retry: ") == [], log
     assert len(task_lines(log, PROCESS_WEBHOOK, "received")) == 1, log
     event.refresh_from_db()
@@ -231,7 +231,7 @@ def test_webhook_whose_provider_lookup_fails_is_retried_up_to_its_budget_then_fa
     cap, budget = task.retry_backoff_max, task.max_retries
     # The worker's provider URL refuses connections: retrieve_charge raises ProviderUnavailable.
     worker = start_worker("critical", name="no-provider", env={"PAYMENT_PROVIDER_URL": unreachable_url()})
-    event = WebhookEvent.objects.create(
+    event = WebhookEventFactory(
         provider_event_id="evt_lookup",
         type="charge.succeeded",
         payload={"id": "evt_lookup", "type": "charge.succeeded", "data": {"charge": {"id": "ch_lookup"}}},

@@ -14,7 +14,7 @@ import pytest
 
 from reports import services, tasks
 from reports.models import Report
-from tests.factories import OrderFactory, UserFactory
+from tests.factories import OrderFactory, ReportFactory, UserFactory
 from tests.stack import wait_for
 
 SOFT, HARD = 2, 4
@@ -48,7 +48,7 @@ def finished(report_id: int, timeout: float) -> Report:
 
 
 def enqueue(owner, kind: str) -> int:
-    report = Report.objects.create(owner=owner, kind=kind)
+    report = ReportFactory(owner=owner, kind=kind)
     tasks.generate_report.delay(report.pk)
     return report.pk
 

@@ -17,9 +17,9 @@ from notifications.models import Notification
 from notifications.services import notify, send_notification
 from orders.models import Order
 from orders.services import charge_order, place_order, process_order
-from payments.models import Plan, Subscription
+from payments.models import Subscription
 from payments.services import charge_subscription
-from tests.factories import NotificationFactory, OrderFactory, ProductFactory, UserFactory
+from tests.factories import NotificationFactory, OrderFactory, ProductFactory, SubscriptionFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -165,9 +165,7 @@ def test_every_order_email_renders_with_the_order_number(kind):
 
 @pytest.fixture
 def subscription(user):
-    plan = Plan.objects.create(code="coffee-monthly", name="Coffee Club", price=Decimal("9.00"))
-    today = timezone.localdate()
-    return Subscription.objects.create(owner=user, plan=plan, current_period_start=today, current_period_end=today)
+    return SubscriptionFactory(owner=user, plan__code="coffee-monthly", plan__name="Coffee Club")
 
 
 def _charge(subscription: Subscription, django_capture_on_commit_callbacks, provider_answer) -> None:

@@ -1,24 +1,9 @@
-"""A FailedTask factory and a reader of the messages waiting on the test broker."""
+"""A reader of the messages waiting on the test broker."""
 
 import base64
 import json
 
-import factory
 import redis
-
-from ops.models import FailedTask
-
-
-class FailedTaskFactory(factory.django.DjangoModelFactory):
-    class Meta:
-        model = FailedTask
-
-    task_id = factory.Faker("uuid4")
-    task_name = "orders.tasks.process_order"
-    queue = "critical"
-    args = factory.Sequence(lambda n: [n])
-    exception = "ValueError: boom"
-    traceback = "Traceback (most recent call last):\n  ...\nValueError: boom"
 
 
 def queued(client: redis.Redis, queue: str) -> list[dict]:

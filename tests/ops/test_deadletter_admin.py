@@ -5,8 +5,8 @@ from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from ops.models import FailedTask
-from tests.factories import UserFactory
-from tests.ops.support import FailedTaskFactory, queued
+from tests.factories import FailedTaskFactory, UserFactory
+from tests.ops.support import queued
 
 pytestmark = pytest.mark.django_db
 
@@ -65,11 +65,14 @@ def test_a_dead_letter_cannot_be_edited_or_added(operator_client):
     assert operator_client.get(reverse("admin:ops_failedtask_add")).status_code == 403
 
 
-def test_requeue_selected_sends_each_task_again_and_reports_what_it_skipped(operator_client, broker):
+def test_requeue_selected_sends_each_task_again_and_reports_what_it_skipped(
+    operator_client, broker, django_capture_on_commit_callbacks
+):
     failed = FailedTaskFactory(args=[5])
     refused = FailedTaskFactory(kind=FailedTask.Kind.REFUSED, task_name="<unknown>")
 
-    response = run_action(operator_client, "requeue_selected", [failed, refused])
+    with django_capture_on_commit_callbacks(execute=True):  # the outbox publishes after commit
+        response = run_action(operator_client, "requeue_selected", [failed, refused])
 
     assert response.status_code == 200
     notes = [str(message) for message in response.context["messages"]]

@@ -15,8 +15,8 @@ from ops.services import (
     resolve_failed_task,
 )
 from orders.models import Product
-from tests.factories import ProductFactory
-from tests.ops.support import FailedTaskFactory, queued
+from tests.factories import FailedTaskFactory, ProductFactory
+from tests.ops.support import queued
 
 pytestmark = pytest.mark.django_db
 
@@ -84,10 +84,13 @@ def test_hostile_headers_are_stored_as_json_without_nul_characters():
     assert len(row.task_id) == 255 and "\x00" not in row.task_id
 
 
-def test_requeue_sends_the_same_task_and_arguments_to_its_routed_queue_as_a_new_task(broker):
+def test_requeue_sends_the_same_task_and_arguments_to_its_routed_queue_as_a_new_task(
+    broker, django_capture_on_commit_callbacks
+):
     failed = FailedTaskFactory(task_name="orders.tasks.process_order", queue="critical", args=[42], kwargs={})
 
-    requeued = requeue_failed_task(failed_task_id=failed.pk)
+    with django_capture_on_commit_callbacks(execute=True):  # the outbox publishes after commit
+        requeued = requeue_failed_task(failed_task_id=failed.pk)
 
     [message] = queued(broker, "critical")
     assert message["headers"]["task"] == "orders.tasks.process_order"
@@ -99,18 +102,20 @@ def test_requeue_sends_the_same_task_and_arguments_to_its_routed_queue_as_a_new_
     assert broker.llen("default") == 0
 
 
-def test_requeue_follows_the_routing_table_not_the_recorded_queue(broker):
+def test_requeue_follows_the_routing_table_not_the_recorded_queue(broker, django_capture_on_commit_callbacks):
     failed = FailedTaskFactory(task_name="notifications.tasks.send_notification", queue="critical", args=[3])
 
-    requeue_failed_task(failed_task_id=failed.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        requeue_failed_task(failed_task_id=failed.pk)
 
     assert [m["headers"]["task"] for m in queued(broker, "default")] == ["notifications.tasks.send_notification"]
     assert broker.llen("critical") == 0
 
 
-def test_a_dead_letter_is_requeued_at_most_once(broker):
+def test_a_dead_letter_is_requeued_at_most_once(broker, django_capture_on_commit_callbacks):
     failed = FailedTaskFactory()
-    requeue_failed_task(failed_task_id=failed.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        requeue_failed_task(failed_task_id=failed.pk)
 
     with pytest.raises(NotRequeueable, match="already resolved"):
         requeue_failed_task(failed_task_id=failed.pk)
@@ -158,3 +163,34 @@ def test_requeueable_failed_tasks_are_the_unresolved_failures_oldest_first():
     assert list(requeueable_failed_tasks()) == [old, recent, other]
     assert list(requeueable_failed_tasks(task_name="orders.tasks.process_order")) == [old, recent]
     assert list(requeueable_failed_tasks(since=now - timedelta(hours=1))) == [recent, other]
+
+
+def test_a_requeue_while_the_broker_is_down_is_kept_in_the_outbox_and_relayed_later(
+    broker, django_capture_on_commit_callbacks
+):
+    from core import outbox
+    from core.models import OutboxItem
+    from tests.stack import unreachable_broker
+
+    failed = FailedTaskFactory(task_name="orders.tasks.process_order", queue="critical", args=[42], kwargs={})
+
+    # The operator replays it while Redis is down: the replay is recorded, nothing is lost
+    with unreachable_broker(), django_capture_on_commit_callbacks(execute=True):
+        requeued = requeue_failed_task(failed_task_id=failed.pk)
+    assert broker.llen("critical") == 0
+    [item] = OutboxItem.objects.filter(task_id=requeued.requeued_as)
+    assert (item.task_name, item.args, item.state) == ("orders.tasks.process_order", [42], OutboxItem.State.PENDING)
+
+    # and once the broker is back the relay publishes it, under the id the dead letter names
+    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now())
+    outbox.relay()
+    [message] = queued(broker, "critical")
+    assert message["headers"]["id"] == requeued.requeued_as and message["body"][:2] == [[42], {}]
+
+
+def test_a_dead_letter_with_arguments_that_are_not_a_list_is_not_requeued(broker):
+    failed = FailedTaskFactory(task_name="orders.tasks.process_order", args={"order_id": 1})
+
+    with pytest.raises(NotRequeueable, match="not a list"):
+        requeue_failed_task(failed_task_id=failed.pk)
+    assert broker.dbsize() == 0

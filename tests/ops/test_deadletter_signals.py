@@ -11,7 +11,7 @@ from ops.models import FailedTask
 from payments.models import Payment
 from payments.services import needs_attention
 from tests.e2e import deadletter_tasks
-from tests.factories import OrderFactory
+from tests.factories import PaymentFactory
 
 
 class CreatesFileWhenUnpickled:
@@ -90,7 +90,7 @@ def test_an_unknown_task_is_recorded_under_its_name():
 
 @pytest.mark.django_db(transaction=True)
 def test_a_payment_needing_attention_is_one_dead_letter_however_often_it_is_reported():
-    payment = Payment.objects.create(order=OrderFactory(), amount="20.00", idempotency_key="pay_" + "0" * 32)
+    payment = PaymentFactory(status=Payment.Status.PROCESSING)
 
     needs_attention.send(sender=Payment, payment=payment, reason="mismatch: amount 3.00 != 20.00")
     needs_attention.send(sender=Payment, payment=payment, reason="unfinished: retries spent")

@@ -3,8 +3,8 @@
 import pytest
 from django.test import override_settings
 
-from ops.models import FailedTask
 from project.celery import app
+from tests.factories import FailedTaskFactory
 from tests.metrics import samples
 
 pytestmark = pytest.mark.django_db
@@ -71,7 +71,7 @@ def test_dead_letters_count_unresolved_failures_by_task(client):
             ("payments.needs_attention", False),
         ]
     ):
-        FailedTask.objects.create(task_id=f"t-{number}", task_name=name, resolved=resolved, exception="boom")
+        FailedTaskFactory(task_id=f"t-{number}", task_name=name, resolved=resolved, exception="boom")
 
     dead = samples(client.get("/metrics").content.decode(), "celery_dead_letters")
 

@@ -5,17 +5,21 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
+from django.test import TestCase
 from django.utils import timezone
 
 from ops.models import FailedTask
-from tests.ops.support import FailedTaskFactory, queued
+from tests.factories import FailedTaskFactory
+from tests.ops.support import queued
 
 pytestmark = pytest.mark.django_db
 
 
 def requeue_failed(*args: str) -> tuple[str, str]:
     out, err = StringIO(), StringIO()
-    call_command("requeue_failed", *args, stdout=out, stderr=err)
+    # Each replay is an outbox item, published after the command's transaction commits.
+    with TestCase.captureOnCommitCallbacks(execute=True):
+        call_command("requeue_failed", *args, stdout=out, stderr=err)
     return out.getvalue(), err.getvalue()
 
 

@@ -4,45 +4,20 @@ Every commit publishes its outbox items to the real broker (the `broker` fixture
 off), where they wait: orders stop at confirmed here; the charge is tested elsewhere.
 """
 
-import threading
-from collections.abc import Callable
-
 import pytest
-from django.db import connection
 
 from core.models import OutboxItem
 from orders.models import Order, OrderEvent
 from orders.services import place_order, process_order
+from tests.concurrency import run_concurrently
 from tests.factories import ProductFactory, UserFactory
 from tests.ops.support import queued
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("broker")]
 
 
-def run_at_once(count: int, work: Callable[[int], object]) -> list[object]:
-    """Run work(i) in `count` threads released together; return the results, raise the first error."""
-    barrier = threading.Barrier(count, timeout=10)
-    results: list[object] = [None] * count
-    errors: list[BaseException] = []
-
-    def target(i: int) -> None:
-        try:
-            barrier.wait()
-            results[i] = work(i)
-        except BaseException as exc:
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=target, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert not any(thread.is_alive() for thread in threads), "a thread is stuck"
-    if errors:
-        raise errors[0]
-    return results
+# tests/test_model_stateful.py imports the helper from here, by its old name.
+run_at_once = run_concurrently
 
 
 def test_concurrent_orders_never_oversell():
@@ -54,7 +29,7 @@ def test_concurrent_orders_never_oversell():
         order = place_order(owner=shoppers[i % 4], items=[("LAST-TEN", 1)])
         return process_order(order_id=order.pk)
 
-    orders = run_at_once(40, place_and_process)
+    orders = run_concurrently(40, place_and_process)
 
     assert len({order.pk for order in orders}) == 40
     statuses = list(Order.objects.values_list("status", flat=True))
@@ -72,7 +47,9 @@ def test_concurrent_requests_with_the_same_idempotency_key_make_one_order_proces
     product = ProductFactory(sku="MUG", stock=100)
     shopper = UserFactory()
 
-    orders = run_at_once(10, lambda i: place_order(owner=shopper, items=[("MUG", 2)], idempotency_key="double-click"))
+    orders = run_concurrently(
+        10, lambda i: place_order(owner=shopper, items=[("MUG", 2)], idempotency_key="double-click")
+    )
 
     order = Order.objects.get()
     assert {placed.pk for placed in orders} == {order.pk}

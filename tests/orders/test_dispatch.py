@@ -1,6 +1,5 @@
 """process_order is an outbox item of the order's commit: one per order, published after commit, relayed if missed."""
 
-from contextlib import contextmanager
 from unittest import mock
 
 import pytest
@@ -12,8 +11,8 @@ from core.outbox import relay
 from orders import tasks
 from orders.models import Order, OrderEvent
 from orders.services import cancel_order, place_order, process_order
-from project.celery import app
 from tests.ops.support import queued
+from tests.stack import unreachable_broker
 
 pytestmark = pytest.mark.django_db
 
@@ -235,21 +234,6 @@ def test_relay_leaves_a_published_charge_alone_until_the_broker_loses_its_messag
 
 
 # --- Broker down after commit ---------------------------------------------------
-
-
-@contextmanager
-def unreachable_broker():
-    """Publishing goes to a port where nothing listens, as when Redis is down."""
-    saved_conf = {key: app.conf[key] for key in ("task_always_eager", "broker_url")}
-    saved_pools = (app._pool, app.amqp._producer_pool)
-    app.conf.update(task_always_eager=False, broker_url="redis://127.0.0.1:9/15")
-    # Drop the cached connection pools so the next publish connects to that URL.
-    app._pool = app.amqp._producer_pool = None
-    try:
-        yield
-    finally:
-        app.conf.update(saved_conf)
-        app._pool, app.amqp._producer_pool = saved_pools
 
 
 @pytest.mark.django_db(transaction=True)

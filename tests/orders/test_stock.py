@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 
 from orders import stock
 from orders.models import Order, Product, StockMovement
+from tests.concurrency import run_concurrently
 from tests.factories import OrderFactory, OrderItemFactory, ProductFactory, StockMovementFactory, UserFactory
-from tests.orders.test_concurrency import run_at_once
 
 pytestmark = pytest.mark.django_db
 
@@ -342,7 +342,7 @@ def test_concurrent_reservations_and_an_adjustment_account_for_every_unit(adjust
             return stock.reserve_for_order(order=order)
 
     # When they run at once, each on its own connection
-    *reservations, adjusted = run_at_once(len(orders) + 1, work)
+    *reservations, adjusted = run_concurrently(len(orders) + 1, work)
 
     # Then every unit is on hand, reserved, or adjusted away, and none is counted twice
     reserved = reservations.count([])

@@ -1,30 +1,18 @@
-"""Helpers shared by the payments tests: subscriptions made directly, a claim that stops, a real webhook delivered."""
+"""Helpers shared by the payments tests: a claim that stops, a real webhook delivered."""
 
 import re
-from datetime import date
 
 from django.db import transaction
 
 from orders.models import Order
 from payments import services
-from payments.models import Payment, Subscription
+from payments.models import Payment
 from tests.sandbox_fixtures import WebhookReceiver
 
 # What every provider idempotency key looks like (payments.services.new_idempotency_key).
 PAYMENT_KEY = re.compile(r"pay_[0-9a-f]{32}")
 
 WEBHOOK_URL = "/payments/webhooks/provider/"
-
-
-def make_subscription(owner, plan, *, period_start: date) -> Subscription:
-    """A subscription whose period starting on `period_start` is due, made directly: nothing is dispatched."""
-    return Subscription.objects.create(
-        owner=owner,
-        plan=plan,
-        current_period_start=period_start,
-        current_period_end=period_start,
-        billing_anchor=period_start,
-    )
 
 
 def claim_and_stop(order: Order) -> Payment:

@@ -5,24 +5,24 @@ from datetime import date
 
 import hypothesis
 import pytest
-from django.core.exceptions import ValidationError
 from hypothesis import strategies as st
 
 from payments import services
-from payments.billing import next_period_start, parse_billing_period, period_start
-from payments.models import Payment, Plan, Subscription
+from payments.billing import InvalidBillingPeriod, next_period_start, parse_billing_period, period_start
+from payments.models import Payment, Plan
+from tests.factories import PlanFactory, SubscriptionFactory
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def monthly(db):
-    return Plan.objects.create(code="monthly", name="Monthly", price="9.00", interval=Plan.Interval.MONTH)
+    return PlanFactory(code="monthly", name="Monthly", price="9.00", interval=Plan.Interval.MONTH)
 
 
 @pytest.fixture
 def yearly(db):
-    return Plan.objects.create(code="yearly", name="Yearly", price="90.00", interval=Plan.Interval.YEAR)
+    return PlanFactory(code="yearly", name="Yearly", price="90.00", interval=Plan.Interval.YEAR)
 
 
 def test_monthly_periods_from_the_31st_fall_on_the_last_day_of_shorter_months():
@@ -166,20 +166,14 @@ def test_parse_billing_period_accepts_the_iso_calendar_date():
     ],
 )
 def test_parse_billing_period_rejects_every_other_spelling(value):
-    with pytest.raises(ValidationError):
+    with pytest.raises(InvalidBillingPeriod):
         parse_billing_period(value)
 
 
 @pytest.mark.parametrize("period", ["20260301", "2026-W09-7", "2026-3-1"])
 def test_charging_a_period_under_another_spelling_is_refused_before_any_payment(user, monthly, sandbox, period):
-    subscription = Subscription.objects.create(
-        owner=user,
-        plan=monthly,
-        current_period_start=date(2026, 3, 1),
-        current_period_end=date(2026, 3, 1),
-        billing_anchor=date(2026, 3, 1),
-    )
-    with pytest.raises(ValidationError):
+    subscription = SubscriptionFactory(owner=user, plan=monthly, current_period_start=date(2026, 3, 1))
+    with pytest.raises(InvalidBillingPeriod):
         services.charge_subscription(subscription_id=subscription.pk, billing_period=period)
     assert Payment.objects.filter(subscription=subscription).count() == 0
     assert sandbox.summary()["charges"]["total"] == 0
@@ -200,9 +194,7 @@ def test_subscribe_anchors_billing_on_the_first_day(user, monthly):
 def test_monthly_subscription_from_the_31st_is_billed_on_each_months_last_day_or_31st(user, monthly, sandbox):
     # Given a subscription anchored on January 31st
     anchor = date(2026, 1, 31)
-    subscription = Subscription.objects.create(
-        owner=user, plan=monthly, current_period_start=anchor, current_period_end=anchor, billing_anchor=anchor
-    )
+    subscription = SubscriptionFactory(owner=user, plan=monthly, current_period_start=anchor)
     # When each due period is charged in turn, as bill_due_subscriptions would
     billed = []
     for _ in range(4):
@@ -226,9 +218,7 @@ def test_monthly_subscription_from_the_31st_is_billed_on_each_months_last_day_or
 
 def test_yearly_subscription_from_february_29th_comes_back_to_it(user, yearly, sandbox):
     anchor = date(2024, 2, 29)
-    subscription = Subscription.objects.create(
-        owner=user, plan=yearly, current_period_start=anchor, current_period_end=anchor, billing_anchor=anchor
-    )
+    subscription = SubscriptionFactory(owner=user, plan=yearly, current_period_start=anchor)
     for _ in range(4):
         subscription.refresh_from_db()
         services.charge_subscription(
@@ -244,9 +234,7 @@ def test_yearly_subscription_from_february_29th_comes_back_to_it(user, yearly, s
 def test_subscription_from_before_anchors_existed_keeps_its_first_billed_day(user, monthly, sandbox):
     # Given a subscription with no billing_anchor, started on January 31st
     start = date(2026, 1, 31)
-    subscription = Subscription.objects.create(
-        owner=user, plan=monthly, current_period_start=start, current_period_end=start
-    )
+    subscription = SubscriptionFactory(owner=user, plan=monthly, current_period_start=start, billing_anchor=None)
     # When four periods are charged
     billed = []
     for _ in range(4):

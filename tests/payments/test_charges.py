@@ -1,12 +1,12 @@
 """Charging orders and subscriptions against the real sandbox provider (eager tasks)."""
 
-import threading
+import time
 from datetime import date, timedelta
 from decimal import Decimal
 from unittest import mock
 
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from core.models import OutboxItem
@@ -18,9 +18,10 @@ from orders import services as order_services
 from orders.models import Order
 from orders.services import place_order
 from payments import services
-from payments.models import Payment, Plan, Subscription
-from tests.factories import OrderFactory, ProductFactory, UserFactory
-from tests.payments.support import PAYMENT_KEY, claim_and_stop, make_subscription
+from payments.models import Payment, Subscription
+from tests.concurrency import run_concurrently
+from tests.factories import OrderFactory, PlanFactory, ProductFactory, SubscriptionFactory, UserFactory
+from tests.payments.support import PAYMENT_KEY, claim_and_stop
 
 pytestmark = pytest.mark.django_db
 
@@ -29,7 +30,7 @@ CHARGE_SUBSCRIPTION = "payments.tasks.charge_subscription"
 
 @pytest.fixture
 def plan(db):
-    return Plan.objects.create(code="basic", name="Basic", price="9.00")
+    return PlanFactory(code="basic", name="Basic", price="9.00")
 
 
 # --- Orders -----------------------------------------------------------------------------
@@ -166,7 +167,7 @@ def test_staff_retry_after_a_refusal_charges_under_a_fresh_key(sandbox):
 def test_payment_keys_are_random_and_unique(plan, sandbox):
     orders = OrderFactory.create_batch(10, total=Decimal("20.00"))
     order_keys = [claim_and_stop(order).idempotency_key for order in orders]
-    subscription = make_subscription(UserFactory(), plan, period_start=date(2026, 1, 1))
+    subscription = SubscriptionFactory(plan=plan, current_period_start=date(2026, 1, 1))
     sub_keys = [
         services.charge_subscription(subscription_id=subscription.pk, billing_period=period).idempotency_key
         for period in ("2026-01-01", "2026-02-01")
@@ -223,7 +224,7 @@ def test_a_retry_of_a_payment_reuses_its_stored_key(sandbox):
 
 def test_subscription_charge_succeeds_and_moves_the_period(user, plan, sandbox):
     start = date(2026, 1, 31)
-    subscription = make_subscription(user, plan, period_start=start)
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=start)
     payment = services.charge_subscription(subscription_id=subscription.pk, billing_period=start.isoformat())
     subscription.refresh_from_db()
     assert payment.status == Payment.Status.SUCCEEDED
@@ -239,7 +240,7 @@ def test_subscription_charge_succeeds_and_moves_the_period(user, plan, sandbox):
 
 def test_subscription_decline_makes_it_past_due(user, plan, sandbox):
     sandbox.set_faults(decline_rate=1.0)
-    subscription = make_subscription(user, plan, period_start=date(2026, 3, 1))
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 3, 1))
     payment = services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-03-01")
     subscription.refresh_from_db()
     assert payment.status == Payment.Status.DECLINED
@@ -248,7 +249,7 @@ def test_subscription_decline_makes_it_past_due(user, plan, sandbox):
 
 
 def test_duplicate_delivery_charges_once(user, plan, sandbox):
-    subscription = make_subscription(user, plan, period_start=date(2026, 4, 1))
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 4, 1))
     first = services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-04-01")
     second = services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-04-01")
     assert first.pk == second.pk
@@ -259,7 +260,7 @@ def test_duplicate_delivery_charges_once(user, plan, sandbox):
 
 def test_crash_after_provider_charged_does_not_charge_twice(user, plan, sandbox):
     """The provider charged, then the process died before our commit; the redelivery finishes it."""
-    subscription = make_subscription(user, plan, period_start=date(2026, 5, 1))
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 5, 1))
     with mock.patch.object(services, "_record", side_effect=SystemExit("worker killed")):
         with pytest.raises(SystemExit):
             services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-05-01")
@@ -278,32 +279,21 @@ def test_crash_after_provider_charged_does_not_charge_twice(user, plan, sandbox)
 @pytest.mark.django_db(transaction=True)
 def test_twenty_concurrent_deliveries_give_one_payment_and_one_charge(sandbox):
     owner = UserFactory()
-    plan = Plan.objects.create(code="conc", name="Concurrent", price="9.00")
-    subscription = make_subscription(owner, plan, period_start=date(2026, 6, 1))
+    plan = PlanFactory(code="conc", name="Concurrent", price="9.00")
+    subscription = SubscriptionFactory(owner=owner, plan=plan, current_period_start=date(2026, 6, 1))
     # Slow charges keep every delivery in flight at once.
     sandbox.set_faults(latency_ms=300)
-    barrier = threading.Barrier(20)
-    outcomes: list[str] = []
 
-    def deliver():
-        try:
-            barrier.wait()
-            for _ in range(20):  # what autoretry does for ProviderUnavailable (409: same key in flight)
-                try:
-                    payment = services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-06-01")
-                    outcomes.append(payment.status)
-                    return
-                except gateway.ProviderUnavailable:
-                    threading.Event().wait(0.1)
-            outcomes.append("gave up")
-        finally:
-            connection.close()
+    def deliver(i: int) -> str:
+        for _ in range(20):  # what autoretry does for ProviderUnavailable (409: same key in flight)
+            try:
+                payment = services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-06-01")
+                return payment.status
+            except gateway.ProviderUnavailable:
+                time.sleep(0.1)
+        return "gave up"
 
-    threads = [threading.Thread(target=deliver) for _ in range(20)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    outcomes = run_concurrently(20, deliver)
 
     assert outcomes == ["succeeded"] * 20
     assert Payment.objects.filter(subscription=subscription).count() == 1
@@ -314,9 +304,9 @@ def test_twenty_concurrent_deliveries_give_one_payment_and_one_charge(sandbox):
 
 def test_bill_due_subscriptions_dispatches_only_due_active_ones_once(user, plan):
     today = timezone.localdate()
-    due = make_subscription(user, plan, period_start=today)
-    make_subscription(UserFactory(), plan, period_start=today + timedelta(days=3))
-    cancelled = make_subscription(UserFactory(), plan, period_start=today)
+    due = SubscriptionFactory(owner=user, plan=plan, current_period_start=today)
+    SubscriptionFactory(plan=plan, current_period_start=today + timedelta(days=3))
+    cancelled = SubscriptionFactory(plan=plan, current_period_start=today)
     cancelled.status = Subscription.Status.CANCELLED
     cancelled.save()
 
@@ -354,7 +344,7 @@ def test_subscribing_to_an_unknown_plan_is_an_error(user, plan):
 
 
 def test_cancelled_subscription_is_not_charged(user, plan, sandbox):
-    subscription = make_subscription(user, plan, period_start=date(2026, 7, 1))
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 7, 1))
     outcome = services.cancel_subscription(subscription_id=subscription.pk, owner=user)
     assert (outcome.subscription.status, outcome.voided_charge) == (Subscription.Status.CANCELLED, False)
     assert services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-07-01") is None
@@ -363,9 +353,9 @@ def test_cancelled_subscription_is_not_charged(user, plan, sandbox):
 
 
 @pytest.mark.parametrize("period", ["", "2026-13-01", "yesterday", "2026-01-01T00:00"])
-def test_malformed_billing_period_is_a_validation_error(user, plan, period):
-    from django.core.exceptions import ValidationError
+def test_malformed_billing_period_is_an_application_error(user, plan, period):
+    from core.errors import ApplicationError
 
-    subscription = make_subscription(user, plan, period_start=date(2026, 1, 1))
-    with pytest.raises(ValidationError):
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 1, 1))
+    with pytest.raises(ApplicationError):
         services.charge_subscription(subscription_id=subscription.pk, billing_period=period)

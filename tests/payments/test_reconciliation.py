@@ -4,7 +4,6 @@ from datetime import timedelta
 from decimal import Decimal
 from io import StringIO
 
-import factory
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.management import CommandError, call_command
@@ -19,25 +18,13 @@ from orders.models import Order
 from payments import services, tasks
 from payments.models import Payment, PaymentMismatch
 from payments.reconciliation import in_flight_grace, reconcile_payments
-from tests.factories import OrderFactory, UserFactory
+from tests.factories import OrderFactory, PaymentFactory, UserFactory
 from tests.metrics import samples
 
 pytestmark = pytest.mark.django_db
 
 Kind = PaymentMismatch.Kind
 CHANGELIST = reverse("admin:payments_paymentmismatch_changelist")
-
-
-class PaymentFactory(factory.django.DjangoModelFactory):
-    """A succeeded order payment, made directly: the provider knows nothing of it unless a test charges it."""
-
-    class Meta:
-        model = Payment
-
-    order = factory.SubFactory(OrderFactory)
-    amount = factory.SelfAttribute("order.total")
-    status = Payment.Status.SUCCEEDED
-    idempotency_key = factory.LazyFunction(services.new_idempotency_key)
 
 
 def paid_payment(total: str = "20.00") -> Payment:

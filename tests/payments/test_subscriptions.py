@@ -8,17 +8,16 @@ from django.test import Client
 from core.models import OutboxItem
 from integrations import provider as gateway
 from payments import services
-from payments.models import Payment, Plan, Subscription
-from tests.factories import UserFactory
-from tests.orders.test_concurrency import run_at_once
-from tests.payments.support import make_subscription
+from payments.models import Payment, Subscription
+from tests.concurrency import run_concurrently
+from tests.factories import PlanFactory, SubscriptionFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def plan(db):
-    return Plan.objects.create(code="basic", name="Basic box", price="9.00")
+    return PlanFactory(code="basic", name="Basic box", price="9.00")
 
 
 # --- A double-submitted subscribe -------------------------------------------------------------
@@ -30,7 +29,7 @@ def test_two_concurrent_subscribes_give_one_subscription_and_one_charge(plan, sa
     owner = UserFactory()
 
     # When both requests subscribe (each commit runs the first charge eagerly, in its own thread)
-    subscriptions = run_at_once(2, lambda i: services.subscribe(owner=owner, plan_code="basic"))
+    subscriptions = run_concurrently(2, lambda i: services.subscribe(owner=owner, plan_code="basic"))
 
     # Then both get the one subscription, charged once
     [subscription] = Subscription.objects.filter(owner=owner)
@@ -48,7 +47,7 @@ def test_two_concurrent_subscribe_posts_both_answer_with_the_one_subscription(pl
     for browser in browsers:
         browser.force_login(owner)
 
-    responses = run_at_once(2, lambda i: browsers[i].post("/subscriptions/subscribe/", {"plan": "basic"}))
+    responses = run_concurrently(2, lambda i: browsers[i].post("/subscriptions/subscribe/", {"plan": "basic"}))
 
     assert [response.status_code for response in responses] == [302, 302]
     [subscription] = Subscription.objects.filter(owner=owner)
@@ -72,7 +71,7 @@ def test_subscribing_again_after_a_cancellation_starts_a_new_subscription(user, 
 
 
 def test_cancelling_a_cancelled_subscription_is_an_error(user, plan):
-    subscription = make_subscription(user, plan, period_start=date(2026, 7, 1))
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 7, 1))
     services.cancel_subscription(subscription_id=subscription.pk, owner=user)
     with pytest.raises(services.SubscriptionError, match="already cancelled"):
         services.cancel_subscription(subscription_id=subscription.pk, owner=user)
@@ -83,7 +82,7 @@ def test_cancelling_a_cancelled_subscription_is_an_error(user, plan):
 
 def test_a_charge_claimed_before_the_cancellation_is_voided_not_sent_again(user, plan, sandbox):
     # Given a period whose charge was claimed while the provider was failing
-    subscription = make_subscription(user, plan, period_start=date(2026, 7, 1))
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 7, 1))
     sandbox.set_faults(fail_next=1)
     with pytest.raises(gateway.ProviderUnavailable):
         services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-07-01")
@@ -107,7 +106,7 @@ def test_a_charge_claimed_before_the_cancellation_is_voided_not_sent_again(user,
 
 
 def test_a_cancellation_does_not_touch_a_finished_charge(user, plan, sandbox):
-    subscription = make_subscription(user, plan, period_start=date(2026, 7, 1))
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 7, 1))
     paid = services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-07-01")
 
     outcome = services.cancel_subscription(subscription_id=subscription.pk, owner=user)

@@ -1,13 +1,14 @@
 import pytest
 
-from payments.models import Plan, Subscription
+from payments.models import Subscription
+from tests.factories import PlanFactory, SubscriptionFactory
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def plan(db):
-    return Plan.objects.create(code="basic", name="Basic box", price="9.00")
+    return PlanFactory(code="basic", name="Basic box", price="9.00")
 
 
 def test_shopper_subscribes_and_sees_the_first_payment(client, user, plan, sandbox, django_capture_on_commit_callbacks):
@@ -52,10 +53,10 @@ def test_subscribing_to_an_unknown_plan_is_refused(client, user, plan, plan_code
 
 
 def test_shopper_cancels_own_subscription_but_not_anothers(client, user, other_user, plan):
-    mine = Subscription.objects.create(
+    mine = SubscriptionFactory(
         owner=user, plan=plan, current_period_start="2026-01-01", current_period_end="2026-02-01"
     )
-    theirs = Subscription.objects.create(
+    theirs = SubscriptionFactory(
         owner=other_user, plan=plan, current_period_start="2026-01-01", current_period_end="2026-02-01"
     )
     client.force_login(user)

@@ -15,9 +15,9 @@ from orders import services as order_services
 from orders.models import Order
 from orders.services import place_order
 from payments import services
-from payments.models import Payment, Plan, WebhookEvent
-from tests.factories import OrderFactory, ProductFactory
-from tests.payments.support import claim_and_stop, deliver_webhook, make_subscription
+from payments.models import Payment, WebhookEvent
+from tests.factories import OrderFactory, PlanFactory, ProductFactory, SubscriptionFactory, WebhookEventFactory
+from tests.payments.support import claim_and_stop, deliver_webhook
 
 pytestmark = pytest.mark.django_db
 
@@ -106,14 +106,14 @@ def test_webhook_rejects_get(client):
 
 def test_webhook_finishes_a_payment_whose_worker_died_after_the_charge(user, sandbox):
     """The provider's event reconciles a Payment left `processing` by a crash, as the provider reports it."""
-    plan = Plan.objects.create(code="wh", name="Webhook plan", price="5.00")
-    subscription = make_subscription(user, plan, period_start=date(2026, 8, 1))
+    plan = PlanFactory(code="wh", name="Webhook plan", price="5.00")
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 8, 1))
     with mock.patch.object(services, "_record", side_effect=SystemExit("worker killed")):
         with pytest.raises(SystemExit):
             services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-08-01")
     claimed = Payment.objects.get(subscription=subscription)
     [charge] = sandbox.charges(reference=claimed.idempotency_key)
-    event = WebhookEvent.objects.create(
+    event = WebhookEventFactory(
         provider_event_id="evt_reconcile",
         type="charge.succeeded",
         # The payload claims a different amount: only the provider's own record is trusted.
@@ -221,8 +221,8 @@ def test_a_charge_reported_after_its_subscription_was_cancelled_needs_attention(
     client, user, sandbox, webhook_receiver
 ):
     # Given a period charged by the provider whose answer was lost, then the subscription cancelled
-    plan = Plan.objects.create(code="lost", name="Lost answer", price="5.00")
-    subscription = make_subscription(user, plan, period_start=date(2026, 9, 1))
+    plan = PlanFactory(code="lost", name="Lost answer", price="5.00")
+    subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 9, 1))
     sandbox.set_faults(fail_after_charge_next=1)
     with pytest.raises(services.provider.ProviderUnavailable):
         services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-09-01")
@@ -253,11 +253,11 @@ def test_a_charge_reported_after_its_subscription_was_cancelled_needs_attention(
     ],
     ids=["unknown-type", "no-data", "data-not-object", "charge-id-not-string"],
 )
-def test_unprocessable_event_is_a_validation_error_and_marked_invalid(payload):
-    from django.core.exceptions import ValidationError
+def test_unprocessable_event_is_an_application_error_and_marked_invalid(payload):
+    from core.errors import ApplicationError
 
-    event = WebhookEvent.objects.create(provider_event_id="evt_x", type=payload["type"], payload=payload)
-    with pytest.raises(ValidationError):
+    event = WebhookEventFactory(provider_event_id="evt_x", type=payload["type"], payload=payload)
+    with pytest.raises(ApplicationError):
         services.process_webhook(event_id=event.pk)
     event.refresh_from_db()
     assert event.status == WebhookEvent.Status.INVALID and event.error

@@ -5,7 +5,7 @@ from django.test import Client
 
 from reports import services
 from reports.models import Report
-from tests.factories import OrderFactory
+from tests.factories import OrderFactory, ReportFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -123,7 +123,7 @@ def test_session_post_with_csrf_token_is_accepted(client_of, user):
 
 def test_live_status_follows_the_report(bearer_client_of, user):
     client = bearer_client_of(user)
-    report = Report.objects.create(owner=user)
+    report = ReportFactory(owner=user)
     assert client.get(f"{REPORTS}{report.pk}/").json()["status"] == "pending"
 
     Report.objects.filter(pk=report.pk).update(status="running", progress=40, rows_written=800)
@@ -141,9 +141,9 @@ def test_live_status_follows_the_report(bearer_client_of, user):
 
 
 def test_list_shows_only_my_reports_newest_first(bearer_client_of, user, other_user):
-    first = Report.objects.create(owner=user)
-    Report.objects.create(owner=other_user)
-    second = Report.objects.create(owner=user)
+    first = ReportFactory(owner=user)
+    ReportFactory(owner=other_user)
+    second = ReportFactory(owner=user)
 
     body = bearer_client_of(user).get(REPORTS).json()
 
@@ -168,7 +168,7 @@ def test_staff_may_read_and_download_any_report(bearer_client_of, staff, done_re
 
 
 def test_download_before_done_is_a_409(bearer_client_of, user):
-    report = Report.objects.create(owner=user, status="running")
+    report = ReportFactory(owner=user, status="running")
 
     response = bearer_client_of(user).get(f"{REPORTS}{report.pk}/download")
 

@@ -11,7 +11,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from orders.models import Order
 from reports import services, tasks, writers
 from reports.models import Report
-from tests.factories import OrderFactory, OrderItemFactory, ProductFactory
+from tests.factories import OrderFactory, OrderItemFactory, ProductFactory, ReportFactory
 
 from .conftest import csv_rows
 from .fault_kinds import FAULT_KINDS
@@ -126,7 +126,7 @@ def test_progress_is_saved_as_rows_are_written(user, settings, monkeypatch):
 
 
 def test_soft_time_limit_marks_the_report_failed_with_timeout_and_propagates(user, fault_kinds):
-    report = Report.objects.create(owner=user, kind="soft_limit_after_first_row")
+    report = ReportFactory(owner=user, kind="soft_limit_after_first_row")
 
     with pytest.raises(SoftTimeLimitExceeded):
         services.generate_report(report_id=report.pk)
@@ -137,7 +137,7 @@ def test_soft_time_limit_marks_the_report_failed_with_timeout_and_propagates(use
 
 
 def test_task_failure_keeps_the_timeout_reason(user, fault_kinds):
-    report = Report.objects.create(owner=user, kind="soft_limit_after_first_row")
+    report = ReportFactory(owner=user, kind="soft_limit_after_first_row")
 
     # throw=False: eager propagation would skip the task's on_failure, which a worker always calls.
     result = tasks.generate_report.apply(args=[report.pk], throw=False)
@@ -148,7 +148,7 @@ def test_task_failure_keeps_the_timeout_reason(user, fault_kinds):
 
 
 def test_a_bug_in_generation_fails_the_report_with_the_error_kind(user, fault_kinds):
-    report = Report.objects.create(owner=user, kind="broken")
+    report = ReportFactory(owner=user, kind="broken")
 
     result = tasks.generate_report.apply(args=[report.pk], throw=False)
 
@@ -161,7 +161,7 @@ def test_a_bug_in_generation_fails_the_report_with_the_error_kind(user, fault_ki
 @pytest.mark.django_db(transaction=True)
 def test_hard_time_limit_seen_by_the_main_process_marks_the_running_report_failed(user):
     # What Celery's Request.on_timeout does in the worker's main process once the pool process is killed.
-    report = Report.objects.create(owner=user, status="running")
+    report = ReportFactory(owner=user, status="running")
 
     tasks.generate_report.on_failure(TimeLimitExceeded(4), "task-id", [report.pk], {}, None)
 
@@ -187,7 +187,7 @@ def test_finished_report_is_not_generated_again(user, paid_order):
 
 
 def test_report_left_running_by_a_lost_worker_is_generated_from_the_start(user, paid_order):
-    report = Report.objects.create(owner=user, status="running", progress=40, rows_written=1)
+    report = ReportFactory(owner=user, status="running", progress=40, rows_written=1)
 
     services.generate_report(report_id=report.pk)
 

@@ -7,7 +7,7 @@ import pytest
 from orders.models import Order
 from reports import services
 from reports.models import Report
-from tests.factories import OrderFactory, ProductFactory
+from tests.factories import OrderFactory, ProductFactory, ReportFactory
 
 from .conftest import csv_rows
 
@@ -201,7 +201,7 @@ def test_sql_looking_sku_is_a_literal_that_matches_nothing(user, shop):
 
 def test_shopper_report_stays_restricted_even_with_an_owner_filter_stored(user, other_user, shop):
     # Filters are checked at request time; should a stored one name someone else, the owner rule still holds.
-    report = Report.objects.create(owner=user, kind="sales", filters={"owner": other_user.username})
+    report = ReportFactory(owner=user, kind="sales", filters={"owner": other_user.username})
 
     services.generate_report(report_id=report.pk)
 
@@ -210,8 +210,8 @@ def test_shopper_report_stays_restricted_even_with_an_owner_filter_stored(user, 
 
 
 def test_staff_sees_every_report_others_only_their_own(user, other_user, staff):
-    mine = Report.objects.create(owner=user)
-    theirs = Report.objects.create(owner=other_user)
+    mine = ReportFactory(owner=user)
+    theirs = ReportFactory(owner=other_user)
 
     assert list(services.reports_visible_to(user)) == [mine]
     assert set(services.reports_visible_to(staff)) == {mine, theirs}

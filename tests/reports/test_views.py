@@ -5,7 +5,7 @@ from django.test import Client
 
 from reports import services
 from reports.models import Report
-from tests.factories import OrderFactory, UserFactory
+from tests.factories import OrderFactory, ReportFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -31,8 +31,8 @@ def test_page_needs_sign_in(client):
 
 
 def test_page_shows_the_form_my_reports_and_the_live_status_script(client_of, user, other_user):
-    mine = Report.objects.create(owner=user, status="running", progress=30, filters={"sku": "MUG-001"})
-    theirs = Report.objects.create(owner=other_user)
+    mine = ReportFactory(owner=user, status="running", progress=30, filters={"sku": "MUG-001"})
+    theirs = ReportFactory(owner=other_user)
 
     response = client_of(user).get(PAGE)
 
@@ -122,7 +122,7 @@ def test_another_user_gets_a_404_and_staff_may_download(client_of, other_user, s
 
 
 def test_unfinished_report_download_is_a_404(client_of, user):
-    report = Report.objects.create(owner=user)
+    report = ReportFactory(owner=user)
 
     assert client_of(user).get(f"/reports/{report.pk}/download/").status_code == 404
 

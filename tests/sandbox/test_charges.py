@@ -1,6 +1,5 @@
-import threading
-
 from sandbox.signing import parse_header, verify
+from tests.concurrency import run_concurrently
 from tests.sandbox_fixtures import WEBHOOK_SECRET
 
 
@@ -54,18 +53,8 @@ def test_keys_of_charges_and_shipments_are_separate(sandbox):
 
 def test_concurrent_requests_with_one_key_make_one_charge_and_get_409(sandbox):
     sandbox.set_faults(latency_ms=400)
-    barrier = threading.Barrier(6)
-    statuses = []
 
-    def charge():
-        barrier.wait()
-        statuses.append(sandbox.charge(key="order-5", reference="order-5").status_code)
-
-    threads = [threading.Thread(target=charge) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    statuses = run_concurrently(6, lambda i: sandbox.charge(key="order-5", reference="order-5").status_code)
 
     assert sorted(statuses) == [201] + [409] * 5
     assert len(sandbox.charges(reference="order-5")) == 1
@@ -76,18 +65,7 @@ def test_concurrent_requests_with_one_key_make_one_charge_and_get_409(sandbox):
 
 
 def test_concurrent_requests_with_different_keys_all_charge(sandbox):
-    barrier = threading.Barrier(8)
-    statuses = []
-
-    def charge(index):
-        barrier.wait()
-        statuses.append(sandbox.charge(key=f"sub-1-{index}", reference=f"sub-1-{index}").status_code)
-
-    threads = [threading.Thread(target=charge, args=(index,)) for index in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    statuses = run_concurrently(8, lambda i: sandbox.charge(key=f"sub-1-{i}", reference=f"sub-1-{i}").status_code)
 
     assert statuses == [201] * 8
     assert sandbox.summary()["charges"]["by_status"]["succeeded"] == 8

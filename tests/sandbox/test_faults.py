@@ -1,8 +1,7 @@
-import threading
-
 import pytest
 import requests
 
+from tests.concurrency import run_concurrently
 from tests.sandbox_fixtures import SandboxClient, SandboxProcess
 
 
@@ -38,18 +37,8 @@ def test_fail_next_fails_exactly_n_requests_then_succeeds(sandbox):
 
 def test_fail_next_is_exact_under_concurrency(sandbox):
     sandbox.set_faults(fail_next=5)
-    barrier = threading.Barrier(10)
-    statuses = []
 
-    def charge(index):
-        barrier.wait()
-        statuses.append(sandbox.charge(key=f"k-{index}", reference=f"r-{index}").status_code)
-
-    threads = [threading.Thread(target=charge, args=(index,)) for index in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    statuses = run_concurrently(10, lambda i: sandbox.charge(key=f"k-{i}", reference=f"r-{i}").status_code)
 
     assert sorted(statuses) == [201] * 5 + [503] * 5
     assert sandbox.summary()["charges"]["total"] == 5
@@ -115,19 +104,8 @@ def test_ledger_and_faults_survive_a_restart_and_workers_share_them(tmp_path):
         client = SandboxClient(first.url)
         charge = client.charge(key="order-1", reference="order-1").json()
         client.set_faults(fail_next=5, decline_rate=0.5)
-        barrier = threading.Barrier(4)
-        statuses = []
-
-        def fail(index):
-            barrier.wait()
-            statuses.append(client.charge(key=f"k{index}", reference=f"r{index}").status_code)
-
         # Concurrent requests land on both workers; the counter lives in the database, so it stays exact.
-        threads = [threading.Thread(target=fail, args=(index,)) for index in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        statuses = run_concurrently(4, lambda i: client.charge(key=f"k{i}", reference=f"r{i}").status_code)
         assert statuses == [503] * 4
     finally:
         first.stop()

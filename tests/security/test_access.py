@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from datetime import date
 
 import pytest
 import requests
@@ -22,10 +21,10 @@ from django.urls import URLPattern, URLResolver, get_resolver
 
 from orders.models import Order
 from orders.services import issue_api_token
-from payments.models import Plan, Subscription, WebhookEvent
+from payments.models import Subscription, WebhookEvent
 from project.api import api
 from reports.models import Report
-from tests.factories import OrderFactory, UserFactory
+from tests.factories import OrderFactory, ReportFactory, SubscriptionFactory, UserFactory
 from tests.stack import REPO_ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.django_db
@@ -47,13 +46,11 @@ def make_order(owner) -> Order:
 
 
 def make_subscription(owner) -> Subscription:
-    plan, _ = Plan.objects.get_or_create(code="access-basic", defaults={"name": "Basic", "price": "5.00"})
-    today = date.today()
-    return Subscription.objects.create(owner=owner, plan=plan, current_period_start=today, current_period_end=today)
+    return SubscriptionFactory(owner=owner, plan__code="access-basic", plan__name="Basic", plan__price="5.00")
 
 
 def make_report(owner) -> Report:
-    report = Report.objects.create(owner=owner, status=Report.Status.DONE, progress=100)
+    report = ReportFactory(owner=owner, status=Report.Status.DONE, progress=100)
     report.file.save(f"access-{report.pk}.csv", ContentFile(b"sku,quantity\r\n"), save=True)
     return report
 

@@ -1,10 +1,9 @@
-import re
-from datetime import UTC, datetime, timedelta
+from argparse import ArgumentParser
+from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError
-from django.utils import timezone
-from django.utils.dateparse import parse_datetime
+from django.core.management.base import BaseCommand
 
+from core.cli import parse_since
 from ops.services import (
     NotRequeueable,
     queue_for,
@@ -13,32 +12,18 @@ from ops.services import (
     requeueable_failed_tasks,
 )
 
-DURATION = re.compile(r"^(\d+)([smhd])$")
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
-
-
-def parse_since(value: str) -> datetime:
-    """An ISO datetime (UTC when it has no offset), or a duration back from now: 45s, 30m, 2h, 1d."""
-    if match := DURATION.match(value.strip()):
-        return timezone.now() - timedelta(**{UNITS[match.group(2)]: int(match.group(1))})
-    try:
-        parsed = parse_datetime(value.strip())
-    except ValueError:
-        parsed = None
-    if parsed is None:
-        raise CommandError(f"--since {value!r}: give an ISO datetime (2025-01-31T08:00) or a duration (30m, 2h, 1d)")
-    return parsed if timezone.is_aware(parsed) else parsed.replace(tzinfo=UTC)
-
 
 class Command(BaseCommand):
     help = "Requeue unresolved dead letters (FailedTask) onto the queues their tasks are routed to, oldest first."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--task", metavar="NAME", help="only this task name, e.g. orders.tasks.process_order")
         parser.add_argument("--since", metavar="WHEN", help="only failures at or after WHEN: ISO datetime or 30m/2h/1d")
         parser.add_argument("--dry-run", action="store_true", help="print what would be requeued, change nothing")
 
-    def handle(self, *args, task=None, since=None, dry_run=False, **options):
+    def handle(
+        self, *args: Any, task: str | None = None, since: str | None = None, dry_run: bool = False, **options: Any
+    ) -> None:
         failures = requeueable_failed_tasks(task_name=task, since=parse_since(since) if since else None)
         requeued = 0
         for failed in list(failures):

@@ -1,5 +1,6 @@
 import os
 from decimal import Decimal
+from typing import Any
 
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
@@ -31,7 +32,7 @@ class Command(BaseCommand):
     help = "Create demo products, a demo shopper and a staff user. Safe to run twice."
 
     @transaction.atomic
-    def handle(self, *args, **options):
+    def handle(self, *args: Any, **options: Any) -> None:
         for sku, name, price, stock in DEMO_PRODUCTS:
             Product.objects.get_or_create(sku=sku, defaults={"name": name, "price": price, "stock": stock})
         for code, name, price, interval in DEMO_PLANS:

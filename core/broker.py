@@ -19,12 +19,25 @@ The worker drops the messages it held but was not running (prefetched, or waitin
 retry's countdown) when the connection went (celery.worker.consumer.Consumer.on_close).
 Those are put back on their queues as soon as the worker consumes again over the new
 connection, instead of waiting for the visibility timeout.
+
+The filesystem transport (`make run` without REDIS_URL) gets one fix too: kombu writes a
+message file under its final name and a consumer polling the folder can take it before the
+bytes are in (an empty or partial read: a JSON error, the message lost). Here the file is
+written under a name no consumer matches and renamed into place, which is atomic.
 """
 
 import logging
+import os
+import uuid
+from collections import OrderedDict
+from time import monotonic
+from typing import Any, cast
 
 import redis as redis_py
-from kombu.transport import redis
+from kombu.exceptions import ChannelError
+from kombu.transport import filesystem, redis
+from kombu.utils.encoding import str_to_bytes
+from kombu.utils.json import dumps
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +58,22 @@ def _running_delivery_tags() -> set[str]:
 
 
 class QoS(redis.QoS):
+    # Narrower than kombu-stubs says: this transport's channel, and `_delivered` is set in __init__.
+    channel: "Channel"
+    _delivered: OrderedDict[str, Any]
+
     def _channel_closed(self) -> bool:
         return self.channel.connection is None
 
     def _fresh_client(self) -> redis_py.Redis:
         return redis_py.Redis(**self.channel.fresh_connection_params, socket_timeout=5, socket_connect_timeout=5)
 
-    def _settle_on_fresh_connection(self, what: str, delivery_tag) -> None:
+    def _settle_on_fresh_connection(self, what: str, delivery_tag: str) -> None:
         try:
             client = self._fresh_client()
             try:
-                self._remove_from_indices(delivery_tag, pipe=client.pipeline()).execute()
+                # kombu-stubs leave out this method of kombu's Redis QoS.
+                self._remove_from_indices(delivery_tag, pipe=client.pipeline()).execute()  # type: ignore[attr-defined]
             finally:
                 client.close()
         except redis_py.RedisError as exc:
@@ -72,12 +90,12 @@ class QoS(redis.QoS):
             )
         self._delivered.pop(delivery_tag, None)
 
-    def ack(self, delivery_tag):
+    def ack(self, delivery_tag: str) -> None:
         if self._channel_closed():
             return self._settle_on_fresh_connection("ack", delivery_tag)
         return super().ack(delivery_tag)
 
-    def reject(self, delivery_tag, requeue=False):
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         if self._channel_closed():
             if requeue:
                 # Putting it back needs the closed channel's exchange table: leave it in the unacked
@@ -88,10 +106,11 @@ class QoS(redis.QoS):
             return self._settle_on_fresh_connection("reject", delivery_tag)
         return super().reject(delivery_tag, requeue=requeue)
 
-    def restore_unacked(self, client=None):
+    def restore_unacked(self, client: Any | None = None) -> None:
+        lost: tuple[type[BaseException], ...] = (AttributeError, *self.channel.connection_errors)
         try:
             return super().restore_unacked(client)
-        except (AttributeError, *self.channel.connection_errors) as exc:
+        except lost as exc:
             logger.warning(
                 "broker connection lost: %d unacknowledged message(s) not restored now; running tasks finish and "
                 "are acknowledged over a new connection, the others are restored once the worker reconnects (%r)",
@@ -105,20 +124,22 @@ class QoS(redis.QoS):
 
 class Channel(redis.Channel):
     QoS = QoS
+    connection_errors: tuple[type[BaseException], ...]  # set by kombu's Channel.__init__; not in kombu-stubs
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Kept while the connection is alive: a late ack after the connection is gone needs it.
         conninfo = self.connection.client
+        assert conninfo is not None  # a channel is opened on a live connection
         self.fresh_connection_params = {
             "host": conninfo.hostname or "127.0.0.1",
             "port": conninfo.port or self.connection.default_port,
-            "db": self._prepare_virtual_host(conninfo.virtual_host),
+            "db": self._prepare_virtual_host(conninfo.virtual_host),  # type: ignore[attr-defined]  # not in kombu-stubs
             "username": conninfo.userid,
             "password": conninfo.password,
         }
 
-    def basic_consume(self, queue, *args, **kwargs):
+    def basic_consume(self, queue: str, *args: Any, **kwargs: Any) -> Any:
         result = super().basic_consume(queue, *args, **kwargs)
         # Consuming again after a lost connection: the exchanges are declared by now, so a restored
         # message reaches its queue (not kombu's dead-letter queue for unroutable messages).
@@ -130,10 +151,29 @@ class Channel(redis.Channel):
         held = _orphaned - _running_delivery_tags()
         _orphaned.clear()
         for tag in held:
-            self.qos.restore_by_tag(tag, leftmost=True)
+            cast(QoS, self.qos).restore_by_tag(tag, leftmost=True)
         if held:
             logger.info("restored %d message(s) held when the broker connection was lost", len(held))
 
 
 class RedisTransport(redis.Transport):
     Channel = Channel
+
+
+class FilesystemChannel(filesystem.Channel):
+    def _put(self, queue: str, payload: dict[str, Any], **kwargs: Any) -> None:  # type: ignore[override]  # as kombu's own
+        """Put a message on `queue` whole: written under a `.part` name (no consumer matches it), then renamed."""
+        # kombu's own name, which orders the folder by time of writing.
+        name = f"{round(monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        partial = f"{final}.part"
+        try:
+            with open(partial, "wb") as f:
+                f.write(str_to_bytes(dumps(payload)))
+            os.replace(partial, final)
+        except OSError as exc:
+            raise ChannelError(f"Cannot add file {final!r} to directory") from exc
+
+
+class FilesystemTransport(filesystem.Transport):
+    Channel = FilesystemChannel
