@@ -9,7 +9,7 @@ FROM python:3.11-slim-bookworm AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    DJANGO_SETTINGS_MODULE=project.settings.base \
+    DJANGO_SETTINGS_MODULE=config.settings.base \
     VAR_DIR=/app/var
 RUN groupadd --system app && useradd --system --gid app --home-dir /app --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
@@ -20,4 +20,4 @@ RUN SECRET_KEY=build-only-$(python -c "print('x'*60)") WEBHOOK_SECRET=build-only
     python manage.py collectstatic --noinput -v 0 && mkdir -p /app/var/media /app/var/sandbox /app/var/metrics && chown -R app:app /app/var /app/staticfiles
 USER app
 EXPOSE 8000
-CMD ["gunicorn", "project.wsgi", "-c", "project/gunicorn.conf.py"]
+CMD ["gunicorn", "config.wsgi", "-c", "config/gunicorn.conf.py"]

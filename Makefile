@@ -27,15 +27,15 @@ WEB_PORT ?= 8000
 FLOWER_PORT ?= 5555
 SANDBOX_PORT ?= 8100
 
-# Runs web, three workers, beat, Flower and the sandbox provider (project/procfile.py, one line of the
+# Runs web, three workers, beat, Flower and the sandbox provider (config/procfile.py, one line of the
 # Procfile each); Ctrl-C stops them all with a warm shutdown.
 # Without DATABASE_URL/REDIS_URL: SQLite in var/ and the filesystem broker in var/broker (wiped here).
 # Emails are files in var/emails/. Flower starts once the workers listen, so its first inspection
 # reaches them (on Redis a broadcast sent before a worker subscribes is lost).
 # Metrics: every process starts with PROMETHEUS_MULTIPROC_DIR set (ops/metrics.py); var/metrics is wiped here.
 # var/run.env records the settings chosen here, so `.venv/bin/python manage.py ...` and
-# `.venv/bin/celery -A project ...` in another terminal reach the same database and broker
-# (project/settings/base.py reads it; real environment variables win over it).
+# `.venv/bin/celery -A config ...` in another terminal reach the same database and broker
+# (config/settings/env.py reads it; real environment variables win over it).
 # The sandbox keeps one ledger per shop database: a fresh database reuses order ids, and
 # with them the provider's idempotency keys (order-1, ...).
 run: $(VENV)/.runtime
@@ -49,7 +49,7 @@ run: $(VENV)/.runtime
 	  GUNICORN_BIND=$(ADDRESS):$(WEB_PORT) FLOWER_ADDRESS=$(ADDRESS) SANDBOX_HOST=$(ADDRESS) SANDBOX_PORT=$(SANDBOX_PORT) \
 	  SHOP_WEBHOOK_URL=$${SHOP_WEBHOOK_URL:-http://127.0.0.1:$(WEB_PORT)/payments/webhooks/provider/} \
 	  SANDBOX_DB=$${SANDBOX_DB:-$(VAR_DIR)/sandbox-$$(printf %s "$$DATABASE_URL" | cksum | cut -d" " -f1).sqlite3} && \
-	  ( umask 077 && printf '%s\n' "# Written by make run; read by project/settings/base.py for what the environment leaves unset." \
+	  ( umask 077 && printf '%s\n' "# Written by make run; read by config/settings/env.py for what the environment leaves unset." \
 	      "DEBUG=$$DEBUG" "DATABASE_URL=$$DATABASE_URL" "REDIS_URL=$$REDIS_URL" "EMAIL_URL=$$EMAIL_URL" \
 	      "PAYMENT_PROVIDER_URL=$$PAYMENT_PROVIDER_URL" "VAR_DIR=$$VAR_DIR" "SHOP_WEBHOOK_URL=$$SHOP_WEBHOOK_URL" \
 	      "SANDBOX_DB=$$SANDBOX_DB" $${SECRET_KEY:+"SECRET_KEY=$$SECRET_KEY"} \
@@ -58,7 +58,7 @@ run: $(VENV)/.runtime
 	  python manage.py collectstatic --noinput -v 0 && \
 	  python manage.py seed_demo && \
 	  echo "Shop: http://127.0.0.1:$(WEB_PORT)/   Flower: http://127.0.0.1:$(FLOWER_PORT)/   Sandbox provider: http://127.0.0.1:$(SANDBOX_PORT)/v1/faults" && \
-	  exec python -m project.procfile --append flower=--port=$(FLOWER_PORT) \
+	  exec python -m config.procfile --append flower=--port=$(FLOWER_PORT) \
 	    --after flower=worker-critical,worker-bulk,worker-default Procfile
 
 # Lint first (ruff, mypy, the import contracts: the apps' import graph is a tree), then the suite.

@@ -1,6 +1,6 @@
 """The order API's ceiling: a bare Django view doing one INSERT, served like the shop.
 
-    gunicorn bench.ceiling_wsgi -c project/gunicorn.conf.py
+    gunicorn bench.ceiling_wsgi -c config/gunicorn.conf.py
 
 The project's settings, middleware and database connection handling, and the same gunicorn
 configuration, with a URL conf of one view: `POST /insert/` runs a single INSERT of the
@@ -13,7 +13,7 @@ import os
 
 from django.core.wsgi import get_wsgi_application
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings.base")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
 from django.conf import settings  # noqa: E402 (after the settings module is named)
 from django.db import connection  # noqa: E402

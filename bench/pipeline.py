@@ -2,7 +2,7 @@
 
     python -m bench.pipeline [--quick] [--max-wait SECONDS] [--results DIR]
 
-Starts the Procfile's processes (gunicorn with project/gunicorn.conf.py, the critical, bulk
+Starts the Procfile's processes (gunicorn with config/gunicorn.conf.py, the critical, bulk
 and default workers, the sandbox without faults; no beat) on a PostgreSQL database of its
 own (`bench_shop`, created, migrated and dropped here) and a private redis-server, then:
 
@@ -253,11 +253,11 @@ class Stack:
         self._wait_http(f"{url}/healthz", "the sandbox")
         return url
 
-    def start_web(self, *, app: str = "project.wsgi", port: int | None = None) -> tuple[str, subprocess.Popen]:
-        """gunicorn with project/gunicorn.conf.py serving `app`; returns its base URL once it answers."""
+    def start_web(self, *, app: str = "config.wsgi", port: int | None = None) -> tuple[str, subprocess.Popen]:
+        """gunicorn with config/gunicorn.conf.py serving `app`; returns its base URL once it answers."""
         port = port or self.web_port
         env = {**self.env, "GUNICORN_BIND": f"127.0.0.1:{port}"}
-        command = [app if word == "project.wsgi" else word for word in procfile_command("web", env)]
+        command = [app if word == "config.wsgi" else word for word in procfile_command("web", env)]
         process = self.processes.spawn(f"web-{app}", command, env)
         url = f"http://127.0.0.1:{port}"
         self._wait_http(f"{url}/healthz", f"gunicorn {app}")
@@ -686,7 +686,7 @@ def configure(workdir: Path) -> dict[str, str]:
     }
     env = {
         **inherited,
-        "DJANGO_SETTINGS_MODULE": "project.settings.base",
+        "DJANGO_SETTINGS_MODULE": "config.settings.base",
         "DEBUG": "false",
         "SECRET_KEY": "bench-only-" + "k" * 60,
         "WEBHOOK_SECRET": "bench-only-webhook-secret",
@@ -783,7 +783,7 @@ def measure(stack: Stack, broker, make_order, sizes: Sizes, quiet: dict) -> dict
         "machine": {**machine(), **quiet},
         "setup": {
             "client_threads": CLIENT_THREADS,
-            "web": "gunicorn project.wsgi -c project/gunicorn.conf.py (ceiling: bench.ceiling_wsgi)",
+            "web": "gunicorn config.wsgi -c config/gunicorn.conf.py (ceiling: bench.ceiling_wsgi)",
             "workers": {name: " ".join(procfile_command(name, {})[2:]) for name in WORKERS},
             "sizes": sizes.__dict__,
         },

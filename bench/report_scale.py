@@ -3,7 +3,7 @@
     python bench/report_scale.py [--lines 250000] [--formats csv,xlsx]
 
 Fills a PostgreSQL database of its own with order lines (COPY; kept between runs when
-the count already matches), starts `celery -A project worker -Q bulk -c 2` (prefork, the
+the count already matches), starts `celery -A config worker -Q bulk -c 2` (prefork, the
 default time limits of production settings), requests one staff report over every line
 per format, all at once, and samples each pool process's resident memory from /proc
 (VmRSS every 50 ms, and VmHWM, the kernel's own high-water mark) until every report
@@ -45,7 +45,7 @@ SAMPLE_SECONDS = 0.05
 def configure(media_root: Path) -> dict[str, str]:
     """The environment of this process and the worker: production settings on the bench's database and broker."""
     env = {
-        "DJANGO_SETTINGS_MODULE": "project.settings.base",
+        "DJANGO_SETTINGS_MODULE": "config.settings.base",
         "DEBUG": "false",
         "SECRET_KEY": "bench-only-" + "b" * 60,
         "WEBHOOK_SECRET": "bench-only-webhook-secret",
@@ -299,7 +299,7 @@ def main() -> int:
         "benchmark": "report_scale",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "order_lines": args.lines,
-        "worker": "celery -A project worker -Q bulk -c 2 --pool prefork",
+        "worker": "celery -A config worker -Q bulk -c 2 --pool prefork",
         "limits": limits,
         "memory_limit_mb": MEMORY_LIMIT_MB,
         "machine": machine(),

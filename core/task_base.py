@@ -1,7 +1,7 @@
 """What every task shares: the base class with the one retry policy, the transient errors, and queue time limits.
 
 At the bottom of the import graph (core imports no app): every app's tasks build on it, and the
-Celery application (project/celery.py) installs it as the task class.
+Celery application (config/celery.py) installs it as the task class.
 """
 
 from fnmatch import fnmatch

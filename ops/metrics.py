@@ -7,7 +7,7 @@ values to files in prometheus_client's multiprocess directory and one reader sum
 them (https://prometheus.github.io/client_python/multiprocess/):
 
 - web: gunicorn's master gives its workers `<PROMETHEUS_MULTIPROC_DIR>/web`, emptied
-  at start (project/gunicorn.conf.py); `/metrics` (ops.views.metrics) sums it.
+  at start (config/gunicorn.conf.py); `/metrics` (ops.views.metrics) sums it.
 - worker: the parent process takes `<PROMETHEUS_MULTIPROC_DIR>/<node name>`, empties
   it before the pool forks, and serves the sum on its own port (`worker_init` below).
 

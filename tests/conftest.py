@@ -57,8 +57,8 @@ def payment_provider(sandbox_process):
 @pytest.fixture
 def broker():
     """The test broker, emptied, with this process publishing to it for real (eager mode off)."""
+    from config.celery import app
     from core import outbox
-    from project.celery import app
 
     client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
     client.flushdb()

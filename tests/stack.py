@@ -89,9 +89,9 @@ class RedisServer:
 def worker_command(
     *queues: str, name: str, concurrency: int = 1, pool: str | None = None, options: Sequence[str] = ()
 ) -> list[str]:
-    """The Procfile's worker line: `celery -A project worker` on `queues`, node name `<name>@host`."""
+    """The Procfile's worker line: `celery -A config worker` on `queues`, node name `<name>@host`."""
     return [
-        sys.executable, "-m", "celery", "-A", "project", "worker",
+        sys.executable, "-m", "celery", "-A", "config", "worker",
         "-Q", ",".join(queues), "-c", str(concurrency),
         *(["--pool", pool] if pool else []),
         "-n", f"{name}@%h", "--loglevel=INFO", *options,
@@ -194,7 +194,7 @@ class Processes:
         port = port or free_port()
         self.spawn(
             "web",
-            [sys.executable, "-m", "gunicorn", "project.wsgi", "-c", "project/gunicorn.conf.py"],
+            [sys.executable, "-m", "gunicorn", "config.wsgi", "-c", "config/gunicorn.conf.py"],
             {**env, "GUNICORN_BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(workers)},
         )
         base = f"http://127.0.0.1:{port}"
@@ -215,7 +215,7 @@ class Processes:
 
     def beat(self, env: dict) -> subprocess.Popen:
         schedule = self.log_dir / f"beat-schedule-{len(self.started)}"
-        return self.spawn("beat", [sys.executable, "-m", "celery", "-A", "project", "beat", "-s", str(schedule)], env)
+        return self.spawn("beat", [sys.executable, "-m", "celery", "-A", "config", "beat", "-s", str(schedule)], env)
 
     def logs(self) -> str:
         paths = sorted(self.log_dir.glob("*.log"))
@@ -287,7 +287,7 @@ class PostgresServer:
 @contextlib.contextmanager
 def unreachable_broker():
     """Publishing from this process goes to a port where nothing listens, as when Redis is down."""
-    from project.celery import app
+    from config.celery import app
 
     saved_conf = {key: app.conf[key] for key in ("task_always_eager", "broker_url")}
     saved_pools = (app._pool, app.amqp._producer_pool)

@@ -9,7 +9,7 @@ from core.broker import QoS, RedisTransport
 
 
 def test_redis_urls_use_the_patched_transport():
-    from project.celery import app
+    from config.celery import app
 
     connection = app.connection_for_write()
     assert isinstance(connection.transport, RedisTransport)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from django.conf import settings
 
-from project.celery import app
+from config.celery import app
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 APPS = ("core.", "orders.", "payments.", "notifications.", "reports.")

@@ -58,7 +58,7 @@ def live_stack(request, django_db_setup, django_db_blocker, payment_provider, tm
         db_url = database_url(connection.settings_dict)
     env = {
         **os.environ,
-        "DJANGO_SETTINGS_MODULE": "project.settings.base",
+        "DJANGO_SETTINGS_MODULE": "config.settings.base",
         "DEBUG": "false",
         "SECRET_KEY": "browser-tests-only-" + "b" * 60,
         "WEBHOOK_SECRET": settings.WEBHOOK_SECRET,

@@ -8,10 +8,10 @@ import pytest
 from django.db import transaction
 from django.utils import timezone
 
+from config.celery import app
 from core import outbox
 from core.models import OutboxItem
 from ops.models import FailedTask
-from project.celery import app
 from tests.factories import FailedTaskFactory, OutboxItemFactory
 from tests.stack import unreachable_broker
 

@@ -1,6 +1,6 @@
 """Real Celery worker processes, started with the Procfile's command, against the test database and broker.
 
-`start_worker("critical")` starts `celery -A project worker -Q critical ...` on the
+`start_worker("critical")` starts `celery -A config worker -Q critical ...` on the
 pytest database and the test Redis database, waits until it is ready, and stops it
 (SIGTERM, then SIGKILL) when the test ends. A failing test shows each worker's log.
 Tests that use it need `pytest.mark.django_db(transaction=True)`: the worker only
@@ -35,7 +35,7 @@ def worker_env(django_db_setup, payment_provider) -> dict[str, str]:
     """Production settings, pointed at the pytest database, the test broker and the session's sandbox."""
     env = dict(os.environ)
     env.update(
-        DJANGO_SETTINGS_MODULE="project.settings.base",
+        DJANGO_SETTINGS_MODULE="config.settings.base",
         DEBUG="false",
         SECRET_KEY="e2e-worker-only-" + "s" * 60,
         DATABASE_URL=database_url(connection.settings_dict),

@@ -4,8 +4,8 @@ The worker loads this module through DJANGO_SETTINGS_MODULE, so the misbehaving 
 (tests/reports/fault_kinds.py) exist only in that test process; project settings never name them.
 """
 
-from project.settings.base import *  # noqa: F403
-from project.settings.base import REPORT_KINDS
+from config.settings.base import *  # noqa: F403
+from config.settings.base import REPORT_KINDS
 
 REPORT_KINDS = {
     **REPORT_KINDS,

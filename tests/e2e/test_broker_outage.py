@@ -11,10 +11,10 @@ import time
 import pytest
 import requests
 
+from config.celery import app
 from core.models import OutboxItem
 from orders.models import Order
 from orders.services import issue_api_token, place_order
-from project.celery import app
 from tests.factories import ProductFactory, UserFactory
 from tests.stack import RedisServer, wait_for
 

@@ -18,7 +18,7 @@ import yaml
 from django.conf import settings
 from django.test import override_settings
 
-from project.beat import HEARTBEAT_SECONDS, HeartbeatScheduler
+from config.beat import HEARTBEAT_SECONDS, HeartbeatScheduler
 from tests.compose.checkout import copy_working_tree, read_dotenv
 from tests.compose.engine import compose_binary
 from tests.stack import REPO_ROOT
@@ -251,7 +251,7 @@ def test_beat_touches_its_heartbeat_at_every_tick_and_ticks_often_enough(tmp_pat
         scheduler.close()
     heartbeat = Path(f"{schedule}.heartbeat")
     assert heartbeat.exists() and time.time() - heartbeat.stat().st_mtime < 5
-    assert settings.CELERY_BEAT_SCHEDULER == "project.beat:HeartbeatScheduler"
+    assert settings.CELERY_BEAT_SCHEDULER == "config.beat:HeartbeatScheduler"
     # The healthcheck's threshold leaves room for a few missed ticks.
     assert HEARTBEAT_SECONDS * 3 < 60
 

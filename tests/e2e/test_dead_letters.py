@@ -16,11 +16,11 @@ import pytest
 from django.conf import settings
 from django.db import transaction
 
+from config.celery import app
 from core import outbox
 from core.models import OutboxItem
 from ops.models import FailedTask
 from orders.models import Product
-from project.celery import app
 from tests.e2e import deadletter_tasks as tasks
 from tests.stack import wait_for
 

@@ -6,8 +6,8 @@ import time
 import pytest
 import requests
 
+from config.celery import app
 from orders.services import place_order
-from project.celery import app
 from tests.factories import ProductFactory, UserFactory
 from tests.stack import free_port, http_ok, wait_for
 
@@ -22,7 +22,7 @@ def test_flower_shows_every_queue_and_the_tasks_workers_report(processes, start_
     port = free_port()
     processes.spawn(
         "flower",
-        [sys.executable, "-m", "celery", "-A", "project", "flower", "--address=127.0.0.1", f"--port={port}"],
+        [sys.executable, "-m", "celery", "-A", "config", "flower", "--address=127.0.0.1", f"--port={port}"],
         {**worker_env, "FLOWER_BASIC_AUTH": ":".join(AUTH)},
     )
     base = f"http://127.0.0.1:{port}"

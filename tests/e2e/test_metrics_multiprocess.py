@@ -11,7 +11,7 @@ import requests
 from prometheus_client.mmap_dict import MmapedDict, mmap_key
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from project.celery import app
+from config.celery import app
 from tests.metrics import total
 from tests.stack import Processes, free_port, wait_for
 

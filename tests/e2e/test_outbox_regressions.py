@@ -21,6 +21,7 @@ import pytest
 import requests
 from django.db import transaction
 
+from config.celery import app
 from core.models import OutboxItem
 from notifications.models import Notification
 from notifications.services import notify
@@ -29,7 +30,6 @@ from ops.models import FailedTask
 from orders.models import Order, Product
 from orders.services import HOLD_MESSAGES, issue_api_token, place_order
 from payments.models import Payment, WebhookEvent
-from project.celery import app
 from reports.models import Report
 from tests.factories import OrderFactory, PaymentFactory, ProductFactory, UserFactory
 from tests.stack import RedisServer, free_port, wait_for

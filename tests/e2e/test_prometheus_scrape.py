@@ -7,7 +7,7 @@ import shutil
 import pytest
 import requests
 
-from project.celery import app
+from config.celery import app
 from tests.metrics import dashboard_exprs
 from tests.stack import Processes, free_port, wait_for
 

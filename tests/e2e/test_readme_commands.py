@@ -28,7 +28,7 @@ pytestmark = pytest.mark.worker
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SKIP_MARK = "<!-- readme-commands: skip"
-# The runner's grace period (project/procfile.py): every process must be gone well within it.
+# The runner's grace period (config/procfile.py): every process must be gone well within it.
 GRACE_SECONDS = 30
 WORKERS = ("critical", "bulk", "default")
 

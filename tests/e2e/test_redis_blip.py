@@ -18,12 +18,12 @@ import time
 import pytest
 import redis
 
+from config.celery import app
 from core.models import OutboxItem
 from ops.models import FailedTask
 from orders.models import Order, OrderEvent
 from orders.services import place_order
 from payments.models import Payment
-from project.celery import app
 from tests.factories import ProductFactory, UserFactory
 from tests.stack import RedisServer, wait_for
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from config.celery import app
 from orders.models import Order, OrderEvent
 from orders.services import place_order
-from project.celery import app
 from tests.factories import ProductFactory, UserFactory
 from tests.stack import wait_for
 

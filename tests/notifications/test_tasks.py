@@ -6,9 +6,9 @@ import pytest
 from django.core import mail
 from django.db import InterfaceError, OperationalError
 
+from config.celery import app
 from notifications import tasks
 from notifications.models import Notification
-from project.celery import app
 from tests.factories import NotificationFactory
 
 pytestmark = pytest.mark.django_db

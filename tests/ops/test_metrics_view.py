@@ -3,7 +3,7 @@
 import pytest
 from django.test import override_settings
 
-from project.celery import app
+from config.celery import app
 from tests.factories import FailedTaskFactory
 from tests.metrics import samples
 

@@ -19,10 +19,10 @@ from django.core.files.base import ContentFile
 from django.test import Client, override_settings
 from django.urls import URLPattern, URLResolver, get_resolver
 
+from config.api import api
 from orders.models import Order
 from orders.services import issue_api_token
 from payments.models import Subscription, WebhookEvent
-from project.api import api
 from reports.models import Report
 from tests.factories import OrderFactory, ReportFactory, SubscriptionFactory, UserFactory
 from tests.stack import REPO_ROOT, free_port, wait_for
@@ -301,7 +301,7 @@ def flower(tmp_path) -> Iterator[str]:
     port = free_port()
     env = {
         **os.environ,
-        "DJANGO_SETTINGS_MODULE": "project.settings.base",
+        "DJANGO_SETTINGS_MODULE": "config.settings.base",
         "DEBUG": "false",
         "SECRET_KEY": "flower-test-only-" + "f" * 60,
         "WEBHOOK_SECRET": settings.WEBHOOK_SECRET,
@@ -311,7 +311,7 @@ def flower(tmp_path) -> Iterator[str]:
     log_path = tmp_path / "flower.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "project", "flower", "--address=127.0.0.1", f"--port={port}"],
+            [sys.executable, "-m", "celery", "-A", "config", "flower", "--address=127.0.0.1", f"--port={port}"],
             cwd=REPO_ROOT,
             env=env,
             stdout=log,

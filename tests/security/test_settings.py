@@ -25,13 +25,13 @@ def env_example() -> dict[str, str]:
 
 
 def run_django(tmp_path: Path, argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    """A fresh interpreter on project.settings.base with only `env` set (not this test run's settings)."""
+    """A fresh interpreter on config.settings.base with only `env` set (not this test run's settings)."""
     clean = {
         "PATH": "/usr/bin:/bin",
         "LANG": "C.UTF-8",
         "HOME": str(tmp_path),
         "VAR_DIR": str(tmp_path / "var"),
-        "DJANGO_SETTINGS_MODULE": "project.settings.base",
+        "DJANGO_SETTINGS_MODULE": "config.settings.base",
         **env,
     }
     return subprocess.run(

@@ -1,4 +1,4 @@
-"""The Celery application: `celery -A project ...` finds `app` here.
+"""The Celery application: `celery -A config ...` finds `app` here.
 
 Configuration lives in Django settings under the CELERY_ namespace; the task class, the retry
 policy and the time limits every task shares are in core/task_base.py.
@@ -15,7 +15,7 @@ from kombu.transport import TRANSPORT_ALIASES
 
 from core.task_base import BaseTask, QueueTimeLimits
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "project.settings.base")
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
 # redis:// URLs get kombu's Redis transport with one fix (core/broker.py). Registered under
 # the alias rather than through broker_transport, so URLs keep their redis:// scheme (Flower reads it).
@@ -26,14 +26,14 @@ TRANSPORT_ALIASES["filesystem"] = "core.broker:FilesystemTransport"
 logger = logging.getLogger(__name__)
 
 
-app = Celery("project", task_cls=BaseTask)
+app = Celery("shop", task_cls=BaseTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.task_annotations = (QueueTimeLimits(),)
 app.autodiscover_tasks()
 
 
-@task_prerun.connect(dispatch_uid="project.celery.close_old_connections_before_task")
-@task_postrun.connect(dispatch_uid="project.celery.close_old_connections_after_task")
+@task_prerun.connect(dispatch_uid="config.celery.close_old_connections_before_task")
+@task_postrun.connect(dispatch_uid="config.celery.close_old_connections_after_task")
 def close_old_database_connections(task: Task[Any, Any] | None = None, **kwargs: Any) -> None:
     """Around each task, what Django does around each request: drop a connection past CONN_MAX_AGE or broken.
 

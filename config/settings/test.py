@@ -10,7 +10,7 @@ os.environ.setdefault("SECRET_KEY", "test-only-" + "k" * 60)
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/shop")
 os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("WEBHOOK_SECRET", "test-webhook-secret")
-# Never the settings of a `make run` in this checkout (var/run.env, project/settings/base.py).
+# Never the settings of a `make run` in this checkout (var/run.env, config/settings/env.py).
 os.environ.setdefault("RUN_ENV_FILE", "")
 
 from .base import *  # noqa: E402,F403

@@ -1,4 +1,4 @@
-"""Gunicorn configuration for the web process (`gunicorn project.wsgi -c project/gunicorn.conf.py`)."""
+"""Gunicorn configuration for the web process (`gunicorn config.wsgi -c config/gunicorn.conf.py`)."""
 
 import os
 import shutil

@@ -1,4 +1,4 @@
-"""`python -m project.procfile [--grace S] [--append NAME=ARGS] [--after NAME=OTHER,...] [PROCFILE]`: `make run`.
+"""`python -m config.procfile [--grace S] [--append NAME=ARGS] [--after NAME=OTHER,...] [PROCFILE]`: `make run`.
 
 Starts every line of the Procfile, prints their output prefixed with the process name, and on Ctrl-C
 (SIGINT) or SIGTERM stops them the way their own documentation asks: one SIGTERM to each line's main
@@ -161,7 +161,7 @@ def run(processes: dict[str, str], *, grace: float, after: dict[str, list[str]] 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m project.procfile", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m config.procfile", description=__doc__.splitlines()[0])
     parser.add_argument("procfile", nargs="?", default="Procfile", type=Path)
     parser.add_argument("--grace", type=float, default=DEFAULT_GRACE_SECONDS, help="seconds before SIGKILL")
     parser.add_argument(
