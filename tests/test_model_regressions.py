@@ -34,15 +34,32 @@ def deliver_event_of(sandbox, charge_id: str) -> None:
     payment_services.process_webhook(event_id=stored.pk)
 
 
-def test_staff_cannot_fail_an_order_the_provider_was_paid_for(sandbox):
-    # Given a confirmed order whose charge answer was lost: the provider charged, the shop did not hear it
+def an_order_whose_charge_fails(sandbox, fault: str = "fail_after_charge_next"):
+    """A confirmed order (2 x EUR 12.50) whose charge step failed: the provider charged and the answer was lost
+    (`fail_after_charge_next`), or the call never reached it (`fail_next`)."""
     product = ProductFactory(sku="MUG", price="12.50", stock=5)
     order = order_services.place_order(owner=UserFactory(), items=[("MUG", 2)])
     order_services.process_order(order_id=order.pk)
-    sandbox.set_faults(fail_after_charge_next=1)
+    sandbox.set_faults(**{fault: 1})
     with pytest.raises(ProviderUnavailable):
         order_services.charge_order(order_id=order.pk)
-    payment = Payment.objects.get(order=order)
+    return product, order, Payment.objects.get(order=order)
+
+
+def a_subscription_whose_first_charge_answer_was_lost(sandbox):
+    """A monthly subscription whose first period the provider charged, the answer lost on the way back."""
+    owner = UserFactory()
+    subscription = payment_services.subscribe(owner=owner, plan_code=PlanFactory(code="monthly").code)
+    period = subscription.current_period_start.isoformat()
+    sandbox.set_faults(fail_after_charge_next=1)
+    with pytest.raises(ProviderUnavailable):
+        payment_services.charge_subscription(subscription_id=subscription.pk, billing_period=period)
+    return owner, subscription, period, Payment.objects.get(subscription=subscription)
+
+
+def test_staff_cannot_fail_an_order_the_provider_was_paid_for(sandbox):
+    # Given a confirmed order whose charge answer was lost: the provider charged, the shop did not hear it
+    product, order, payment = an_order_whose_charge_fails(sandbox)
     [charge] = sandbox.charges(reference=payment.idempotency_key)
     # and the provider's webhook then recorded the payment as succeeded (the charge step has not applied it yet)
     deliver_event_of(sandbox, charge["id"])
@@ -66,12 +83,7 @@ def test_staff_cannot_fail_an_order_the_provider_was_paid_for(sandbox):
 
 def test_cancelling_while_a_charge_outcome_is_unknown_never_records_a_later_charge_as_a_plain_success(sandbox):
     # Given a subscription whose first charge reached the provider (it charged) but whose answer was lost,
-    owner = UserFactory()
-    subscription = payment_services.subscribe(owner=owner, plan_code=PlanFactory(code="monthly").code)
-    period = subscription.current_period_start.isoformat()
-    sandbox.set_faults(fail_after_charge_next=1)
-    with pytest.raises(ProviderUnavailable):
-        payment_services.charge_subscription(subscription_id=subscription.pk, billing_period=period)
+    owner, subscription, period, payment = a_subscription_whose_first_charge_answer_was_lost(sandbox)
     # and whose charge task then failed for good (retries spent: the outbox's work_failed, as the worker sends it)
     [item] = OutboxItem.objects.filter(task_name="payments.tasks.charge_subscription", args=[subscription.pk, period])
     failed, parked = outbox.finish_failed(task_id=str(item.task_id), reason="ProviderUnavailable: retries spent")
@@ -96,17 +108,6 @@ def test_cancelling_while_a_charge_outcome_is_unknown_never_records_a_later_char
     assert payment.status == Payment.Status.NEEDS_ATTENTION, payment.status
 
 
-def place_and_lose_the_charge_answer(sandbox, product_price: str = "12.50"):
-    """A confirmed order whose charge reached the provider (it charged) but whose answer was lost."""
-    product = ProductFactory(sku="MUG", price=product_price, stock=5)
-    order = order_services.place_order(owner=UserFactory(), items=[("MUG", 2)])
-    order_services.process_order(order_id=order.pk)
-    sandbox.set_faults(fail_after_charge_next=1)
-    with pytest.raises(ProviderUnavailable):
-        order_services.charge_order(order_id=order.pk)
-    return product, order, Payment.objects.get(order=order)
-
-
 def a_foreign_charge_under(sandbox, payment: Payment) -> str:
     """Someone else's charge of another amount, with our payment's key as its reference; its webhook is received."""
     response = sandbox.charge(
@@ -120,7 +121,7 @@ def a_foreign_charge_under(sandbox, payment: Payment) -> str:
 def test_a_charge_of_another_amount_under_our_reference_does_not_hide_our_own_charge_from_staff(sandbox):
     # Given an order whose own charge the provider made (answer lost), and a charge of another amount
     # under its reference whose webhook made the payment "mismatch" (needs attention)
-    product, order, payment = place_and_lose_the_charge_answer(sandbox)
+    product, order, payment = an_order_whose_charge_fails(sandbox)
     foreign = a_foreign_charge_under(sandbox, payment)
     payment.refresh_from_db()
     assert payment.status == Payment.Status.NEEDS_ATTENTION and payment.failure_reason.startswith("mismatch:")
@@ -143,13 +144,7 @@ def test_a_charge_of_another_amount_under_our_reference_does_not_hide_our_own_ch
 
 def test_staff_can_fail_an_order_whose_only_charge_under_its_reference_is_someone_elses(sandbox):
     # Given an order whose charge never reached the provider, and someone else's charge under its reference
-    product = ProductFactory(sku="MUG", price="12.50", stock=5)
-    order = order_services.place_order(owner=UserFactory(), items=[("MUG", 2)])
-    order_services.process_order(order_id=order.pk)
-    sandbox.set_faults(fail_next=1)
-    with pytest.raises(ProviderUnavailable):
-        order_services.charge_order(order_id=order.pk)
-    payment = Payment.objects.get(order=order)
+    product, order, payment = an_order_whose_charge_fails(sandbox, "fail_next")
     a_foreign_charge_under(sandbox, payment)
 
     # When staff give up on the held charge
@@ -167,7 +162,7 @@ def test_staff_can_fail_an_order_whose_only_charge_under_its_reference_is_someon
 
 def test_our_own_charge_arriving_after_a_foreign_one_under_its_reference_pays_the_order(sandbox):
     # Given an order whose charge answer was lost, and a foreign charge under its reference received first
-    product, order, payment = place_and_lose_the_charge_answer(sandbox)
+    product, order, payment = an_order_whose_charge_fails(sandbox)
     a_foreign_charge_under(sandbox, payment)
     payment.refresh_from_db()
     assert payment.failure_reason.startswith("mismatch:")
@@ -190,13 +185,7 @@ def test_our_own_charge_arriving_after_a_foreign_one_under_its_reference_pays_th
 
 def test_cancelling_a_subscription_whose_charge_met_a_foreign_one_voids_it(sandbox):
     # Given a subscription whose first charge's answer was lost, and a foreign charge under its reference
-    owner = UserFactory()
-    subscription = payment_services.subscribe(owner=owner, plan_code=PlanFactory(code="monthly").code)
-    period = subscription.current_period_start.isoformat()
-    sandbox.set_faults(fail_after_charge_next=1)
-    with pytest.raises(ProviderUnavailable):
-        payment_services.charge_subscription(subscription_id=subscription.pk, billing_period=period)
-    payment = Payment.objects.get(subscription=subscription)
+    owner, subscription, period, payment = a_subscription_whose_first_charge_answer_was_lost(sandbox)
     a_foreign_charge_under(sandbox, payment)
 
     # When the owner cancels and then our own charge's event arrives
@@ -215,13 +204,7 @@ def test_cancelling_a_subscription_whose_charge_met_a_foreign_one_voids_it(sandb
 
 def test_a_foreign_charge_processed_after_a_cancel_does_not_unvoid_the_payment(sandbox):
     # Given a subscription whose first charge the provider made (answer lost), and the owner cancelling it
-    owner = UserFactory()
-    subscription = payment_services.subscribe(owner=owner, plan_code=PlanFactory(code="monthly").code)
-    period = subscription.current_period_start.isoformat()
-    sandbox.set_faults(fail_after_charge_next=1)
-    with pytest.raises(ProviderUnavailable):
-        payment_services.charge_subscription(subscription_id=subscription.pk, billing_period=period)
-    payment = Payment.objects.get(subscription=subscription)
+    owner, subscription, period, payment = a_subscription_whose_first_charge_answer_was_lost(sandbox)
     assert payment_services.cancel_subscription(subscription_id=subscription.pk, owner=owner).voided_charge
 
     # When someone else's charge under its reference is processed, then our own charge's event
