@@ -273,3 +273,35 @@ def test_retrieve_charge_maps_server_errors_to_unavailable_and_client_errors_to_
 def test_create_shipment_maps_errors_like_the_provider(provider_at, status, error):
     with provider_at(respond(status, {"error": {"type": "x"}})), pytest.raises(error):
         create_shipment(order_id=1, items=[], idempotency_key="shipment-1")
+
+
+def test_one_watchdog_thread_serves_every_call_and_a_finished_call_is_never_cut(provider_at, settings):
+    # Many quick calls under a deadline shorter than the test: each would have started a timer thread before.
+    settings.PROVIDER_CALL_DEADLINE = 0.3
+    with provider_at(respond(201, CHARGE_BODY)):
+        for _ in range(20):
+            assert charge_once().id == "ch_1"
+        time.sleep(0.5)  # every deadline of those calls has passed: none may cut the pooled connection now
+        assert charge_once().id == "ch_1"
+    watchdogs = [thread for thread in threading.enumerate() if thread.name == "http-deadline-watchdog"]
+    assert len(watchdogs) == 1
+
+
+def test_a_forked_process_has_a_watchdog_of_its_own(provider_at):
+    import os
+
+    # A prefork pool process inherits no thread: its calls must still end at their deadline.
+    with provider_at(respond(201, CHARGE_BODY), stall_before_headers):
+        charge_once()  # this process's watchdog runs
+        pid = os.fork()
+        if pid == 0:  # the child: a stalled call, which only the watchdog ends
+            code = 1
+            try:
+                started = time.monotonic()
+                charge_once()
+            except ProviderUnavailable:
+                code = 0 if time.monotonic() - started < DEADLINE + 2 else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
