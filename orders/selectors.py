@@ -21,9 +21,9 @@ def product_list(*, ordering: str = "name") -> QuerySet[Product]:
     return Product.objects.order_by(ordering)
 
 
-def order_list_for(*, owner: "User") -> QuerySet[Order]:
-    """The owner's orders, newest first, with what their pages show."""
-    return Order.objects.filter(owner=owner).prefetch_related(*ORDER_DETAIL)
+def order_list_for(*, owner: "User", prefetch: tuple[str, ...] = ORDER_DETAIL) -> QuerySet[Order]:
+    """The owner's orders, newest first, with what their pages show (`prefetch`: the list page shows only lines)."""
+    return Order.objects.filter(owner=owner).prefetch_related(*prefetch)
 
 
 def order_get_for(*, owner: "User", order_id: int) -> Order | None:

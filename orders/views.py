@@ -20,7 +20,7 @@ def home(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def order_list(request: AuthenticatedHttpRequest) -> HttpResponse:
-    orders = selectors.order_list_for(owner=request.user)[:100]
+    orders = selectors.order_list_for(owner=request.user, prefetch=("items",))[:100]
     return render(request, "orders/order_list.html", {"orders": orders})
 
 

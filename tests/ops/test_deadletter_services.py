@@ -194,3 +194,22 @@ def test_a_dead_letter_with_arguments_that_are_not_a_list_is_not_requeued(broker
     with pytest.raises(NotRequeueable, match="not a list"):
         requeue_failed_task(failed_task_id=failed.pk)
     assert broker.dbsize() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_operators_requeueing_the_same_dead_letter_at_once_replay_it_once(broker):
+    from core.models import OutboxItem
+    from tests.concurrency import run_concurrently
+
+    failed = FailedTaskFactory(task_name="orders.tasks.process_order", queue="critical", args=[7], kwargs={})
+
+    def requeue(_: int) -> str:
+        try:
+            return requeue_failed_task(failed_task_id=failed.pk).requeued_as
+        except NotRequeueable as refused:
+            return f"refused: {refused}"
+
+    outcomes = run_concurrently(2, requeue)
+
+    assert sum(outcome.startswith("refused") for outcome in outcomes) == 1, outcomes
+    assert OutboxItem.objects.filter(task_name="orders.tasks.process_order", args=[7]).count() == 1
