@@ -9,8 +9,10 @@ class OutboxItem(models.Model):
     """One piece of work that must follow a commit: written in the same transaction as the change.
 
     The life of an item:
-    - `pending`: committed, its message not yet accepted by the broker. Published right after
-      commit (the fast path) or, if that did not happen, by the relay at `next_attempt_at`.
+    - `pending`: committed, its task not finished. Published right after commit (the fast
+      path, which writes nothing back when it succeeds: `attempts` counted it up front). At
+      `next_attempt_at` the relay asks the broker: a message it holds makes the item
+      `published`; otherwise (the fast path never ran, or the broker was down) the relay publishes it.
     - `published`: the broker holds its message (queued, running, or waiting for a Celery
       retry). Nothing publishes it again, unless the broker lost its data since it was
       published (core.outbox.broker_epoch): then the relay does.

@@ -2,12 +2,15 @@
 
 `enqueue("orders.tasks.process_order", order.pk)` writes an OutboxItem in the caller's
 transaction, so the intent commits or rolls back with the business change. Right after
-commit the message is published (the fast path: no added latency) and the item marked
-`published`; if that did not happen (the broker was down, the process died), the relay
-publishes it when it is due. The broker owns a published message: nothing publishes it
-again while it is queued, running or waiting for a Celery retry, so a backlog or an
-outage makes no duplicates, however long. Only an item whose message the broker lost with
-its data (a Redis restart without persistence, a flush: see `broker_epoch`) is published again.
+commit the message is published (the fast path: no added latency), and nothing more is
+written: the item stays `pending` until its task finishes. When a pending item's time comes
+(OUTBOX_FAST_PATH_GRACE_SECONDS) and its task has not finished, the relay asks the broker
+first: a message it holds marks the item `published`; one it does not hold (the broker was
+down, the process died before publishing) is published by the relay. The broker owns a
+published message: nothing publishes it again while it is queued, running or waiting for a
+Celery retry, so a backlog or an outage makes no duplicates, however long. Only an item
+whose message the broker lost with its data (a Redis restart without persistence, a flush:
+see `broker_epoch`) is published again.
 
 Every message of an item carries the item's task id, so the worker's signals find it:
 `task_success` marks it done, a final `task_failure` marks it failed (or, for a task
@@ -16,9 +19,10 @@ registered with `resume_after_failure`, parks it to try again later) and sends
 on an item after OUTBOX_MAX_ATTEMPTS publishes: failed, `work_failed`, one dead letter.
 A broker outage costs no attempts: an unreachable broker is not the item's fault.
 
-Costs on the fast path: one INSERT (with the business change) and one UPDATE (published);
-a second UPDATE marks the item done when its task finishes. Each publish also makes sure the
-broker's epoch key exists (one SET NX on Redis, at most once a second per process).
+Costs on the fast path: one INSERT (with the business change), and one UPDATE when its task
+finishes (done). Each publish also makes sure the broker's epoch key exists (one SET NX on
+Redis, at most once a second per process). On a broker that cannot be searched (the filesystem
+broker of `make run`), the fast path marks the item published itself: one more UPDATE.
 """
 
 import functools
@@ -73,12 +77,18 @@ def enqueue(task_name: str, *args: Any, delay: float = 0, kwargs: dict[str, Any]
     if not in_transaction():
         raise RuntimeError("outbox.enqueue must be called inside transaction.atomic()")
     now = timezone.now()
+    fast = delay <= 0
     # Until the fast path has had its chance, the relay leaves the item alone.
-    wait = delay if delay > 0 else settings.OUTBOX_FAST_PATH_GRACE_SECONDS
+    wait = settings.OUTBOX_FAST_PATH_GRACE_SECONDS if fast else delay
     item = OutboxItem.objects.create(
-        task_name=task_name, args=list(args), kwargs=kwargs or {}, next_attempt_at=now + timedelta(seconds=wait)
+        task_name=task_name,
+        args=list(args),
+        kwargs=kwargs or {},
+        next_attempt_at=now + timedelta(seconds=wait),
+        # The fast path's publish is counted here, so that it need not write when it succeeds.
+        attempts=1 if fast else 0,
     )
-    if delay <= 0:
+    if fast:
         transaction.on_commit(
             functools.partial(_publish_after_commit, item.pk, str(item.task_id), task_name, args, kwargs or {})
         )
@@ -120,10 +130,12 @@ class Unpublishable(Exception):
     """The item names a task no worker registers (renamed or removed): publishing it can never work."""
 
 
-def _publish(item_id: int, task_id: str, task_name: str, args: Any, kwargs: Any) -> bool:
+def _publish(item_id: int, task_id: str, task_name: str, args: Any, kwargs: Any, *, fast_path: bool = False) -> bool:
     """Send one message of a pending item and mark it published; False (and a later try) when the broker is unreachable.
 
-    Raises Unpublishable for a task name that is not registered.
+    The fast path's publish was counted when the item was written, and on a broker the relay
+    can search it writes nothing when it succeeds (the relay asks the broker before it
+    publishes a pending item again). Raises Unpublishable for a task name that is not registered.
     """
     try:
         task = _task(task_name)
@@ -135,13 +147,18 @@ def _publish(item_id: int, task_id: str, task_name: str, args: Any, kwargs: Any)
         task.apply_async(args=list(args), kwargs=dict(kwargs or {}), task_id=task_id)  # type: ignore[arg-type]
     except BrokerUnreachable as exc:
         logger.warning("broker unreachable: outbox item %s (%s) stays pending: %s", item_id, task_name, exc)
+        # An unreachable broker costs the item no attempt: the fast path gives back the one it counted.
+        uncount = {"attempts": F("attempts") - 1} if fast_path else {}
         OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
-            next_attempt_at=timezone.now() + _backoff(0), last_error=f"broker unreachable: {exc}"[:500]
+            next_attempt_at=timezone.now() + _backoff(0), last_error=f"broker unreachable: {exc}"[:500], **uncount
         )
         return False
+    if fast_path and _epoch_client() is not None:
+        return True
     try:
+        count = {} if fast_path else {"attempts": F("attempts") + 1}
         OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
-            state=OutboxItem.State.PUBLISHED, attempts=F("attempts") + 1, published_at=timezone.now()
+            state=OutboxItem.State.PUBLISHED, published_at=timezone.now(), **count
         )
     except DatabaseError:
         # The message is out; only its record is missing. The relay publishes it once more after
@@ -155,7 +172,7 @@ def _publish_after_commit(item_id: int, task_id: str, task_name: str, args: Any,
     # Any error but an unreachable broker or an unknown task (a bug, or an eager task failing in
     # tests) is raised. The request's work is committed either way; the relay has the item.
     try:
-        _publish(item_id, task_id, task_name, args, kwargs)
+        _publish(item_id, task_id, task_name, args, kwargs, fast_path=True)
     except Unpublishable:
         logger.exception("outbox item %s not published after commit; the relay will deal with it", item_id)
 
@@ -274,11 +291,42 @@ def _lost_in_transit(now: datetime) -> list[int]:
     return [pk for pk, task_id in stale if str(task_id) not in held]
 
 
+def _mark_held_published(now: datetime) -> int:
+    """Due pending items whose message the broker holds (the fast path published it) become `published`.
+
+    Pending items that were published once (attempts > 0) and have not finished by their next
+    attempt: a backlog or a long task, or a message that never left (the process died, the
+    broker was down). The broker is asked which it holds; those are left to it. When it cannot
+    be asked, they wait for the next run: publishing them now could make duplicates. Runs
+    before the claim, whose read of each item's state excludes one that finished meanwhile
+    (a task records done before its message is acknowledged). Returns how many wait.
+    """
+    if _epoch_client() is None:
+        return 0  # the fast path marks items published itself on a broker that cannot be searched
+    candidates = list(
+        OutboxItem.objects.filter(state=OutboxItem.State.PENDING, next_attempt_at__lte=now, attempts__gt=0).values_list(
+            "pk", "task_id"
+        )[:500]
+    )
+    if not candidates:
+        return 0
+    held = _held_by_broker([str(task_id) for _, task_id in candidates])
+    if held is None:
+        return OutboxItem.objects.filter(pk__in=[pk for pk, _ in candidates], state=OutboxItem.State.PENDING).update(
+            next_attempt_at=now + _backoff(0)
+        )
+    OutboxItem.objects.filter(
+        pk__in=[pk for pk, task_id in candidates if str(task_id) in held], state=OutboxItem.State.PENDING
+    ).update(state=OutboxItem.State.PUBLISHED, published_at=now)  # held now: within the broker's current data
+    return 0
+
+
 def _claim_due(*, limit: int, epoch: datetime | None) -> list[OutboxItem]:
     """Take the due items for this run (SKIP LOCKED, then pushed out of the next run's way) and commit at once.
 
-    Due: pending items past their next attempt, and published items whose message the broker
-    lost (published before its current data began, or no longer held by it), which go back to pending.
+    Due: pending items past their next attempt that the broker does not hold, and published
+    items whose message the broker lost (published before its current data began, or no
+    longer held by it), which go back to pending.
     """
     now = timezone.now()
     lost = Q(state=OutboxItem.State.PUBLISHED, published_at__lt=epoch) if epoch else Q(pk__in=[])
@@ -307,7 +355,7 @@ def relay(*, limit: int = 500) -> dict[str, int]:
     ends the run (the rest is tried again soon); an item whose task is not registered fails at
     once; any other error costs the item an attempt.
     """
-    counts = {"published": 0, "failed": 0, "deferred": 0}
+    counts = {"published": 0, "failed": 0, "deferred": _mark_held_published(timezone.now())}
     due = _claim_due(limit=limit, epoch=broker_epoch())
     for position, item in enumerate(due):
         if item.attempts >= settings.OUTBOX_MAX_ATTEMPTS:

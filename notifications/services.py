@@ -16,6 +16,7 @@ from django.template.loader import render_to_string
 from django.utils import timezone
 
 from core import outbox
+from core.db import insert_unless_exists
 from core.task_base import TRANSIENT_ERRORS
 from orders.models import Order
 from payments.models import Payment
@@ -45,15 +46,16 @@ def notify(*, kind: str, object_type: str, object_id: int, recipient_id: int) ->
     """Record that the recipient gets the `kind` email about this object; dispatch the send after commit.
 
     Safe inside the caller's transaction: if it rolls back, neither the row nor the
-    send survives. A second call for the same kind and object is a no-op.
+    send survives. A second call for the same kind and object is a no-op. Two statements
+    when new (the row, its outbox item) and no savepoint: it runs under the order's row
+    lock on every status change.
     """
-    with transaction.atomic():
-        notification, created = Notification.objects.get_or_create(
-            kind=kind, object_type=object_type, object_id=object_id, defaults={"recipient_id": recipient_id}
-        )
-        if created:
+    notification = Notification(kind=kind, object_type=object_type, object_id=object_id, recipient_id=recipient_id)
+    with transaction.atomic(savepoint=False):
+        if insert_unless_exists(notification, unique=("kind", "object_type", "object_id")):
             outbox.enqueue("notifications.tasks.send_notification", notification.pk)
-    return notification
+            return notification
+        return Notification.objects.get(kind=kind, object_type=object_type, object_id=object_id)
 
 
 def _load_object(notification: Notification) -> models.Model | None:

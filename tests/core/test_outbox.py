@@ -36,6 +36,13 @@ def enqueue_committed(*args, **kwargs) -> OutboxItem:
     return item
 
 
+def enqueue_published(*args) -> OutboxItem:
+    """Committed, and published by the fast path (as its on-commit callback does)."""
+    item = enqueue_committed(*args)
+    outbox._publish_after_commit(item.pk, str(item.task_id), TASK, list(args), {})
+    return item
+
+
 def test_enqueue_outside_a_transaction_is_refused():
     with pytest.raises(RuntimeError, match="inside transaction.atomic"):
         outbox.enqueue(TASK, 1)
@@ -57,11 +64,18 @@ def test_committed_work_is_published_once_right_after_commit_under_the_items_tas
     with django_capture_on_commit_callbacks(execute=True):
         item = enqueue_committed(7)
     item.refresh_from_db()
-    assert item.state == OutboxItem.State.PUBLISHED
-    assert item.attempts == 1
+    # The fast path counted its publish when the item was written, and writes nothing after it.
+    assert (item.state, item.attempts, item.published_at) == (OutboxItem.State.PENDING, 1, None)
     assert queued(broker) == [{"task": TASK, "id": str(item.task_id), "args": "[7]"}]
-    # The relay leaves a published item to the broker: a backlog makes no duplicates.
-    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now() + timedelta(minutes=5))
+    # Not finished when its grace is over (a backlog): the relay finds the message on the broker and
+    # marks the item published instead of publishing it again.
+    OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now())
+    assert outbox.relay() == {"published": 0, "failed": 0, "deferred": 0}
+    item.refresh_from_db()
+    assert (item.state, item.attempts) == (OutboxItem.State.PUBLISHED, 1)
+    assert item.published_at > item.created_at
+    assert len(queued(broker)) == 1
+    # The relay leaves a published item to the broker.
     assert outbox.relay() == {"published": 0, "failed": 0, "deferred": 0}
     assert len(queued(broker)) == 1
 
@@ -103,7 +117,8 @@ def test_the_relay_stops_at_the_first_unreachable_broker_error_and_counts_no_att
     with unreachable_broker():
         counts = outbox.relay()
     assert counts == {"published": 0, "failed": 0, "deferred": 3}
-    assert set(OutboxItem.objects.values_list("attempts", flat=True)) == {0}
+    # Only the fast path's attempt, counted when each item was written (that process died before publishing).
+    assert set(OutboxItem.objects.values_list("attempts", flat=True)) == {1}
     assert OutboxItem.objects.filter(state=OutboxItem.State.PENDING).count() == len(items)
 
 
@@ -121,9 +136,10 @@ def test_a_published_item_is_left_to_the_broker_however_long_it_waits(broker):
 
 
 def test_a_published_item_whose_message_the_broker_lost_is_published_again_under_the_same_task_id(broker):
-    item = enqueue_committed(10)
+    item = enqueue_published(10)
     OutboxItem.objects.filter(pk=item.pk).update(next_attempt_at=timezone.now() - timedelta(seconds=1))
-    outbox.relay()
+    assert outbox.relay()["published"] == 0  # held by the broker: marked published
+    assert OutboxItem.objects.get(pk=item.pk).state == OutboxItem.State.PUBLISHED
     assert broker.exists(outbox.BROKER_EPOCH_KEY)
     broker.flushdb()  # the broker lost its data (a Redis restart without persistence): the epoch key too
     assert outbox.relay()["published"] == 1
@@ -226,18 +242,35 @@ def _outbox_writes(queries) -> list[str]:
     return [q["sql"].split()[0].upper() for q in queries if table in q["sql"] and not q["sql"].startswith("SELECT")]
 
 
-def test_the_outbox_costs_one_insert_and_one_update_per_dispatch_and_one_update_when_done(
-    broker, django_capture_on_commit_callbacks
-):
+def test_the_outbox_costs_one_insert_per_dispatch_and_one_update_when_done(broker, django_capture_on_commit_callbacks):
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     with CaptureQueriesContext(connection) as dispatch, django_capture_on_commit_callbacks(execute=True):
         item = enqueue_committed(17)
-    assert _outbox_writes(dispatch.captured_queries) == ["INSERT", "UPDATE"]
+    assert _outbox_writes(dispatch.captured_queries) == ["INSERT"]
+    assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
     with CaptureQueriesContext(connection) as run:
         app.tasks[TASK].apply(args=[17], task_id=str(item.task_id))
     assert _outbox_writes(run.captured_queries) == ["UPDATE"]
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.DONE
+
+
+def test_on_a_broker_the_relay_cannot_search_the_fast_path_marks_the_item_published_itself(
+    broker, settings, django_capture_on_commit_callbacks
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    # What `make run` uses; the app in this process still publishes to the test's Redis.
+    settings.CELERY_BROKER_URL = "filesystem://localhost/"
+    with CaptureQueriesContext(connection) as dispatch, django_capture_on_commit_callbacks(execute=True):
+        item = enqueue_committed(23)
+    assert _outbox_writes(dispatch.captured_queries) == ["INSERT", "UPDATE"]
+    item.refresh_from_db()
+    assert (item.state, item.attempts) == (OutboxItem.State.PUBLISHED, 1)
+    assert [message["id"] for message in queued(broker)] == [str(item.task_id)]
 
 
 def test_published_messages_carry_no_time_limits_so_the_consuming_worker_decides(
@@ -249,10 +282,12 @@ def test_published_messages_carry_no_time_limits_so_the_consuming_worker_decides
     assert json.loads(raw)["headers"]["timelimit"] == [None, None]
 
 
-def test_a_database_error_after_the_publish_does_not_fail_the_committed_request(broker):
+def test_a_database_error_after_the_publish_does_not_fail_the_committed_request(broker, settings):
     from unittest import mock
 
     from django.db import OperationalError
+
+    settings.CELERY_BROKER_URL = "filesystem://localhost/"  # where the fast path writes after publishing
 
     item = enqueue_committed(19)  # committed; its after-commit publish is run by hand below
     failing = mock.Mock()
@@ -267,9 +302,10 @@ def test_a_database_error_after_the_publish_does_not_fail_the_committed_request(
 def test_a_message_lost_in_transit_is_published_again_after_the_horizon_and_a_held_one_is_not(broker, settings):
     """A worker killed between taking a message off its queue and recording it unacknowledged: Redis kept
     its data, but not that message. After OUTBOX_LOST_AFTER_SECONDS the relay looks for it on the broker."""
-    held, lost, running = (enqueue_committed(n) for n in (20, 21, 22))
+    held, lost, running = (enqueue_published(n) for n in (20, 21, 22))
     OutboxItem.objects.update(next_attempt_at=timezone.now() - timedelta(seconds=1))
-    assert outbox.relay()["published"] == 3
+    assert outbox.relay()["published"] == 0  # all three held: marked published
+    assert set(OutboxItem.objects.values_list("state", flat=True)) == {OutboxItem.State.PUBLISHED}
     by_id = {json.loads(raw)["headers"]["id"]: raw for raw in broker.lrange("default", 0, -1)}
     broker.lrem("default", 0, by_id[str(lost.task_id)])  # taken off the queue, then the worker died
     broker.lrem("default", 0, by_id[str(running.task_id)])

@@ -54,7 +54,8 @@ def test_api_order_enqueues_process_order_once_and_publishes_it_after_commit(
     assert response.json()["id"] == order.id
     assert len(callbacks) == 1
     item = OutboxItem.objects.get()
-    assert (item.task_name, item.args, item.state) == (PROCESS, [order.id], OutboxItem.State.PUBLISHED)
+    # Published, and nothing written back: the item stays pending until its task finishes.
+    assert (item.task_name, item.args, item.state, item.attempts) == (PROCESS, [order.id], OutboxItem.State.PENDING, 1)
     [message] = queued(broker, "critical")
     assert message["headers"]["id"] == str(item.task_id)
     assert message["headers"]["task"] == PROCESS
@@ -77,7 +78,7 @@ def test_page_order_enqueues_process_order_once_and_publishes_it_after_commit(
     assert list(order.items.values_list("sku", "quantity")) == [("MUG-001", 2)]
     assert len(callbacks) == 1
     item = OutboxItem.objects.get()
-    assert (item.task_name, item.args, item.state) == (PROCESS, [order.id], OutboxItem.State.PUBLISHED)
+    assert (item.task_name, item.args, item.state, item.attempts) == (PROCESS, [order.id], OutboxItem.State.PENDING, 1)
     assert message_ids(broker) == [str(item.task_id)]
 
 
@@ -216,21 +217,31 @@ def test_relay_leaves_a_published_charge_alone_until_the_broker_loses_its_messag
     with django_capture_on_commit_callbacks(execute=True):
         process_order(order_id=order.pk)
     charge = outbox_items(CHARGE, order).get()
-    assert charge.state == OutboxItem.State.PUBLISHED
+    assert charge.state == OutboxItem.State.PENDING
     assert message_ids(broker).count(str(charge.task_id)) == 1
 
-    # While the broker holds its message, the relay publishes nothing, however long it waits
+    # While the broker holds its message, the relay publishes nothing, however long it waits: once due, the
+    # item is marked published
     make_due(charge)
+    assert relay()["published"] == 0
+    charge.refresh_from_db()
+    assert charge.state == OutboxItem.State.PUBLISHED
     assert relay()["published"] == 0
     assert message_ids(broker).count(str(charge.task_id)) == 1
 
     # Once the broker lost its data (a restart without persistence), it is published again, under the same task id
-    # (with the order's process_order item, whose message went too)
     broker.flushdb()
-    assert relay()["published"] == 2
+    assert relay()["published"] == 1
     charge.refresh_from_db()
     assert (charge.state, charge.attempts) == (OutboxItem.State.PUBLISHED, 2)
     assert message_ids(broker).count(str(charge.task_id)) == 1
+    # So is the confirmation email's item, whose message went too, once its grace is over
+    email = OutboxItem.objects.get(task_name="notifications.tasks.send_notification")
+    assert (email.state, relay()["published"]) == (OutboxItem.State.PENDING, 0)
+    make_due(email)
+    assert relay()["published"] == 1
+    email.refresh_from_db()
+    assert (email.state, email.attempts) == (OutboxItem.State.PUBLISHED, 2)
 
 
 # --- Broker down after commit ---------------------------------------------------

@@ -1,0 +1,38 @@
+"""Database statements the ORM does not offer."""
+
+from collections.abc import Sequence
+
+from django.db import connection, models
+
+
+def insert_unless_exists(instance: models.Model, *, unique: Sequence[str]) -> bool:
+    """INSERT the new instance unless a row with the same `unique` fields exists; True (and its pk set) if inserted.
+
+    One statement, `INSERT ... ON CONFLICT (unique) DO NOTHING RETURNING pk`, where
+    `get_or_create` takes four round trips (a SELECT, a savepoint, the INSERT, its release)
+    and Django's `bulk_create(ignore_conflicts=True)` cannot tell whether the row was new.
+    Safe in the caller's transaction: a conflict raises nothing, so no savepoint is needed.
+    `unique` must name the fields of a unique constraint of the model.
+    """
+    meta = instance._meta
+    pk = meta.pk
+    assert pk is not None and instance.pk is None, "insert_unless_exists inserts a new instance"
+    fields = [field for field in meta.concrete_fields if field is not pk]
+    columns = ", ".join(connection.ops.quote_name(field.column) for field in fields)
+    by_name = {field.name: field for field in fields}
+    conflict = ", ".join(connection.ops.quote_name(by_name[name].column) for name in unique)
+    values = [field.get_db_prep_save(field.pre_save(instance, add=True), connection) for field in fields]
+    sql = (
+        f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({columns}) "  # noqa: S608 (names from the model)
+        f"VALUES ({', '.join(['%s'] * len(fields))}) "
+        f"ON CONFLICT ({conflict}) DO NOTHING RETURNING {connection.ops.quote_name(pk.column)}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        row = cursor.fetchone()
+    if row is None:
+        return False
+    instance.pk = row[0]
+    instance._state.adding = False
+    instance._state.db = connection.alias
+    return True
