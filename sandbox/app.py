@@ -22,6 +22,7 @@ from sandbox.validation import (
     parse_faults_update,
     parse_idempotency_key,
     parse_json_object,
+    parse_payment_method,
     parse_positive_int_query,
     parse_shipment,
 )
@@ -122,6 +123,10 @@ def _create(request: Request, *, scope: str, parse: Callable, perform: Callable)
         time.sleep(current.latency_ms / 1000)
         created = perform(idempotency_key=key, params=params, current_faults=current)
         completed = True
+    except ledger.ProcessingError as exc:
+        response = _error(503, "api_error", "processing_error", str(exc))
+        response.headers["Retry-After"] = "1"
+        return response
     finally:
         if not completed:
             ledger.release_idempotency_key(scope=scope, key=key)
@@ -141,6 +146,18 @@ def create_charge(request: Request) -> Response:
 
 def create_shipment(request: Request) -> Response:
     return _create(request, scope=ledger.SHIPMENTS, parse=parse_shipment, perform=ledger.create_shipment)
+
+
+def create_payment_method(request: Request) -> Response:
+    """Tokenise a card (no Idempotency-Key: each call makes a new token, as tokenising a card again does)."""
+    today = time.gmtime()
+    params = parse_payment_method(parse_json_object(request.body()), this_year=today.tm_year, this_month=today.tm_mon)
+    return Response(201, ledger.create_payment_method(params=params))
+
+
+def get_payment_method(request: Request) -> Response:
+    found = ledger.get_payment_method(payment_method_id=request.params["payment_method_id"])
+    return Response(200, found) if found else _error(404, "not_found", "not_found", "No such payment method.")
 
 
 # Reads ------------------------------------------------------------------------------------------------------
@@ -234,6 +251,8 @@ ROUTES: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
     (re.compile(r"/healthz"), {"GET": healthz}),
     (re.compile(r"/v1/charges"), {"POST": create_charge, "GET": list_charges}),
     (re.compile(r"/v1/charges/(?P<charge_id>[^/]+)"), {"GET": get_charge}),
+    (re.compile(r"/v1/payment_methods"), {"POST": create_payment_method}),
+    (re.compile(r"/v1/payment_methods/(?P<payment_method_id>[^/]+)"), {"GET": get_payment_method}),
     (re.compile(r"/v1/shipments"), {"POST": create_shipment, "GET": list_shipments}),
     (re.compile(r"/v1/shipments/(?P<shipment_id>[^/]+)"), {"GET": get_shipment}),
     (re.compile(r"/v1/events"), {"GET": list_events}),

@@ -27,6 +27,20 @@ CREATE TABLE IF NOT EXISTS charges (
     metadata TEXT NOT NULL,
     idempotency_key TEXT NOT NULL,
     failure_code TEXT,
+    created INTEGER NOT NULL,
+    payment_method TEXT
+);
+
+CREATE TABLE IF NOT EXISTS payment_methods (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    brand TEXT NOT NULL,
+    last4 TEXT NOT NULL,
+    exp_month INTEGER NOT NULL,
+    exp_year INTEGER NOT NULL,
+    outcome TEXT NOT NULL CHECK (outcome IN ('succeed', 'decline', 'insufficient_funds', 'retry')),
+    metadata TEXT NOT NULL,
+    charge_attempts INTEGER NOT NULL DEFAULT 0,
     created INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS charges_reference ON charges (reference);
@@ -112,7 +126,23 @@ def _ensure_schema(connection: sqlite3.Connection, path: str) -> None:
     with _schema_lock:
         if marker not in _schema_ready:
             connection.executescript(SCHEMA)
+            _add_missing_columns(connection)
             _schema_ready.add(marker)
+
+
+# Columns added after a ledger file may have been made: (table, column, declaration).
+ADDED_COLUMNS = [("charges", "payment_method", "TEXT")]
+
+
+def _add_missing_columns(connection: sqlite3.Connection) -> None:
+    for table, column, declaration in ADDED_COLUMNS:
+        present = {row["name"] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            try:
+                connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            except sqlite3.OperationalError as exc:  # another process added it first
+                if "duplicate column" not in str(exc):
+                    raise
 
 
 def connection() -> sqlite3.Connection:

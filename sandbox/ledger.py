@@ -15,6 +15,7 @@ from enum import StrEnum
 from typing import Any
 
 from sandbox import db, faults, webhooks
+from sandbox.validation import ValidationError
 
 CHARGES = "charges"
 SHIPMENTS = "shipments"
@@ -118,8 +119,97 @@ def _charge_from_row(row: sqlite3.Row) -> dict[str, Any]:
         "metadata": json.loads(row["metadata"]),
         "idempotency_key": row["idempotency_key"],
         "failure_code": row["failure_code"],
+        "payment_method": row["payment_method"],
         "created": row["created"],
     }
+
+
+# Test cards, as real providers publish them: what a charge with each does. Any other valid number succeeds.
+TEST_CARDS = {
+    "4242424242424242": "succeed",
+    "5555555555554444": "succeed",
+    "4000000000000002": "decline",
+    "4000000000009995": "insufficient_funds",
+    # The first charge attempt with the card fails with a retryable processing error; the next succeeds.
+    "4000000000000119": "retry",
+}
+DECLINE_CODES = {"decline": "card_declined", "insufficient_funds": "insufficient_funds"}
+
+
+class ProcessingError(Exception):
+    """A retryable failure at the card network: nothing was charged, the key is left free."""
+
+
+def _brand(number: str) -> str:
+    if number.startswith("4"):
+        return "visa"
+    if number[:2] in ("51", "52", "53", "54", "55") or 2221 <= int(number[:4]) <= 2720:
+        return "mastercard"
+    if number[:2] in ("34", "37"):
+        return "amex"
+    return "unknown"
+
+
+def _payment_method_from_row(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "payment_method",
+        "type": "card",
+        "card": {
+            "brand": row["brand"],
+            "last4": row["last4"],
+            "exp_month": row["exp_month"],
+            "exp_year": row["exp_year"],
+        },
+        "metadata": json.loads(row["metadata"]),
+        "created": row["created"],
+    }
+
+
+def create_payment_method(*, params: dict[str, Any]) -> dict[str, Any]:
+    """Tokenise a card: the number is used for its brand, last four digits and test outcome, then forgotten."""
+    number = params["number"]
+    payment_method_id = f"pm_{secrets.token_hex(12)}"
+    with db.write() as conn:
+        conn.execute(
+            "INSERT INTO payment_methods (id, brand, last4, exp_month, exp_year, outcome, metadata, created)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                payment_method_id,
+                _brand(number),
+                number[-4:],
+                params["exp_month"],
+                params["exp_year"],
+                TEST_CARDS.get(number, "succeed"),
+                _dumps(params["metadata"]),
+                int(time.time()),
+            ),
+        )
+        row = conn.execute("SELECT * FROM payment_methods WHERE id = ?", (payment_method_id,)).fetchone()
+    return _payment_method_from_row(row)
+
+
+def get_payment_method(*, payment_method_id: str) -> dict[str, Any] | None:
+    row = db.connection().execute("SELECT * FROM payment_methods WHERE id = ?", (payment_method_id,)).fetchone()
+    return _payment_method_from_row(row) if row else None
+
+
+def _card_outcome(payment_method_id: str) -> str:
+    """Count a charge attempt on the card and say what its test number does. Raises for an unknown id."""
+    with db.write() as conn:
+        row = conn.execute(
+            "SELECT outcome, charge_attempts FROM payment_methods WHERE id = ?", (payment_method_id,)
+        ).fetchone()
+        if row is None:
+            raise ValidationError("payment_method", f"No such payment method: {payment_method_id}", "resource_missing")
+        conn.execute(
+            "UPDATE payment_methods SET charge_attempts = charge_attempts + 1 WHERE id = ?", (payment_method_id,)
+        )
+    if row["outcome"] == "retry":
+        if row["charge_attempts"] == 0:
+            raise ProcessingError("An error occurred while processing the card; try again.")
+        return "succeed"
+    return row["outcome"]
 
 
 def is_declined(*, metadata: dict[str, Any], decline_rate: float) -> bool:
@@ -137,13 +227,20 @@ def create_charge(*, idempotency_key: str, params: dict[str, Any], current_fault
 
     Call only while holding the claim on `idempotency_key` in the charges scope.
     """
-    declined = is_declined(metadata=params["metadata"], decline_rate=current_faults.decline_rate)
+    payment_method = params.get("payment_method")
+    card = _card_outcome(payment_method) if payment_method else "succeed"
+    force = params["metadata"].get("force")
+    if force in ("decline", "succeed") or card == "succeed":
+        declined = is_declined(metadata=params["metadata"], decline_rate=current_faults.decline_rate)
+        decline_code = "card_declined"
+    else:
+        declined, decline_code = True, DECLINE_CODES[card]
     status = "declined" if declined else "succeeded"
     charge_id = f"ch_{secrets.token_hex(12)}"
     with db.write() as conn:
         conn.execute(
             "INSERT INTO charges (id, status, amount_minor, currency, reference, description, metadata,"
-            " idempotency_key, failure_code, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " idempotency_key, failure_code, created, payment_method) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 charge_id,
                 status,
@@ -153,8 +250,9 @@ def create_charge(*, idempotency_key: str, params: dict[str, Any], current_fault
                 params["description"],
                 _dumps(params["metadata"]),
                 idempotency_key,
-                "card_declined" if declined else None,
+                decline_code if declined else None,
                 int(time.time()),
+                payment_method,
             ),
         )
         charge = _charge_from_row(conn.execute("SELECT * FROM charges WHERE id = ?", (charge_id,)).fetchone())
@@ -164,7 +262,10 @@ def create_charge(*, idempotency_key: str, params: dict[str, Any], current_fault
                 "error": {
                     "type": "card_declined",
                     "code": "card_declined",
-                    "message": "The card was declined.",
+                    "decline_code": decline_code,
+                    "message": "The card was declined."
+                    if decline_code == "card_declined"
+                    else "The card has insufficient funds.",
                     "charge": charge,
                 }
             }
@@ -335,6 +436,7 @@ def summarize_ledger() -> dict[str, Any]:
             "SELECT delivery_status, COUNT(*) AS n FROM webhook_events GROUP BY delivery_status"
         ).fetchall()
         attempt_count = conn.execute("SELECT COUNT(*) FROM webhook_attempts").fetchone()[0]
+        payment_method_count = conn.execute("SELECT COUNT(*) FROM payment_methods").fetchone()[0]
     finally:
         conn.execute("COMMIT")
 
@@ -374,11 +476,19 @@ def summarize_ledger() -> dict[str, Any]:
             "by_status": events_by_status,
             "attempts": attempt_count,
         },
+        "payment_methods": {"total": payment_method_count},
     }
 
 
 def reset_ledger() -> None:
     """Wipe charges, shipments, keys and webhook events (for tests); fault settings are reset separately."""
     with db.write() as conn:
-        for table in ("charges", "shipments", "idempotency_keys", "webhook_events", "webhook_attempts"):
+        for table in (
+            "charges",
+            "shipments",
+            "idempotency_keys",
+            "webhook_events",
+            "webhook_attempts",
+            "payment_methods",
+        ):
             conn.execute(f"DELETE FROM {table}")  # noqa: S608 (constant table names)

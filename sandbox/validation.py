@@ -18,6 +18,9 @@ _AMOUNT_RE = re.compile(r"[0-9]{1,13}(\.[0-9]{1,2})?")
 _CURRENCY_RE = re.compile(r"[A-Za-z]{3}")
 # Visible ASCII only: a key travels in an HTTP header and is compared byte for byte.
 _KEY_RE = re.compile(r"[\x21-\x7e]+")
+_PAYMENT_METHOD_ID_RE = re.compile(r"pm_[0-9a-f]{24}")
+_CARD_NUMBER_RE = re.compile(r"[0-9]{12,19}")
+_CVC_RE = re.compile(r"[0-9]{3,4}")
 
 
 class ValidationError(Exception):
@@ -141,7 +144,9 @@ def _amount_minor(data: dict[str, Any]) -> int:
 
 def parse_charge(data: dict[str, Any]) -> dict[str, Any]:
     """Normalized charge parameters; `"12.50"` and `amount_minor: 1250` are the same parameters."""
-    _reject_unknown(data, {"amount", "amount_minor", "currency", "reference", "description", "metadata"})
+    _reject_unknown(
+        data, {"amount", "amount_minor", "currency", "reference", "description", "metadata", "payment_method"}
+    )
     amount_minor = _amount_minor(data)
     currency = _required_text(data, "currency")
     if not _CURRENCY_RE.fullmatch(currency):
@@ -152,11 +157,62 @@ def parse_charge(data: dict[str, Any]) -> dict[str, Any]:
         raise ValidationError(
             "description", f"description must be a string of at most {MAX_TEXT_LENGTH} characters", "invalid_type"
         )
-    return {
+    payment_method = data.get("payment_method")
+    if payment_method is not None and (
+        not isinstance(payment_method, str) or not _PAYMENT_METHOD_ID_RE.fullmatch(payment_method)
+    ):
+        raise ValidationError("payment_method", "payment_method must be a payment method id (pm_...)", "invalid_type")
+    params = {
         "amount_minor": amount_minor,
         "currency": currency.upper(),
         "reference": reference,
         "description": description,
+        "metadata": _scalar_map(data.get("metadata"), "metadata"),
+    }
+    if payment_method is not None:
+        # Only when sent: the fingerprint of a charge made without one stays what it was.
+        params["payment_method"] = payment_method
+    return params
+
+
+def _luhn_valid(number: str) -> bool:
+    total = 0
+    for position, digit in enumerate(int(character) for character in reversed(number)):
+        if position % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
+def parse_payment_method(data: dict[str, Any], *, this_year: int, this_month: int) -> dict[str, Any]:
+    """A card to tokenise: `{"card": {"number", "exp_month", "exp_year", "cvc"}}`, checked as a provider would."""
+    _reject_unknown(data, {"card", "metadata"})
+    card = data.get("card")
+    if card is None:
+        raise ValidationError("card", "card is required", code="missing_field")
+    if not isinstance(card, dict):
+        raise ValidationError("card", "card must be an object", code="invalid_type")
+    _reject_unknown(card, {"number", "exp_month", "exp_year", "cvc"}, prefix="card.")
+    raw = _required_text(card, "number", field="card.number")
+    # Spaces and dashes as people type them; anything else is not a card number.
+    number = raw.replace(" ", "").replace("-", "")
+    if not _CARD_NUMBER_RE.fullmatch(number) or not _luhn_valid(number):
+        raise ValidationError("card.number", "card.number is not a valid card number", code="invalid_number")
+    month: Any = card.get("exp_month")
+    year: Any = card.get("exp_year")
+    if not _is_int(month) or not 1 <= month <= 12:
+        raise ValidationError("card.exp_month", "card.exp_month must be an integer from 1 to 12", "invalid_expiry")
+    if not _is_int(year) or not 2000 <= year <= 2100:
+        raise ValidationError("card.exp_year", "card.exp_year must be a four-digit year", code="invalid_expiry")
+    if (year, month) < (this_year, this_month):
+        raise ValidationError("card.exp_year", "the card has expired", code="expired_card")
+    cvc = card.get("cvc")
+    if not isinstance(cvc, str) or not _CVC_RE.fullmatch(cvc):
+        raise ValidationError("card.cvc", "card.cvc must be 3 or 4 digits", code="invalid_cvc")
+    return {
+        "number": number,
+        "exp_month": month,
+        "exp_year": year,
         "metadata": _scalar_map(data.get("metadata"), "metadata"),
     }
 

@@ -75,3 +75,29 @@ def test_a_cursor_that_names_no_charge_is_refused(ledger_file):
 
     with pytest.raises(ledger.UnknownCharge):
         ledger.list_charges(starting_after="ch_unknown")
+
+
+def test_a_ledger_file_made_before_payment_methods_gains_the_column_and_keeps_its_charges(ledger_file):
+    import sqlite3
+
+    old = sqlite3.connect(ledger_file)
+    old.executescript(
+        "CREATE TABLE charges (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL,"
+        " amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, reference TEXT NOT NULL, description TEXT,"
+        " metadata TEXT NOT NULL, idempotency_key TEXT NOT NULL, failure_code TEXT, created INTEGER NOT NULL);"
+        "INSERT INTO charges (id, status, amount_minor, currency, reference, metadata, idempotency_key, created)"
+        " VALUES ('ch_old', 'succeeded', 100, 'EUR', 'order-1', '{}', 'order-1', 1);"
+    )
+    old.commit()
+    old.close()
+
+    assert ledger.get_charge(charge_id="ch_old")["payment_method"] is None
+    method = ledger.create_payment_method(
+        params={"number": "4242424242424242", "exp_month": 1, "exp_year": 2040, "metadata": {}}
+    )
+    params = {"amount_minor": 100, "currency": "EUR", "reference": "order-2", "description": None, "metadata": {}}
+    created = ledger.create_charge(
+        idempotency_key="order-2", params={**params, "payment_method": method["id"]}, current_faults=faults.get_faults()
+    )
+    assert created.status == 201
+    assert ledger.summarize_ledger()["charges"]["total"] == 2
