@@ -18,13 +18,16 @@ from . import http
 from .errors import ProviderRejected, ProviderUnavailable, is_transient
 
 __all__ = [
+    "Card",
     "CardDeclined",
     "Charge",
+    "InvalidCard",
     "ProviderRejected",
     "ProviderUnavailable",
     "charge",
     "list_charges",
     "retrieve_charge",
+    "tokenize_card",
 ]
 
 
@@ -33,6 +36,26 @@ class CardDeclined(ProviderRejected):
         self.charge_id = charge_id
         self.reason = reason
         super().__init__(f"charge {charge_id or '?'} declined: {reason}")
+
+
+class InvalidCard(ProviderRejected):
+    """The provider refused to tokenise the card; `field` names the part (number, exp_month, exp_year, cvc)."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        self.message = message
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class Card:
+    """A tokenised card: what the shop may keep of it."""
+
+    token: str
+    brand: str
+    last4: str
+    exp_month: int
+    exp_year: int
 
 
 @dataclass(frozen=True)
@@ -62,22 +85,54 @@ def _charge_from(data: dict) -> Charge:
     )
 
 
-def charge(*, amount: Decimal, currency: str, reference: str, idempotency_key: str) -> Charge:
-    """Charge `amount` once per idempotency key. Raises CardDeclined, ProviderRejected or ProviderUnavailable."""
-    reply = http.send(
-        "POST",
-        _url("/v1/charges"),
-        json={"amount": str(amount), "currency": currency, "reference": reference},
-        headers={"Idempotency-Key": idempotency_key},
-    )
+def charge(*, amount: Decimal, currency: str, reference: str, idempotency_key: str, payment_method: str = "") -> Charge:
+    """Charge `amount` once per idempotency key, to the tokenised card `payment_method` when given.
+
+    Raises CardDeclined (its reason the provider's decline code: card_declined,
+    insufficient_funds), ProviderRejected or ProviderUnavailable.
+    """
+    body = {"amount": str(amount), "currency": currency, "reference": reference}
+    if payment_method:
+        body["payment_method"] = payment_method
+    reply = http.send("POST", _url("/v1/charges"), json=body, headers={"Idempotency-Key": idempotency_key})
     if is_transient(reply.status_code):
         raise ProviderUnavailable(f"/v1/charges: HTTP {reply.status_code}")
     if reply.status_code == 402:
         error = reply.error()
-        raise CardDeclined((error.get("charge") or {}).get("id", ""), error.get("type", "card_declined"))
+        reason = error.get("decline_code") or error.get("type") or "card_declined"
+        raise CardDeclined((error.get("charge") or {}).get("id", ""), str(reason)[:100])
     if reply.status_code not in (200, 201):
         raise ProviderRejected(f"charge {idempotency_key}: HTTP {reply.status_code} {reply.error()}")
     return _charge_from(reply.json())
+
+
+def tokenize_card(*, number: str, exp_month: int, exp_year: int, cvc: str) -> Card:
+    """Exchange a card for the provider's token; the number and CVC go no further than this call.
+
+    Raises InvalidCard for a card the provider refuses, ProviderUnavailable when it cannot answer.
+    """
+    reply = http.send(
+        "POST",
+        _url("/v1/payment_methods"),
+        json={"card": {"number": number, "exp_month": exp_month, "exp_year": exp_year, "cvc": cvc}},
+    )
+    if is_transient(reply.status_code):
+        raise ProviderUnavailable(f"/v1/payment_methods: HTTP {reply.status_code}")
+    if reply.status_code == 400:
+        error = reply.error()
+        field = str(error.get("field") or "card").removeprefix("card.")
+        raise InvalidCard(field, str(error.get("message") or "the card was refused")[:200])
+    if reply.status_code not in (200, 201):
+        raise ProviderRejected(f"tokenise a card: HTTP {reply.status_code} {reply.error()}")
+    data = reply.json()
+    card = data["card"]
+    return Card(
+        token=data["id"],
+        brand=card["brand"],
+        last4=card["last4"],
+        exp_month=card["exp_month"],
+        exp_year=card["exp_year"],
+    )
 
 
 def retrieve_charge(*, charge_id: str) -> Charge:

@@ -52,6 +52,12 @@ class Order(models.Model):
     # The warehouse's idempotency key for this order's shipment: random, made once when it is first
     # handed over, so it is unique across databases and deployments sharing one warehouse account.
     fulfillment_key = models.CharField(max_length=64, blank=True, default="")
+    # The card the order is charged to (one of the owner's; none for orders placed without one).
+    payment_method = models.ForeignKey(
+        "payments.PaymentMethod", on_delete=models.PROTECT, null=True, blank=True, related_name="orders"
+    )
+    # Where it ships, copied when it is placed (later edits of a saved address do not move it).
+    shipping_address = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from core.errors import ApplicationError
 from integrations import warehouse
 from integrations.errors import ProviderUnavailable
+from payments import selectors as payment_selectors
 from payments import services as payment_services
 from payments.models import Payment
 
@@ -53,7 +54,7 @@ class IdempotencyKeyReused(OrderError):
     field = "idempotency_key"
 
     def __init__(self) -> None:
-        super().__init__("this Idempotency-Key was already used for an order with other items")
+        super().__init__("this Idempotency-Key was already used for an order with other items or another card")
 
 
 class OrderNotCancellable(OrderError):
@@ -86,22 +87,39 @@ def _same_items(order: Order, items: list[ItemSpec]) -> bool:
     return sorted(order.items.values_list("sku", "quantity")) == items
 
 
-def _existing_for_key(owner: "User", idempotency_key: str, items: list[ItemSpec]) -> Order | None:
+def _existing_for_key(
+    owner: "User", idempotency_key: str, items: list[ItemSpec], payment_method_id: int | None
+) -> Order | None:
     order = Order.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
-    if order is not None and not _same_items(order, items):
+    if order is not None and (order.payment_method_id != payment_method_id or not _same_items(order, items)):
         raise IdempotencyKeyReused()
     return order
 
 
-def place_order(*, owner: "User", items: Sequence[ItemSpec], idempotency_key: str = "") -> Order:
+def place_order(
+    *,
+    owner: "User",
+    items: Sequence[ItemSpec],
+    idempotency_key: str = "",
+    payment_method_id: int | None = None,
+    shipping_address: dict[str, str] | None = None,
+) -> Order:
     """Create a pending order with prices copied from the catalogue; its processing is an outbox item of its commit.
 
     The same idempotency key from the same owner returns the first order (also when
     two requests race); the same key with other items raises IdempotencyKeyReused.
+    `payment_method_id` must name one of the owner's cards (else UnknownPaymentMethod, 404);
+    the order is charged to it. `shipping_address` is copied onto the order as given
+    (checked by the caller's form or schema).
     """
     wanted = _check_items(items)
+    payment_method = (
+        payment_selectors.payment_method_get_for(owner=owner, payment_method_id=payment_method_id)
+        if payment_method_id is not None
+        else None
+    )
     if idempotency_key:
-        existing = _existing_for_key(owner, idempotency_key, wanted)
+        existing = _existing_for_key(owner, idempotency_key, wanted, payment_method_id)
         if existing is not None:
             return existing
     products = Product.objects.in_bulk([sku for sku, _ in wanted], field_name="sku")
@@ -114,6 +132,8 @@ def place_order(*, owner: "User", items: Sequence[ItemSpec], idempotency_key: st
                 owner=owner,
                 idempotency_key=idempotency_key,
                 total=sum((products[sku].price * qty for sku, qty in wanted), Decimal("0.00")),
+                payment_method=payment_method,
+                shipping_address=shipping_address or {},
             )
             OrderItem.objects.bulk_create(
                 OrderItem(
@@ -131,7 +151,7 @@ def place_order(*, owner: "User", items: Sequence[ItemSpec], idempotency_key: st
         # A concurrent request with the same key won the unique constraint.
         if not idempotency_key:
             raise
-        existing = _existing_for_key(owner, idempotency_key, wanted)
+        existing = _existing_for_key(owner, idempotency_key, wanted, payment_method_id)
         if existing is None:
             raise
         return existing

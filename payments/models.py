@@ -32,6 +32,29 @@ class Plan(models.Model):
         return billing.next_period_start(anchor or start, self.interval, start)
 
 
+class PaymentMethod(models.Model):
+    """A card tokenised at the provider: the shop keeps its token, brand, last four digits and expiry, never its number.
+
+    Removing one hides it from its owner (`removed_at`); the orders and payments made with it keep it.
+    """
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="payment_methods")
+    provider_token = models.CharField(max_length=100, unique=True)
+    brand = models.CharField(max_length=20)
+    last4 = models.CharField(max_length=4)
+    exp_month = models.PositiveSmallIntegerField()
+    exp_year = models.PositiveSmallIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    removed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["owner", "removed_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.brand.title()} ending in {self.last4} ({self.exp_month:02d}/{self.exp_year})"
+
+
 class Subscription(models.Model):
     class Status(models.TextChoices):
         ACTIVE = "active"
@@ -46,6 +69,10 @@ class Subscription(models.Model):
     current_period_end = models.DateField()
     # The first period's start: monthly periods fall on its day of the month (or the month's last day).
     billing_anchor = models.DateField(null=True, blank=True)
+    # The card every period is charged to (none: charged without one, as before cards were kept).
+    payment_method = models.ForeignKey(
+        PaymentMethod, on_delete=models.PROTECT, null=True, blank=True, related_name="subscriptions"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
 
@@ -94,6 +121,10 @@ class Payment(models.Model):
     provider_charge_id = models.CharField(max_length=100, blank=True, default="")
     failure_reason = models.CharField(max_length=200, blank=True, default="")
     attempts = models.PositiveIntegerField(default=0)
+    # The card charged, fixed when the payment is claimed: every retry charges the same one.
+    payment_method = models.ForeignKey(
+        PaymentMethod, on_delete=models.PROTECT, null=True, blank=True, related_name="payments"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -24,7 +24,7 @@ from core.transactions import assert_outside_transaction
 from integrations import provider
 
 from . import billing
-from .models import Payment, Plan, Subscription, WebhookEvent
+from .models import Payment, PaymentMethod, Plan, Subscription, WebhookEvent
 from .signatures import WebhookRejected, verify_signature
 
 if TYPE_CHECKING:
@@ -36,6 +36,24 @@ logger = logging.getLogger(__name__)
 class SubscriptionError(ApplicationError):
     code = "subscription_refused"
     field = "plan"
+
+
+class CardRefused(ApplicationError):
+    """The provider would not tokenise the card: `field` names the part (card_number, exp_month, exp_year, cvc)."""
+
+    code = "invalid_card"
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+class UnknownPaymentMethod(ApplicationError):
+    """No such payment method among the owner's (someone else's is no different): 404."""
+
+    code = "not_found"
+    field = "payment_method"
+    status = 404
 
 
 class InvalidWebhookEvent(ApplicationError):
@@ -85,7 +103,7 @@ Outcome = provider.Charge | provider.CardDeclined | provider.ProviderRejected
 
 
 def _call_provider(payment: Payment) -> Outcome:
-    """Charge with the payment's key; a decline or a refusal is returned, transient errors raise."""
+    """Charge with the payment's key (and card, if any); a decline or a refusal is returned, transient errors raise."""
     assert_outside_transaction("a charge")
     # F(): two deliveries of the same work must not lose a count.
     Payment.objects.filter(pk=payment.pk).update(attempts=F("attempts") + 1, updated_at=timezone.now())
@@ -96,6 +114,7 @@ def _call_provider(payment: Payment) -> Outcome:
             # The reference is the key too, so a webhook leads straight back to its Payment.
             reference=payment.idempotency_key,
             idempotency_key=payment.idempotency_key,
+            payment_method=payment.payment_method.provider_token if payment.payment_method else "",
         )
     except provider.ProviderRejected as refused:  # CardDeclined included
         return refused
@@ -169,7 +188,7 @@ def settle_payment(*, payment_id: int) -> Payment:
 
     Raises integrations.errors.ProviderUnavailable when the provider could not answer; retrying is safe.
     """
-    payment = Payment.objects.get(pk=payment_id)
+    payment = Payment.objects.select_related("payment_method").get(pk=payment_id)
     if payment.status in Payment.FINAL:
         return payment
     outcome = _call_provider(payment)
@@ -263,7 +282,47 @@ def reopen_payment(*, order_id: int) -> Payment | None:
 
 def claim_order_payment(*, order: Any) -> Payment:  # an orders.Order: payments does not import orders
     """The order's payment, claimed as processing for its total. Call while holding the order's row lock."""
-    return _claim(natural_key={"order": order}, amount=order.total, currency=order.currency)
+    return _claim(
+        natural_key={"order": order},
+        amount=order.total,
+        currency=order.currency,
+        payment_method_id=order.payment_method_id,
+    )
+
+
+# --- Cards ----------------------------------------------------------------------------
+
+CARD_FIELDS = {"number": "card_number", "exp_month": "exp_month", "exp_year": "exp_year", "cvc": "cvc"}
+
+
+def add_card(*, owner: "User", number: str, exp_month: int, exp_year: int, cvc: str) -> PaymentMethod:
+    """Tokenise a card at the provider and keep the token, brand, last four digits and expiry for the owner.
+
+    The number and CVC are passed on and forgotten: never stored, never logged. Raises
+    CardRefused for a card the provider refuses, ProviderUnavailable when it cannot answer.
+    """
+    assert_outside_transaction("tokenising a card")
+    try:
+        card = provider.tokenize_card(number=number, exp_month=exp_month, exp_year=exp_year, cvc=cvc)
+    except provider.InvalidCard as refused:
+        raise CardRefused(CARD_FIELDS.get(refused.field, "card_number"), refused.message) from None
+    return PaymentMethod.objects.create(
+        owner=owner,
+        provider_token=card.token,
+        brand=card.brand[:20],
+        last4=card.last4[-4:],
+        exp_month=card.exp_month,
+        exp_year=card.exp_year,
+    )
+
+
+def remove_payment_method(*, owner: "User", payment_method_id: int) -> None:
+    """Hide a card from its owner; what was paid with it keeps it. Raises UnknownPaymentMethod."""
+    removed = PaymentMethod.objects.filter(pk=payment_method_id, owner=owner, removed_at__isnull=True).update(
+        removed_at=timezone.now()
+    )
+    if not removed:
+        raise UnknownPaymentMethod("no such payment method")
 
 
 # --- Subscriptions --------------------------------------------------------------------
@@ -356,6 +415,7 @@ def charge_subscription(*, subscription_id: int, billing_period: str) -> Payment
                 natural_key={"subscription": subscription, "billing_period": billing_period},
                 amount=subscription.plan.price,
                 currency=subscription.plan.currency,
+                payment_method_id=subscription.payment_method_id,
             )
         elif cancelled and payment.status == Payment.Status.PROCESSING:
             payment.status = Payment.Status.VOIDED

@@ -94,6 +94,20 @@ class PlanFactory(factory.django.DjangoModelFactory):
     price = Decimal("9.00")
 
 
+class PaymentMethodFactory(factory.django.DjangoModelFactory):
+    """A saved card, made directly: its token is unknown to the provider unless a test tokenises it there."""
+
+    class Meta:
+        model = "payments.PaymentMethod"
+
+    owner = factory.SubFactory(UserFactory)
+    provider_token = factory.Sequence(lambda n: f"pm_{n:024x}")
+    brand = "visa"
+    last4 = "4242"
+    exp_month = 12
+    exp_year = 2040
+
+
 class SubscriptionFactory(factory.django.DjangoModelFactory):
     """An active subscription whose period starting today is due, made directly: nothing is dispatched."""
 

@@ -176,7 +176,7 @@ def _charge(subscription: Subscription, django_capture_on_commit_callbacks, prov
             charge_subscription(subscription_id=subscription.pk, billing_period=period)
 
 
-def _succeeded(*, amount, currency, reference, idempotency_key) -> gateway.Charge:
+def _succeeded(*, amount, currency, reference, idempotency_key, payment_method="") -> gateway.Charge:
     """The provider's answer to a charge it made: its amount, currency and reference are the request's."""
     return gateway.Charge(id="ch_1", status="succeeded", amount=amount, currency=currency, reference=reference)
 
