@@ -48,3 +48,34 @@ class Notification(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.object_type} #{self.object_id} ({self.status})"
+
+
+class OutgoingEmail(models.Model):
+    """An email rendered when it was asked for (an account's confirmation link, a password reset), sent at most once.
+
+    Unlike a Notification, its content cannot be rendered again later (it carries a one-time
+    link), so the message is stored; its bodies are wiped once it is sent, so the database keeps
+    no usable link.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENT = "sent"
+        FAILED = "failed"
+
+    # What it is, in the words of the code that asked for it (allauth's template prefix).
+    kind = models.CharField(max_length=100)
+    to = models.EmailField(max_length=254)
+    subject = models.CharField(max_length=255)
+    body_text = models.TextField(blank=True, default="")
+    body_html = models.TextField(blank=True, default="")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    error = models.CharField(max_length=500, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} to {self.to} ({self.status})"

@@ -19,6 +19,7 @@ from . import services
 
 # A failed send is tried again this much later, by itself, once the retries are spent (a mail outage).
 outbox.resume_after_failure("notifications.tasks.send_notification", seconds=settings.NOTIFICATION_RESUME_SECONDS)
+outbox.resume_after_failure("notifications.tasks.send_email", seconds=settings.NOTIFICATION_RESUME_SECONDS)
 
 
 @receiver(status_changed, dispatch_uid="notifications.order_status_changed")

@@ -21,7 +21,7 @@ from core.task_base import TRANSIENT_ERRORS
 from orders.models import Order
 from payments.models import Payment
 
-from .models import Notification
+from .models import Notification, OutgoingEmail
 
 logger = logging.getLogger(__name__)
 
@@ -132,3 +132,51 @@ def send_notification(*, notification_id: int) -> Notification | None:
         )
         raise
     return notification
+
+
+# --- Emails rendered when asked for (accounts) ----------------------------------------------
+
+
+def queue_email(*, kind: str, to: str, subject: str, body_text: str, body_html: str = "") -> OutgoingEmail:
+    """Store a rendered email; its send follows the commit (the outbox), of the caller's transaction or its own."""
+    with transaction.atomic():
+        email = OutgoingEmail.objects.create(
+            kind=kind[:100], to=to, subject=subject[:255], body_text=body_text, body_html=body_html
+        )
+        outbox.enqueue("notifications.tasks.send_email", email.pk)
+    return email
+
+
+def send_email(*, email_id: int) -> OutgoingEmail | None:
+    """Send a stored email unless it was already sent, then wipe its bodies; None when the row is gone.
+
+    As send_notification: the row lock is held while sending and the row is marked sent in the
+    same transaction, so two deliveries send one email. Raises one of DELIVERY_ERRORS when the
+    mail server cannot take it (the row stays unsent, retrying is safe).
+    """
+    try:
+        with transaction.atomic():
+            email = OutgoingEmail.objects.select_for_update().filter(pk=email_id).first()
+            if email is None:
+                logger.warning("send_email: email %s does not exist", email_id)
+                return None
+            if email.status == OutgoingEmail.Status.SENT:
+                return email
+            message = EmailMultiAlternatives(
+                subject=email.subject, body=email.body_text, from_email=settings.DEFAULT_FROM_EMAIL, to=[email.to]
+            )
+            if email.body_html:
+                message.attach_alternative(email.body_html, "text/html")
+            message.send()
+            # Its one-time link is the recipient's alone: the database keeps no usable copy.
+            email.body_text = email.body_html = ""
+            email.status = OutgoingEmail.Status.SENT
+            email.sent_at = timezone.now()
+            email.error = ""
+            email.save(update_fields=["body_text", "body_html", "status", "sent_at", "error"])
+    except DELIVERY_ERRORS as exc:
+        OutgoingEmail.objects.filter(pk=email_id).exclude(status=OutgoingEmail.Status.SENT).update(
+            status=OutgoingEmail.Status.FAILED, error=f"{type(exc).__name__}: {exc}"[:500]
+        )
+        raise
+    return email

@@ -16,3 +16,9 @@ from . import services
 def send_notification(notification_id: int) -> str | None:
     notification = services.send_notification(notification_id=notification_id)
     return notification.status if notification else None
+
+
+@shared_task(**retry_policy(retries=10, backoff_max=120, errors=services.RETRYABLE_ERRORS))
+def send_email(email_id: int) -> str | None:
+    email = services.send_email(email_id=email_id)
+    return email.status if email else None

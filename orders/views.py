@@ -1,10 +1,12 @@
 import uuid
+from datetime import timedelta
 from typing import cast
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import redirect, render
+from django.utils import timezone
 from django.views.decorators.http import require_POST
 
 from core.types import AuthenticatedHttpRequest
@@ -53,12 +55,31 @@ def order_new(request: AuthenticatedHttpRequest) -> HttpResponse:
     return render(request, "orders/order_new.html", {"form": form}, status=status)
 
 
+# A step still running after this long gets a "taking longer than usual" line instead of a bare spinner.
+SLOW_AFTER = timedelta(seconds=60)
+BUSY = (Order.Status.PENDING, Order.Status.CONFIRMED, Order.Status.PAID)
+
+
+def _sold_out(order: Order) -> str:
+    """The names of the lines a rejection found short, from its event's note ("out of stock: SKU, ...")."""
+    note = next((event.note for event in order.events.all() if event.to_status == Order.Status.REJECTED), "")
+    skus = set(note.partition(": ")[2].split(", "))
+    return ", ".join(item.name for item in order.items.all() if item.sku in skus)
+
+
 @login_required
 def order_detail(request: AuthenticatedHttpRequest, order_id: int) -> HttpResponse:
     order = selectors.order_get_for(owner=request.user, order_id=order_id)
     if order is None:
         raise Http404("no such order")
-    return render(request, "orders/order_detail.html", {"order": order, "payment": order.payment})
+    context = {
+        "order": order,
+        "payment": order.payment,
+        "sold_out": _sold_out(order) if order.status == Order.Status.REJECTED else "",
+        "slow": order.status in BUSY and timezone.now() - order.updated_at > SLOW_AFTER,
+        "slow_after_seconds": int(SLOW_AFTER.total_seconds()),
+    }
+    return render(request, "orders/order_detail.html", context)
 
 
 @login_required

@@ -8,5 +8,6 @@ urlpatterns = [
     path("subscriptions/", views.subscriptions, name="subscriptions"),
     path("subscriptions/subscribe/", views.subscribe, name="subscribe"),
     path("subscriptions/<int:subscription_id>/cancel/", views.cancel, name="cancel"),
+    path("subscriptions/<int:subscription_id>/status/", views.subscription_status, name="subscription_status"),
     path("payments/webhooks/provider/", views.webhook, name="webhook"),
 ]

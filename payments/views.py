@@ -1,10 +1,14 @@
+from collections.abc import Iterable
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.db.models import Q
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from django.views.decorators.http import require_POST
+from django.views.decorators.http import require_GET, require_POST
 
 from core.types import AuthenticatedHttpRequest
 
@@ -13,14 +17,75 @@ from .forms import SubscribeForm
 from .models import Payment, Plan, Subscription
 
 MAX_WEBHOOK_BYTES = 64 * 1024
+# The newest payments of one subscription that its status answer carries (the page shows 50 in all).
+STATUS_PAYMENTS = 12
+
+
+def _charging(subscriptions: Iterable[Subscription]) -> set[int]:
+    """The live subscriptions whose charge is under way: a payment processing, or a due period not yet claimed."""
+    live = [sub for sub in subscriptions if sub.status != Subscription.Status.CANCELLED]
+    if not live:
+        return set()
+    periods = {sub.current_period_end.isoformat() for sub in live}
+    payments = Payment.objects.filter(subscription__in=live).filter(
+        Q(status=Payment.Status.PROCESSING) | Q(billing_period__in=periods)
+    )
+    processing, claimed = set(), set()
+    for subscription_id, billing_period, status in payments.values_list("subscription_id", "billing_period", "status"):
+        claimed.add((subscription_id, billing_period))
+        if status == Payment.Status.PROCESSING:
+            processing.add(subscription_id)
+    today = timezone.localdate()
+    return {
+        sub.pk
+        for sub in live
+        if sub.pk in processing
+        or (sub.current_period_end <= today and (sub.pk, sub.current_period_end.isoformat()) not in claimed)
+    }
 
 
 @login_required
 def subscriptions(request: AuthenticatedHttpRequest) -> HttpResponse:
-    subs = Subscription.objects.filter(owner=request.user).select_related("plan")
+    subs = list(Subscription.objects.filter(owner=request.user).select_related("plan"))
     payments = Payment.objects.filter(subscription__owner=request.user).select_related("subscription__plan")[:50]
     plans = Plan.objects.filter(active=True)
-    return render(request, "payments/subscriptions.html", {"subscriptions": subs, "payments": payments, "plans": plans})
+    context = {"subscriptions": subs, "payments": payments, "plans": plans, "in_flight": _charging(subs)}
+    return render(request, "payments/subscriptions.html", context)
+
+
+@login_required
+@require_GET
+def subscription_status(request: AuthenticatedHttpRequest, subscription_id: int) -> JsonResponse:
+    """One subscription and its newest payments, for the subscriptions page to follow a charge without a reload."""
+    subscription = get_object_or_404(
+        Subscription.objects.select_related("plan"), pk=subscription_id, owner=request.user
+    )
+    payments = subscription.payments.all()[:STATUS_PAYMENTS]
+    return JsonResponse(
+        {
+            "id": subscription.pk,
+            "plan": subscription.plan.name,
+            "status": subscription.status,
+            "status_display": subscription.get_status_display(),
+            "charging": subscription.pk in _charging([subscription]),
+            "can_cancel": subscription.can_cancel,
+            "current_period_start": subscription.current_period_start.isoformat(),
+            "current_period_end": subscription.current_period_end.isoformat(),
+            "payments": [
+                {
+                    "id": payment.pk,
+                    "status": payment.status,
+                    "status_display": payment.get_status_display(),
+                    "amount": str(payment.amount),
+                    "currency": payment.currency,
+                    "billing_period": payment.billing_period,
+                    "failure_reason": payment.failure_reason,
+                    "created_at": payment.created_at.isoformat(),
+                }
+                for payment in payments
+            ],
+        }
+    )
 
 
 @login_required

@@ -4,6 +4,7 @@ import factory
 from django.contrib.auth import get_user_model
 from django.utils import timezone
 
+from accounts.services import confirm_email_of
 from orders.models import Product
 from payments.services import new_idempotency_key
 
@@ -12,10 +13,29 @@ class UserFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = get_user_model()
         django_get_or_create = ("username",)
+        skip_postgeneration_save = True
 
     username = factory.Sequence(lambda n: f"shopper{n}")
     email = factory.LazyAttribute(lambda user: f"{user.username}@example.com")
     password = factory.django.Password("correct-horse-battery")
+
+    @factory.post_generation
+    def email_confirmed(user, create: bool, extracted: bool | None, **kwargs) -> None:  # noqa: N805 (factory_boy's hook)
+        """Signed up and confirmed, as every shopper who can sign in is; `email_confirmed=False` for one who did not."""
+        if create and extracted is not False:
+            confirm_email_of(user)
+
+
+class AddressFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = "accounts.Address"
+
+    owner = factory.SubFactory(UserFactory)
+    name = factory.LazyAttribute(lambda address: address.owner.username.title())
+    line1 = "1 Market Street"
+    postal_code = "10115"
+    city = "Berlin"
+    country = "DE"
 
 
 class ProductFactory(factory.django.DjangoModelFactory):

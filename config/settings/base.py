@@ -37,7 +37,10 @@ INSTALLED_APPS = [
     "django_prometheus",
     "axes",
     "csp",
+    "allauth",
+    "allauth.account",
     "core",
+    "accounts",
     "orders",
     "payments",
     "reports",
@@ -55,6 +58,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "allauth.account.middleware.AccountMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     # A restarting database answers 503 + Retry-After, not 500 (ops/middleware.py).
@@ -111,6 +115,8 @@ AUTH_PASSWORD_VALIDATORS = [
 AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
+    # Sign-in by email address or username (django-allauth's forms).
+    "allauth.account.auth_backends.AuthenticationBackend",
 ]
 # Login throttling: 5 failures for one username from one IP lock that pair out for 15 minutes
 # (a 429, even with the right password); a successful login resets the count. The client IP is
@@ -119,9 +125,39 @@ AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("AXES_COOLOFF_MINUTES", default=15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
-LOGIN_URL = "login"
+# allauth's sign-in form names its field `login` (a username or an email address) and passes it
+# on as `username` or `email`: axes counts failures under whichever was typed.
+AXES_USERNAME_CALLABLE = "accounts.axes.username"
+LOGIN_URL = "account_login"
 LOGIN_REDIRECT_URL = "orders:list"
-LOGOUT_REDIRECT_URL = "login"
+LOGOUT_REDIRECT_URL = "account_login"
+
+# Accounts (django-allauth): sign-up with a verified email address, sign-in by email or
+# username, password reset and change. Every email it sends goes through the outbox and the
+# default queue, once (ACCOUNT_ADAPTER: notifications/account_adapter.py).
+ACCOUNT_ADAPTER = "notifications.account_adapter.AccountAdapter"
+# Email addresses checked for length too (accounts/forms.py).
+ACCOUNT_FORMS = {"signup": "accounts.forms.SignupForm", "add_email": "accounts.forms.AddEmailForm"}
+ACCOUNT_LOGIN_METHODS = {"email", "username"}
+ACCOUNT_SIGNUP_FIELDS = ["email*", "username*", "password1*", "password2*"]
+ACCOUNT_EMAIL_VERIFICATION = "mandatory"
+ACCOUNT_UNIQUE_EMAIL = True
+ACCOUNT_CONFIRM_EMAIL_ON_GET = False
+ACCOUNT_LOGIN_ON_EMAIL_CONFIRMATION = True
+ACCOUNT_LOGOUT_ON_GET = False
+ACCOUNT_LOGOUT_REDIRECT_URL = "account_login"
+ACCOUNT_EMAIL_SUBJECT_PREFIX = "[Shop] "
+ACCOUNT_EMAIL_CONFIRMATION_EXPIRE_DAYS = 3
+# A password reset link works for an hour (Django's default is three days).
+PASSWORD_RESET_TIMEOUT = 3600
+ACCOUNT_PASSWORD_RESET_BY_CODE_ENABLED = False
+# Failed sign-ins are django-axes' to count (AXES_* above: a 429 for the username and address);
+# allauth's other limits stay (sign-ups, reset emails: 5 a minute per address, 20 per IP).
+ACCOUNT_RATE_LIMITS = {"login_failed": None}
+# A reset asked for an address no account has sends nothing (the page says the same either way).
+ACCOUNT_EMAIL_UNKNOWN_ACCOUNTS = False
+# Links in emails point at this site; the request's host is used when it is empty.
+ACCOUNT_DEFAULT_HTTP_PROTOCOL = env.str("ACCOUNT_DEFAULT_HTTP_PROTOCOL", default="http" if DEBUG else "https")
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

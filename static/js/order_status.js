@@ -1,16 +1,30 @@
-// Polls the order's API resource and updates status, receipt and history without a reload.
+// Polls the order's API resource and updates status, the plain-words message, receipt and history
+// without a reload. The messages are the page's own (orders/order_detail.html, data-when): this
+// script only shows the one that matches the order's status and fills in its details.
 (function () {
   "use strict";
   const section = document.getElementById("order");
   if (!section) return;
   const url = section.dataset.statusUrl;
+  const slowAfter = Number(section.dataset.slowAfter || 60) * 1000;
   const statusEl = document.getElementById("order-status");
-  const progressEl = document.getElementById("order-progress");
+  const stateEl = document.getElementById("order-state");
+  const slowEl = document.getElementById("order-slow");
   const eventsEl = document.getElementById("order-events");
   const cancelForm = document.getElementById("cancel-form");
   const receiptEl = document.getElementById("receipt");
   const holdEl = document.getElementById("order-hold");
+  const TERMINAL = ["fulfilled", "rejected", "payment_failed", "cancelled"];
+  const BUSY = ["pending", "confirmed", "paid"];
   let delay = 1000;
+
+  // Every element that says which statuses it belongs to is shown for those only.
+  function showFor(status) {
+    document.querySelectorAll("#order [data-when], #receipt [data-when]").forEach(function (el) {
+      el.hidden = !el.dataset.when.split(" ").includes(status);
+    });
+    stateEl.dataset.status = status;
+  }
 
   function entry(term, ...nodes) {
     const dt = document.createElement("dt");
@@ -45,27 +59,47 @@
       ...entry("Amount", "€" + payment.amount + " " + payment.currency),
       ...entry("Charge", code(payment.provider_charge_id)),
       ...entry("Reference", code(payment.reference)),
-      ...entry("Date", payment.updated_at.slice(0, 16).replace("T", " "))
+      ...entry("Date", window.ShopTime.element(payment.updated_at))
     );
     receiptEl.replaceChildren(receiptEl.querySelector("h2"), list);
     receiptEl.dataset.final = payment.status !== "processing" ? "1" : "0";
   }
 
-  function render(order) {
+  // The names of the lines a rejection found short, from its event's note ("out of stock: SKU, ...").
+  function soldOut(order) {
+    const rejected = order.events.find(function (event) { return event.to_status === "rejected"; });
+    const skus = rejected ? rejected.note.split(": ").slice(1).join(": ").split(", ") : [];
+    return order.items
+      .filter(function (item) { return skus.includes(item.sku); })
+      .map(function (item) { return item.name; })
+      .join(", ");
+  }
+
+  function renderDetails(order) {
+    const reasonEl = stateEl.querySelector("[data-role=failure-reason]");
+    const reason = order.payment && order.payment.failure_reason;
+    reasonEl.textContent = reason ? " (" + reason + ")" : "";
+    stateEl.querySelector("[data-role=sold-out]").textContent = soldOut(order) || "some items";
+    holdEl.textContent = order.hold_reason || "";
+    holdEl.hidden = !order.hold_reason;
+  }
+
+  function renderSlow(order, serverNow) {
+    const since = serverNow - Date.parse(order.updated_at);
+    slowEl.hidden = !(BUSY.includes(order.status) && since > slowAfter);
+  }
+
+  function render(order, serverNow) {
     statusEl.textContent = order.status_display;
     statusEl.className = "status status-" + order.status;
     cancelForm.hidden = !order.can_cancel;
-    // On hold: a plain message instead of a spinner; polling goes on (the hold may end by itself).
-    holdEl.textContent = order.hold_reason || "";
-    holdEl.hidden = !order.hold_reason;
-    progressEl.hidden = Boolean(order.hold_reason);
+    showFor(order.status);
+    renderDetails(order);
+    renderSlow(order, serverNow);
     renderReceipt(order.payment);
     eventsEl.replaceChildren(...order.events.map(function (event) {
       const li = document.createElement("li");
-      const time = document.createElement("time");
-      time.dateTime = event.created_at;
-      time.textContent = new Date(event.created_at).toLocaleTimeString();
-      li.append(time, " " + event.to_status + (event.note ? " — " + event.note : ""));
+      li.append(window.ShopTime.element(event.created_at), " " + event.to_status + (event.note ? " — " + event.note : ""));
       return li;
     }));
   }
@@ -75,12 +109,12 @@
       const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
       if (response.ok) {
         const order = await response.json();
-        render(order);
-        if (["fulfilled", "rejected", "payment_failed", "cancelled"].includes(order.status)) {
-          progressEl.hidden = true;
-          return;
-        }
-        delay = 1000;
+        // The server's clock, not the viewer's, decides whether a step is slow.
+        const serverNow = Date.parse(response.headers.get("Date") || "") || Date.now();
+        render(order, serverNow);
+        if (TERMINAL.includes(order.status)) return;
+        // A hold ends when staff act or a step resumes by itself: minutes, not seconds.
+        delay = order.status === "on_hold" ? 5000 : 1000;
       } else {
         delay = Math.min(delay * 2, 15000);
       }

@@ -150,9 +150,9 @@ def make_user(**fields):
 
 def sign_in(page: Page, user, password: str = PASSWORD) -> None:
     page.goto("/accounts/login/")
-    page.get_by_label("Username").fill(user.username)
+    page.get_by_label("Username or email").fill(user.username)
     page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("button", name="Sign in", exact=True).click()
     page.get_by_role("button", name=f"Sign out ({user.username})").wait_for()
 
 

@@ -24,7 +24,7 @@ from orders.models import Order
 from orders.services import issue_api_token
 from payments.models import Subscription, WebhookEvent
 from reports.models import Report
-from tests.factories import OrderFactory, ReportFactory, SubscriptionFactory, UserFactory
+from tests.factories import AddressFactory, OrderFactory, ReportFactory, SubscriptionFactory, UserFactory
 from tests.stack import REPO_ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.django_db
@@ -60,6 +60,7 @@ OBJECT_FACTORIES: dict[str, Callable] = {
     "order_id": make_order,
     "subscription_id": make_subscription,
     "report_id": make_report,
+    "address_id": lambda owner: AddressFactory(owner=owner),
 }
 
 
@@ -74,7 +75,19 @@ def url_patterns(patterns=None, prefix: str = "", namespace: str = "") -> Iterat
 
 
 def page_routes() -> list[str]:
-    return [route for route, namespace, _ in url_patterns() if namespace.split(":")[0] not in OWN_TESTS]
+    """Every page but the API's and the admin's, and but allauth's links that carry a one-time key (tested below)."""
+    return [
+        route
+        for route, namespace, _ in url_patterns()
+        if namespace.split(":")[0] not in OWN_TESTS and "(?P<" not in route
+    ]
+
+
+def key_link_routes() -> list[str]:
+    """allauth's pages reached by an emailed link: its key, not an object id, says whose it is."""
+    return [
+        route for route, namespace, _ in url_patterns() if namespace.split(":")[0] not in OWN_TESTS and "(?P<" in route
+    ]
 
 
 def object_page_routes() -> list[str]:
@@ -119,6 +132,28 @@ def objects_of(owner, route: str) -> dict[str, object]:
 def test_the_lists_find_the_object_pages_and_operations():
     assert {"orders/<int:order_id>/", "reports/<int:report_id>/download/"} <= set(object_page_routes())
     assert ("GET", "/api/orders/{order_id}/") in api_operations()
+    assert len(key_link_routes()) == len(KEY_LINKS) == 2
+
+
+# allauth's emailed links with a key no one was sent: nothing changes, no 5xx.
+KEY_LINKS = ["/accounts/confirm-email/{key}/", "/accounts/password/reset/key/{uid}-{key}/"]
+
+
+@pytest.mark.parametrize("link", KEY_LINKS)
+@pytest.mark.parametrize("key", ["nonsense", "Mg:1tQ4Vz:" + "A" * 43, "0" * 300, "%00", "..%2F..%2Fetc"])
+def test_an_emailed_link_with_a_key_no_one_was_sent_changes_nothing(link, key):
+    from allauth.account.models import EmailAddress
+
+    user = UserFactory(email_confirmed=False)
+    password = user.password
+    url = link.format(key=key, uid="1")
+    for client in (Client(), signed_in(UserFactory())):
+        for method in ("get", "post"):
+            response = getattr(client, method)(url, {"password1": "n3w-Passw0rd!x", "password2": "n3w-Passw0rd!x"})
+            assert response.status_code < 500, (url, method, response.status_code)
+    user.refresh_from_db()
+    assert user.password == password
+    assert not EmailAddress.objects.filter(user=user, verified=True).exists()
 
 
 # --- Another user's id: 404 -----------------------------------------------------------------------
@@ -134,9 +169,9 @@ def test_object_page_with_another_users_id_is_404(route):
     # A view that serves only one method answers the other with 405, which says nothing of the object.
     assert set(statuses.values()) <= {404, 405} and 404 in statuses.values(), (url, statuses)
     for obj in objects.values():
-        before = obj.status
-        obj.refresh_from_db()
-        assert obj.status == before, f"{url} changed another user's {obj}"
+        before = getattr(obj, "status", None)
+        obj.refresh_from_db()  # raises if it was deleted
+        assert getattr(obj, "status", None) == before, f"{url} changed another user's {obj}"
     # The owner gets past the lookup, so the 404 above is about ownership.
     owner_statuses = {method: getattr(signed_in(owner), method)(url).status_code for method in ("get", "post")}
     assert set(owner_statuses.values()) - {404, 405}, (url, owner_statuses)
@@ -243,10 +278,10 @@ def test_login_is_locked_after_five_failures_even_with_the_right_password():
     user = UserFactory()
     client = Client()
     for attempt in range(1, 6):
-        response = client.post("/accounts/login/", {"username": user.username, "password": "wrong"})
+        response = client.post("/accounts/login/", {"login": user.username, "password": "wrong"})
         # The form again, until the fifth failure locks the pair out.
         assert response.status_code == (429 if attempt == 5 else 200)
-    response = client.post("/accounts/login/", {"username": user.username, "password": PASSWORD})
+    response = client.post("/accounts/login/", {"login": user.username, "password": PASSWORD})
     assert response.status_code == 429
     assert "_auth_user_id" not in client.session
     # The admin's sign-in shares the lock.
@@ -256,22 +291,22 @@ def test_login_is_locked_after_five_failures_even_with_the_right_password():
 def test_login_lock_is_per_username_and_address():
     user, other = UserFactory(), UserFactory()
     for _ in range(5):
-        Client().post("/accounts/login/", {"username": user.username, "password": "wrong"})
+        Client().post("/accounts/login/", {"login": user.username, "password": "wrong"})
     elsewhere = Client(REMOTE_ADDR="203.0.113.9")
-    assert elsewhere.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
-    assert Client().post("/accounts/login/", {"username": other.username, "password": PASSWORD}).status_code == 302
+    assert elsewhere.post("/accounts/login/", {"login": user.username, "password": PASSWORD}).status_code == 302
+    assert Client().post("/accounts/login/", {"login": other.username, "password": PASSWORD}).status_code == 302
 
 
 def test_a_successful_login_resets_the_count():
     user = UserFactory()
     client = Client()
     for _ in range(4):
-        client.post("/accounts/login/", {"username": user.username, "password": "wrong"})
-    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+        client.post("/accounts/login/", {"login": user.username, "password": "wrong"})
+    assert client.post("/accounts/login/", {"login": user.username, "password": PASSWORD}).status_code == 302
     client.post("/accounts/logout/")
     for _ in range(4):
-        client.post("/accounts/login/", {"username": user.username, "password": "wrong"})
-    assert client.post("/accounts/login/", {"username": user.username, "password": PASSWORD}).status_code == 302
+        client.post("/accounts/login/", {"login": user.username, "password": "wrong"})
+    assert client.post("/accounts/login/", {"login": user.username, "password": PASSWORD}).status_code == 302
 
 
 # --- Credentials on /metrics, the webhook -----------------------------------------------------------

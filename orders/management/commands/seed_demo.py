@@ -6,6 +6,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
+from accounts.services import confirm_email_of
 from orders.models import Product
 from payments.models import Plan
 
@@ -39,9 +40,9 @@ class Command(BaseCommand):
             Plan.objects.get_or_create(code=code, defaults={"name": name, "price": price, "interval": interval})
         users = get_user_model().objects
         if not users.filter(username=DEMO_USERNAME).exists():
-            users.create_user(DEMO_USERNAME, "demo@example.com", DEMO_PASSWORD)
+            confirm_email_of(users.create_user(DEMO_USERNAME, "demo@example.com", DEMO_PASSWORD))
         if not users.filter(username=ADMIN_USERNAME).exists():
-            users.create_superuser(ADMIN_USERNAME, "admin@example.com", ADMIN_PASSWORD)
+            confirm_email_of(users.create_superuser(ADMIN_USERNAME, "admin@example.com", ADMIN_PASSWORD))
         self.stdout.write(
             f"Demo data ready: {Product.objects.count()} products, {Plan.objects.count()} plans.\n"
             f"  shopper: {DEMO_USERNAME} / {DEMO_PASSWORD}\n"

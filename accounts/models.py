@@ -1,0 +1,35 @@
+"""What a shopper keeps in their account besides what django-allauth keeps (email addresses, passwords)."""
+
+from django.conf import settings
+from django.db import models
+
+
+class Address(models.Model):
+    """A saved shipping address. An order copies it when it is placed, so editing or deleting it moves no order."""
+
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="addresses")
+    name = models.CharField(max_length=100)
+    line1 = models.CharField("address", max_length=200)
+    line2 = models.CharField("address (line 2)", max_length=200, blank=True, default="")
+    postal_code = models.CharField(max_length=20)
+    city = models.CharField(max_length=100)
+    # ISO 3166-1 alpha-2, upper case.
+    country = models.CharField(max_length=2)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return ", ".join(
+            part
+            for part in (self.name, self.line1, self.line2, f"{self.postal_code} {self.city}", self.country)
+            if part
+        )
+
+    def snapshot(self) -> dict[str, str]:
+        """The address as an order keeps it."""
+        return {field: getattr(self, field) for field in ADDRESS_FIELDS}
+
+
+ADDRESS_FIELDS = ("name", "line1", "line2", "postal_code", "city", "country")

@@ -1,0 +1,89 @@
+"""Account rules: saved addresses, each seen and changed by its owner only."""
+
+import re
+from typing import TYPE_CHECKING
+
+from core.errors import ApplicationError
+
+from .models import ADDRESS_FIELDS, Address
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+MAX_ADDRESSES = 20
+_COUNTRY_RE = re.compile(r"[A-Z]{2}")
+_POSTAL_CODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 -]{0,18}[A-Za-z0-9]|[A-Za-z0-9]")
+
+
+ADDRESS_MAX_LENGTHS = {
+    field.name: field.max_length for field in Address._meta.concrete_fields if field.name in ADDRESS_FIELDS
+}
+
+
+class InvalidAddress(ApplicationError):
+    code = "invalid_address"
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+class UnknownAddress(ApplicationError):
+    """No such address among the owner's (someone else's is no different): 404."""
+
+    code = "not_found"
+    field = "address"
+    status = 404
+
+
+def clean_address(fields: dict[str, object]) -> dict[str, str]:
+    """The address fields trimmed and checked (InvalidAddress names the first bad one); unknown keys refused."""
+    unknown = set(fields) - set(ADDRESS_FIELDS)
+    if unknown:
+        raise InvalidAddress(sorted(unknown)[0], f"unknown field {sorted(unknown)[0]!r}")
+    cleaned: dict[str, str] = {}
+    for name in ADDRESS_FIELDS:
+        value = fields.get(name, "")
+        if not isinstance(value, str):
+            raise InvalidAddress(name, f"{name} must be text")
+        value = " ".join(value.split())
+        limit = ADDRESS_MAX_LENGTHS[name]
+        if limit is not None and len(value) > limit:
+            raise InvalidAddress(name, f"{name} must be at most {limit} characters")
+        if not value and name != "line2":
+            raise InvalidAddress(name, f"{name} is required")
+        cleaned[name] = value
+    cleaned["country"] = cleaned["country"].upper()
+    if not _COUNTRY_RE.fullmatch(cleaned["country"]):
+        raise InvalidAddress("country", "country must be a two-letter country code, such as DE or FR")
+    if not _POSTAL_CODE_RE.fullmatch(cleaned["postal_code"]):
+        raise InvalidAddress("postal_code", "postal_code may hold letters, digits, spaces and dashes only")
+    return cleaned
+
+
+def add_address(*, owner: "User", **fields: object) -> Address:
+    """Save an address for the owner (at most MAX_ADDRESSES). Raises InvalidAddress."""
+    cleaned = clean_address(fields)
+    if Address.objects.filter(owner=owner).count() >= MAX_ADDRESSES:
+        raise InvalidAddress("address", f"an account keeps at most {MAX_ADDRESSES} addresses")
+    return Address.objects.create(owner=owner, **cleaned)
+
+
+def delete_address(*, owner: "User", address_id: int) -> None:
+    """Delete one of the owner's addresses (orders keep their copy). Raises UnknownAddress."""
+    deleted, _ = Address.objects.filter(pk=address_id, owner=owner).delete()
+    if not deleted:
+        raise UnknownAddress("no such address")
+
+
+def confirm_email_of(user: "User") -> None:
+    """Mark the user's email address verified and primary, for accounts made by staff or scripts (no link to click).
+
+    allauth refuses to sign in a user whose address was never confirmed (ACCOUNT_EMAIL_VERIFICATION).
+    """
+    from allauth.account.models import EmailAddress
+
+    if user.email:
+        EmailAddress.objects.update_or_create(
+            user=user, email=user.email.lower(), defaults={"verified": True, "primary": True}
+        )

@@ -1,0 +1,240 @@
+"""Every shopper page on a phone (390 x 844) and on a desktop, against the real stack.
+
+On the phone: nothing scrolls sideways, each table cell shows its column's name, and every link,
+button and field is at least 44 px tall. Each order page says in plain words what is happening
+and what to do, and follows the order without a reload. Times show in the viewer's time zone
+(this browser's is New York). A screenshot of each page at 390 px and at 1280 px goes to
+test-artifacts/ (phone-<page>.png, desktop-<page>.png).
+"""
+
+import re
+from collections.abc import Iterator
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from orders.models import Order
+from orders.services import HOLD_MESSAGES
+from tests.browser.conftest import ARTIFACTS, PASSWORD, make_user
+from tests.factories import OrderFactory, PlanFactory, ProductFactory
+from tests.sandbox_fixtures import SandboxClient
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+TOUCH_TARGET = 44
+# Long enough for a charge and a shipment through the sandbox on a busy CI machine.
+FLOW_TIMEOUT = 45_000
+
+# What a finger can hit in the page's content and its top bar, shown (hidden fields and closed sections left out).
+TARGETS_TOO_SMALL = """(minimum) => Array.from(document.querySelectorAll(
+    "header a, header button, main a, main button, main input, main select, main textarea"))
+  .filter((el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== "hidden")
+  .map((el) => ({ html: el.outerHTML.slice(0, 120), height: el.getBoundingClientRect().height }))
+  .filter((target) => target.height < minimum - 0.5)"""
+
+# Table cells shown without their column's name on the phone.
+CELLS_WITHOUT_LABEL = """() => Array.from(document.querySelectorAll("main table td"))
+  .filter((td) => td.getClientRects().length > 0 && !td.classList.contains("empty"))
+  .filter((td) => {
+    const label = getComputedStyle(td, "::before");
+    const shown = label.display !== "none" && label.content === '"' + td.dataset.label + '"';
+    return !td.dataset.label || !shown;
+  })
+  .map((td) => td.outerHTML.slice(0, 120))"""
+
+
+@pytest.fixture
+def page(browser, live_stack) -> Iterator[Page]:
+    """A phone-sized browser in New York on the live stack; refused by the Content-Security-Policy is a failure."""
+    context = browser.new_context(
+        base_url=live_stack.url, viewport=PHONE, locale="en-US", timezone_id="America/New_York", has_touch=True
+    )
+    context.set_default_timeout(15_000)
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda message: message.type == "error" and page.console_errors.append(message.text))
+    page.on("pageerror", lambda error: page.console_errors.append(str(error)))
+    yield page
+    errors = list(page.console_errors)
+    context.close()
+    assert not [error for error in errors if "Content Security Policy" in error], errors
+
+
+@pytest.fixture
+def provider(payment_provider) -> Iterator[SandboxClient]:
+    """The live stack's provider, its faults put back as they were afterwards."""
+    client = SandboxClient(payment_provider.url)
+    before = client.get("/v1/faults").json()
+    yield client
+    client.set_faults(**{key: before[key] for key in ("decline_rate",)})
+
+
+def sign_in(page: Page, user) -> None:
+    """Sign in through the page, whichever form it shows (a username field, or one for a username or email)."""
+    page.goto("/accounts/login/")
+    form = page.locator("main form").filter(has=page.locator("input[type=password]"))
+    form.locator("input[name=login], input[name=username]").fill(user.username)
+    form.locator("input[type=password]").fill(PASSWORD)
+    form.locator("button[type=submit]").click()
+    page.get_by_role("button", name=re.compile(rf"^Sign out \({user.username}\)$", re.IGNORECASE)).wait_for()
+
+
+def check_on_phone_and_desktop(page: Page, name: str) -> None:
+    """The page as it is now: usable at 390 px (asserted), and screenshots at 390 px and 1280 px."""
+    page.set_viewport_size(PHONE)
+    page.wait_for_load_state("load")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"phone-{name}.png"), full_page=True)
+    sideways = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert sideways[0] <= sideways[1], f"{name}: the page scrolls sideways at 390 px ({sideways})"
+    assert page.evaluate(CELLS_WITHOUT_LABEL) == [], f"{name}: table cells without a visible label"
+    assert page.evaluate(TARGETS_TOO_SMALL, TOUCH_TARGET) == [], f"{name}: touch targets under 44 px"
+    page.set_viewport_size(DESKTOP)
+    page.screenshot(path=str(ARTIFACTS / f"desktop-{name}.png"), full_page=True)
+    page.set_viewport_size(PHONE)
+
+
+def place_order_on_the_page(page: Page, product_name: str, quantity: int) -> None:
+    page.goto("/orders/new/")
+    page.get_by_label(product_name).fill(str(quantity))
+    page.get_by_role("button", name="Place order").click()
+    expect(page).to_have_url(re.compile(r"/orders/\d+/$"))
+    # Lost if the page is loaded again.
+    page.evaluate("() => { window.sameDocument = true; }")
+
+
+def expect_state(page: Page, status_text: str, *words: str) -> None:
+    """The status pill and the shown message, reached without a reload; no spinner once nothing runs."""
+    expect(page.locator("#order-status")).to_have_text(status_text, timeout=FLOW_TIMEOUT)
+    state = page.locator("#order-state > div:visible")
+    expect(state).to_have_count(1)
+    for text in words:
+        expect(state).to_contain_text(text)
+    expect(page.locator("#order-progress")).to_be_hidden()
+    expect(page.locator("#receipt p:visible", has_text="charged once its stock is reserved")).to_have_count(0)
+
+
+def test_sign_in_page_on_a_phone(page):
+    page.goto("/accounts/login/")
+    expect(page.get_by_role("button", name=re.compile("^Sign in$", re.IGNORECASE))).to_be_visible()
+    check_on_phone_and_desktop(page, "sign-in")
+
+
+def test_products_new_order_and_order_list_on_a_phone(page):
+    shopper = make_user()
+    ProductFactory(name="Phone Mug", sku="PHONE-MUG", stock=10)
+    OrderFactory(owner=shopper, status=Order.Status.FULFILLED)
+    sign_in(page, shopper)
+
+    page.goto("/")
+    check_on_phone_and_desktop(page, "products")
+    page.goto("/orders/new/")
+    expect(page.locator("td[data-label=Quantity]").first).to_be_visible()
+    check_on_phone_and_desktop(page, "new-order")
+    page.goto("/orders/")
+    placed = page.locator("td[data-label=Placed] time").first
+    # In the viewer's zone (New York), in the one format, not the server's UTC fallback.
+    expect(placed).to_have_text(re.compile(r"^[A-Z][a-z]{2} \d{1,2}, \d{4}, \d{2}:\d{2} (AM|PM) EST$"))
+    check_on_phone_and_desktop(page, "order-list")
+
+
+def test_a_fulfilled_order_on_a_phone(page):
+    shopper = make_user()
+    ProductFactory(name="Phone Mug", sku="PHONE-MUG", stock=10)
+    sign_in(page, shopper)
+
+    place_order_on_the_page(page, "Phone Mug", 2)
+
+    expect_state(page, "Fulfilled", "Your order is paid and on its way from the warehouse.", "Nothing more to do.")
+    expect(page.locator("#receipt")).to_contain_text("Succeeded")
+    expect(page.locator("#order-events time").first).to_have_text(re.compile(r" E[SD]T$"))
+    assert page.evaluate("() => window.sameDocument === true"), "the order page was reloaded"
+    check_on_phone_and_desktop(page, "order-fulfilled")
+
+
+def test_a_declined_payment_on_a_phone(page, provider):
+    shopper = make_user()
+    ProductFactory(name="Phone Mug", sku="PHONE-MUG", stock=10)
+    sign_in(page, shopper)
+    provider.set_faults(decline_rate=1.0)
+
+    place_order_on_the_page(page, "Phone Mug", 1)
+
+    expect_state(page, "Payment Failed", "Your payment did not go through", "You have not been charged")
+    expect(page.locator("#order-state").get_by_role("link", name="Place a new order")).to_be_visible()
+    expect(page.locator("#receipt")).to_contain_text("Declined")
+    expect(page.locator("#cancel-form")).to_be_hidden()
+    assert page.evaluate("() => window.sameDocument === true"), "the order page was reloaded"
+    check_on_phone_and_desktop(page, "order-payment-failed")
+
+
+def test_an_order_out_of_stock_on_a_phone(page):
+    shopper = make_user()
+    ProductFactory(name="Last Mug", sku="LAST-MUG", stock=1)
+    sign_in(page, shopper)
+
+    place_order_on_the_page(page, "Last Mug", 2)
+
+    expect_state(
+        page,
+        "Rejected",
+        "Sorry, we could not take this order: Last Mug ran out of stock.",
+        "You have not been charged and nothing was reserved.",
+    )
+    expect(page.locator("#receipt p:visible")).to_have_text("No payment was taken for this order.")
+    assert page.evaluate("() => window.sameDocument === true"), "the order page was reloaded"
+    check_on_phone_and_desktop(page, "order-rejected")
+
+
+def test_an_order_on_hold_on_a_phone(page):
+    shopper = make_user()
+    order = OrderFactory(owner=shopper, status=Order.Status.ON_HOLD, hold_reason=HOLD_MESSAGES[Order.Status.CONFIRMED])
+    sign_in(page, shopper)
+
+    page.goto(f"/orders/{order.pk}/")
+
+    expect_state(page, "On Hold", "Your order is on hold", HOLD_MESSAGES[Order.Status.CONFIRMED])
+    expect(page.locator("#order-state")).to_contain_text(f"quote order #{order.pk}")
+    # It keeps following the order (a hold ends by itself or by staff) and still shows no spinner.
+    with page.expect_response(re.compile(rf"/api/orders/{order.pk}/$")):
+        pass
+    expect(page.locator("#order-progress")).to_be_hidden()
+    check_on_phone_and_desktop(page, "order-on-hold")
+
+
+def test_subscriptions_follow_the_first_charge_live_on_a_phone(page):
+    shopper = make_user()
+    PlanFactory(code="phone-monthly", name="Phone Monthly", price="7.00")
+    sign_in(page, shopper)
+    page.goto("/subscriptions/")
+
+    page.get_by_role("button", name="Subscribe").click()
+    expect(page.get_by_role("status").first).to_contain_text("Subscribed to Phone Monthly")
+    page.evaluate("() => { window.sameDocument = true; }")
+
+    # The payment appears and settles without a reload.
+    payment = page.locator("#payments tbody tr[data-payment-id]")
+    expect(payment).to_have_count(1, timeout=FLOW_TIMEOUT)
+    expect(payment).to_contain_text("Succeeded", timeout=FLOW_TIMEOUT)
+    expect(payment).to_contain_text("€7.00")
+    row = page.locator("#subscriptions tr[data-subscription-id]")
+    expect(row).to_contain_text("Paid up. The next payment is taken on the date shown.")
+    expect(row.locator(".spinner")).to_be_hidden()
+    expect(payment.locator("td[data-label=Date] time")).to_have_text(re.compile(r" E[SD]T$"))
+    assert page.evaluate("() => window.sameDocument === true"), "the subscriptions page was reloaded"
+    check_on_phone_and_desktop(page, "subscriptions")
+
+
+def test_reports_on_a_phone(page):
+    shopper = make_user()
+    OrderFactory(owner=shopper, status=Order.Status.FULFILLED)
+    sign_in(page, shopper)
+    page.goto("/reports/")
+    page.get_by_label("Format").select_option("csv")
+    page.get_by_role("button", name="Request report").click()
+    row = page.locator("#reports tbody tr[data-report-id]")
+    expect(row.locator("[data-role=status]")).to_have_text("Done", timeout=FLOW_TIMEOUT)
+    expect(row.get_by_role("link", name="Download")).to_be_visible()
+    check_on_phone_and_desktop(page, "reports")
