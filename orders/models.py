@@ -58,6 +58,8 @@ class Order(models.Model):
     )
     # Where it ships, copied when it is placed (later edits of a saved address do not move it).
     shipping_address = models.JSONField(default=dict, blank=True)
+    # The flat shipping fee charged with it (SHIPPING_FEE when it ships to an address), part of `total`.
+    shipping_fee = models.DecimalField(max_digits=10, decimal_places=2, default=Decimal("0.00"))
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

@@ -10,8 +10,10 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
 
+from accounts.services import clean_address
 from core.errors import ApplicationError
 from integrations import warehouse
 from integrations.errors import ProviderUnavailable
@@ -102,17 +104,20 @@ def place_order(
     items: Sequence[ItemSpec],
     idempotency_key: str = "",
     payment_method_id: int | None = None,
-    shipping_address: dict[str, str] | None = None,
+    shipping_address: dict[str, object] | None = None,
 ) -> Order:
     """Create a pending order with prices copied from the catalogue; its processing is an outbox item of its commit.
 
     The same idempotency key from the same owner returns the first order (also when
     two requests race); the same key with other items raises IdempotencyKeyReused.
     `payment_method_id` must name one of the owner's cards (else UnknownPaymentMethod, 404);
-    the order is charged to it. `shipping_address` is copied onto the order as given
-    (checked by the caller's form or schema).
+    the order is charged to it. `shipping_address` (accounts.services.clean_address's fields,
+    else InvalidAddress) is copied onto the order, which then pays the flat SHIPPING_FEE on top
+    of its lines.
     """
     wanted = _check_items(items)
+    if shipping_address is not None:
+        shipping_address = clean_address(shipping_address)
     payment_method = (
         payment_selectors.payment_method_get_for(owner=owner, payment_method_id=payment_method_id)
         if payment_method_id is not None
@@ -128,12 +133,14 @@ def place_order(
         raise UnknownProduct(missing)
     try:
         with transaction.atomic():
+            shipping_fee = Decimal(settings.SHIPPING_FEE) if shipping_address else Decimal("0.00")
             order = Order.objects.create(
                 owner=owner,
                 idempotency_key=idempotency_key,
-                total=sum((products[sku].price * qty for sku, qty in wanted), Decimal("0.00")),
+                total=sum((products[sku].price * qty for sku, qty in wanted), shipping_fee),
                 payment_method=payment_method,
                 shipping_address=shipping_address or {},
+                shipping_fee=shipping_fee,
             )
             OrderItem.objects.bulk_create(
                 OrderItem(

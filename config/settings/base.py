@@ -195,6 +195,8 @@ EMAIL_FILE_PATH = _EMAIL.get("EMAIL_FILE_PATH") or str(VAR_DIR / "emails")
 # the lock (and a worker) for long. A timeout raises and the task retries later.
 EMAIL_TIMEOUT = env.int("EMAIL_TIMEOUT", default=10)
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="shop@example.com")
+# The flat fee an order pays to ship to an address (the cart shows it; orders/services.place_order charges it).
+SHIPPING_FEE = env.str("SHIPPING_FEE", default="4.90")
 
 # --- Payment provider and warehouse (the sandbox in development) -------------------
 
