@@ -12,6 +12,7 @@ from ninja.parser import Parser
 from ninja.security import HttpBearer, SessionAuth
 
 from core.errors import ApplicationError
+from integrations.errors import ProviderUnavailable
 from orders import services as order_services
 from orders.api import router as orders_router
 
@@ -132,7 +133,7 @@ class ShopAPI(NinjaAPI):
 api = ShopAPI(
     title="Shop API",
     version="1.0.0",
-    description="Orders and the catalogue. Authenticate with `Authorization: Bearer <token>` "
+    description="Orders, the catalogue, saved cards and addresses. Authenticate with `Authorization: Bearer <token>` "
     "(`python manage.py issue_api_token USERNAME`) or a signed-in session.",
     auth=[BearerToken(), ShopperSession()],
     parser=JsonParser(),
@@ -141,6 +142,8 @@ api = ShopAPI(
     urls_namespace="api",
 )
 api.add_router("/", orders_router)
+api.add_router("/", "payments.api.router")
+api.add_router("/", "accounts.api.router")
 api.add_router("/", "reports.api.router")
 
 
@@ -161,8 +164,13 @@ def http_error(request: HttpRequest, exc: HttpError) -> HttpResponse:
     return api.create_response(request, {"detail": str(exc)}, status=exc.status_code)
 
 
-# Where a domain field sits in a request, when not in the JSON body.
-FIELD_LOCATIONS = {"idempotency_key": ["header", "Idempotency-Key"]}
+# Where a domain field sits in a request, when not under its own name in the JSON body.
+FIELD_LOCATIONS = {
+    "idempotency_key": ["header", "Idempotency-Key"],
+    "payment_method": ["body", "payment_method_id"],
+    "address": ["body", "address_id"],
+    "card_number": ["body", "number"],
+}
 
 
 @api.exception_handler(ApplicationError)
@@ -194,6 +202,16 @@ def unauthorized(request: HttpRequest, exc: AuthenticationError) -> HttpResponse
         request, 401, ["header", "Authorization"], "authentication required: send `Authorization: Bearer <token>`"
     )
     response["WWW-Authenticate"] = "Bearer"
+    return response
+
+
+@api.exception_handler(ProviderUnavailable)
+def provider_unavailable(request: HttpRequest, exc: ProviderUnavailable) -> HttpResponse:
+    # Nothing was kept; the same request later may succeed.
+    response = api.create_response(
+        request, {"detail": "the payment provider cannot answer now; try again shortly"}, status=503
+    )
+    response["Retry-After"] = "5"
     return response
 
 

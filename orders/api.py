@@ -9,8 +9,10 @@ from django.http import Http404, HttpRequest
 from ninja import Field, Header, Router, Schema, Status
 from ninja.errors import ValidationError
 from ninja.pagination import paginate
-from pydantic import ConfigDict, StrictInt, StringConstraints, field_validator
+from pydantic import ConfigDict, StrictInt, StringConstraints, field_validator, model_validator
 
+from accounts import selectors as account_selectors
+from accounts.api import AddressIn
 from core.pagination import bounded_pagination
 from core.types import ApiRequest
 
@@ -40,6 +42,17 @@ class OrderIn(Schema):
     model_config = ConfigDict(extra="forbid")
 
     items: list[ItemIn] = Field(min_length=1, max_length=services.MAX_ITEMS)
+    # Checkout: the card to charge (one of mine: POST /api/payment-methods/), and where it ships: a saved
+    # address (`address_id`) or one given here (`shipping_address`), not both. Shipping adds SHIPPING_FEE.
+    payment_method_id: StrictInt | None = Field(default=None, gt=0)
+    address_id: StrictInt | None = Field(default=None, gt=0)
+    shipping_address: AddressIn | None = None
+
+    @model_validator(mode="after")
+    def one_address(self) -> "OrderIn":
+        if self.address_id is not None and self.shipping_address is not None:
+            raise ValueError("send address_id or shipping_address, not both")
+        return self
 
     @field_validator("items")
     @classmethod
@@ -75,11 +88,20 @@ class PaymentOut(Schema):
     updated_at: datetime
 
 
+class CardOut(Schema):
+    brand: str
+    last4: str
+
+
 class OrderOut(Schema):
     id: int
     status: str
     status_display: str = Field(alias="get_status_display")
     total: Decimal
+    # Part of `total`: the flat fee of an order that ships to an address.
+    shipping_fee: Decimal
+    shipping_address: dict[str, str]
+    payment_method: CardOut | None
     currency: str
     can_cancel: bool
     # Why the order is on hold, in plain words for the shopper; empty otherwise.
@@ -111,7 +133,7 @@ def list_products(request: HttpRequest) -> QuerySet[Product]:
 
 @router.post(
     "/orders/",
-    response={201: OrderOut, 401: ErrorOut, 409: ErrorOut, 422: ErrorOut},
+    response={201: OrderOut, 401: ErrorOut, 404: ErrorOut, 409: ErrorOut, 422: ErrorOut},
     summary="Place an order",
 )
 def create_order(
@@ -121,12 +143,22 @@ def create_order(
         str, Header(alias="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")
     ] = "",
 ) -> Status[Order]:
-    """Place an order. Sending the same `Idempotency-Key` again returns the same order."""
+    """Place an order. Sending the same `Idempotency-Key` again returns the same order.
+
+    Another owner's card or address is a 404 naming the field, as one that does not exist.
+    """
+    address: dict[str, object] | None = None
+    if payload.address_id is not None:
+        address = dict(account_selectors.address_get_for(owner=request.auth, address_id=payload.address_id).snapshot())
+    elif payload.shipping_address is not None:
+        address = payload.shipping_address.dict()
     try:
         order = services.place_order(
             owner=request.auth,
             items=[(item.sku, item.quantity) for item in payload.items],
             idempotency_key=idempotency_key,
+            payment_method_id=payload.payment_method_id,
+            shipping_address=address,
         )
     except services.UnknownProduct as exc:
         raise ValidationError(

@@ -116,8 +116,7 @@ def place_order(
     of its lines.
     """
     wanted = _check_items(items)
-    if shipping_address is not None:
-        shipping_address = clean_address(shipping_address)
+    address = clean_address(shipping_address) if shipping_address is not None else None
     payment_method = (
         payment_selectors.payment_method_get_for(owner=owner, payment_method_id=payment_method_id)
         if payment_method_id is not None
@@ -133,13 +132,13 @@ def place_order(
         raise UnknownProduct(missing)
     try:
         with transaction.atomic():
-            shipping_fee = Decimal(settings.SHIPPING_FEE) if shipping_address else Decimal("0.00")
+            shipping_fee = Decimal(settings.SHIPPING_FEE) if address else Decimal("0.00")
             order = Order.objects.create(
                 owner=owner,
                 idempotency_key=idempotency_key,
                 total=sum((products[sku].price * qty for sku, qty in wanted), shipping_fee),
                 payment_method=payment_method,
-                shipping_address=shipping_address or {},
+                shipping_address=address or {},
                 shipping_fee=shipping_fee,
             )
             OrderItem.objects.bulk_create(

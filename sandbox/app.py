@@ -77,12 +77,8 @@ def _error(status: int, error_type: str, code: str, message: str, **extra: Any) 
 # Creates: the fault injection and idempotency shared by charges and shipments ----------------------------
 
 
-def _create(request: Request, *, scope: str, parse: Callable, perform: Callable) -> Response:
-    key = parse_idempotency_key(request.header("Idempotency-Key"))
-    params = parse(parse_json_object(request.body()))
-    current = faults.get_faults()
-
-    # Front-door faults: the provider failed before acting, so nothing is recorded and the key stays free.
+def _front_door_fault(current: faults.Faults) -> Response | None:
+    """An injected failure before the provider acts (nothing recorded), or None."""
     injected = faults.decide_front_door_fault(current)
     if injected is faults.InjectedFault.TIMEOUT:
         time.sleep(current.timeout_seconds)
@@ -91,6 +87,17 @@ def _create(request: Request, *, scope: str, parse: Callable, perform: Callable)
         response = _error(503, "api_error", "service_unavailable", f"Injected fault ({injected}): try again.")
         response.headers["Retry-After"] = "1"
         return response
+    return None
+
+
+def _create(request: Request, *, scope: str, parse: Callable, perform: Callable) -> Response:
+    key = parse_idempotency_key(request.header("Idempotency-Key"))
+    params = parse(parse_json_object(request.body()))
+    current = faults.get_faults()
+
+    # Front-door faults: the provider failed before acting, so nothing is recorded and the key stays free.
+    if (fault := _front_door_fault(current)) is not None:
+        return fault
 
     claim = ledger.claim_idempotency_key(scope=scope, key=key, request_fingerprint=ledger.fingerprint(params))
     if claim.outcome is ledger.ClaimOutcome.MISMATCH:
@@ -152,6 +159,9 @@ def create_payment_method(request: Request) -> Response:
     """Tokenise a card (no Idempotency-Key: each call makes a new token, as tokenising a card again does)."""
     today = time.gmtime()
     params = parse_payment_method(parse_json_object(request.body()), this_year=today.tm_year, this_month=today.tm_mon)
+    # The front-door faults of creates apply (nothing is kept when one fires).
+    if (fault := _front_door_fault(faults.get_faults())) is not None:
+        return fault
     return Response(201, ledger.create_payment_method(params=params))
 
 

@@ -24,7 +24,14 @@ from orders.models import Order
 from orders.services import issue_api_token
 from payments.models import Subscription, WebhookEvent
 from reports.models import Report
-from tests.factories import AddressFactory, OrderFactory, ReportFactory, SubscriptionFactory, UserFactory
+from tests.factories import (
+    AddressFactory,
+    OrderFactory,
+    PaymentMethodFactory,
+    ReportFactory,
+    SubscriptionFactory,
+    UserFactory,
+)
 from tests.stack import REPO_ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.django_db
@@ -61,6 +68,7 @@ OBJECT_FACTORIES: dict[str, Callable] = {
     "subscription_id": make_subscription,
     "report_id": make_report,
     "address_id": lambda owner: AddressFactory(owner=owner),
+    "payment_method_id": lambda owner: PaymentMethodFactory(owner=owner),
 }
 
 
@@ -186,9 +194,10 @@ def test_api_operation_with_another_users_id_is_404(method, path):
     assert response.status_code == 404, (url, response.status_code, response.content[:200])
     assert response.json() == {"detail": "not found"}
     for obj in objects.values():
-        before = obj.status
-        obj.refresh_from_db()
-        assert obj.status == before, f"{method} {url} changed another user's {obj}"
+        before = getattr(obj, "status", None), getattr(obj, "removed_at", None)
+        obj.refresh_from_db()  # raises if it was deleted
+        after = getattr(obj, "status", None), getattr(obj, "removed_at", None)
+        assert after == before, f"{method} {url} changed another user's {obj}"
     assert bearer(owner).generic(method, url).status_code != 404
 
 
