@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: run test test-compose fuzz lint lock format clean bench bench-pipeline bench-reports
+.PHONY: run test test-unit test-compose fuzz lint lock format clean bench bench-pipeline bench-reports
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -66,6 +66,14 @@ test: $(VENV)/.dev
 	$(MAKE) --no-print-directory lint
 	$(BIN)/pytest
 	$(MAKE) --no-print-directory test-compose
+
+# The unit tier: every test marked `unit` (tests/conftest.py: a test that needs no Redis, no sandbox process,
+# no worker, browser or Docker engine), on PostgreSQL alone, in two processes (pytest-xdist, a test database each).
+# The provider and warehouse are the sandbox application in-process behind a `responses` stub.
+# Bytecode caches on even where the environment turns them off: without them each process compiles
+# every module again (about 6 s a process on 2 cores).
+test-unit: $(VENV)/.dev
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -m unit -n 2
 
 # The stateful model (tests/test_model_stateful.py) from a new seed, 500 examples: a failure prints
 # MODEL_SEED and MODEL_BLOB, which replay it. `make test` runs 25 from a fixed seed.

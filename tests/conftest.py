@@ -1,3 +1,19 @@
+"""What each test needs is said by markers; every test needs the real PostgreSQL.
+
+- `redis`: the real Redis (added to every test that uses the `broker` fixture);
+- `sandbox_process`: the sandbox as a process (added to every test that uses `sandbox_process` or
+  `payment_provider`); the others get it in-process behind a `responses` stub (tests/provider_stub.py);
+- `worker`, `chaos`: real Celery workers (and Redis, and the sandbox process);
+- `e2e`, `browser`: every test under tests/e2e and tests/browser (real processes, Redis, the sandbox
+  process, chromium); `compose`: tests/compose, a Docker engine of its own.
+
+A test with none of these is marked `unit`: it runs on PostgreSQL alone, with Celery's `memory://`
+broker (eager tasks never reach it) and the stubbed sandbox. `pytest -m unit` is the unit tier.
+"""
+
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
 import pytest
 import redis
 from django.conf import settings
@@ -9,12 +25,109 @@ from tests.factories import ProductFactory, UserFactory
 
 pytest_plugins = ["tests.sandbox_fixtures"]
 
+TESTS = Path(__file__).resolve().parent
+# What a test may need beyond PostgreSQL; a test with none of them is a unit test.
+NEEDS = ("redis", "sandbox_process", "worker", "chaos", "e2e", "browser", "compose")
+NEEDS_REDIS = ("redis", "worker", "chaos", "e2e", "browser")
+NEEDS_SANDBOX_PROCESS = ("sandbox_process", "worker", "chaos", "e2e", "browser")
+TIER_DIRECTORIES = {"e2e": "e2e", "browser": "browser"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with what it needs (before `-m` selects), and `unit` when it needs nothing but PostgreSQL."""
+    for item in items:
+        try:
+            directory = Path(item.path).resolve().relative_to(TESTS).parts[0]
+        except ValueError:
+            directory = ""
+        if directory in TIER_DIRECTORIES:
+            item.add_marker(TIER_DIRECTORIES[directory])
+        if item.get_closest_marker("compose"):
+            continue
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if "broker" in fixtures:
+            item.add_marker("redis")
+        if fixtures & {"sandbox_process", "payment_provider"}:
+            item.add_marker("sandbox_process")
+        if not any(item.get_closest_marker(name) for name in NEEDS):
+            item.add_marker("unit")
+
+
+def needs(item, markers) -> bool:
+    return any(item.get_closest_marker(name) for name in markers)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def real_services_are_up():
-    """The suite runs on the real PostgreSQL and Redis; a missing one is a loud failure."""
-    redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_connect_timeout=3).ping()
+    """The suite runs on the real PostgreSQL (and Redis where a test needs it: `redis_is_up`)."""
     assert settings.DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql"
+
+
+@pytest.fixture(scope="session")
+def redis_is_up():
+    """A test that needs Redis and finds none fails here, loudly: never skipped."""
+    client = redis.Redis.from_url(settings.CELERY_BROKER_URL, socket_connect_timeout=3)
+    try:
+        client.ping()
+    finally:
+        client.close()
+
+
+@contextmanager
+def celery_broker(url: str):
+    """Settings and the Celery app on another broker URL. The app forgets its pools both ways (kombu keeps them,
+    one per URL, in `kombu.pools`: the next test on Redis gets its connections back)."""
+    from config.celery import app
+
+    def drop_pools():
+        app._pool = None
+        if "amqp" in app.__dict__:
+            app.amqp._producer_pool = None
+
+    previous = app.conf.broker_url
+    with override_settings(CELERY_BROKER_URL=url):
+        drop_pools()
+        app.conf.broker_url = url
+        try:
+            yield
+        finally:
+            drop_pools()
+            app.conf.broker_url = previous
+
+
+@pytest.fixture(autouse=True)
+def tier_services(request):
+    """Per test: Redis (checked) for a test that needs it, else the in-memory broker: no unit test reaches Redis."""
+    item = request.node
+    if item.get_closest_marker("compose"):
+        yield
+    elif needs(item, NEEDS_REDIS):
+        request.getfixturevalue("redis_is_up")
+        yield
+    else:
+        with celery_broker("memory://"):
+            yield
+
+
+@pytest.fixture(autouse=True)
+def provider_in_use(request):
+    """The provider and warehouse the shop calls in this test: the sandbox in-process behind the `responses` stub,
+    or, for a test that needs it (other processes call it, or it is the exactly-once referee of e2e and chaos
+    tests), the session's real sandbox process. Either has `.url`; the `sandbox` fixture's client works on both."""
+    item = request.node
+    if item.get_closest_marker("compose"):
+        yield None
+        return
+    with ExitStack() as stack:
+        if needs(item, NEEDS_SANDBOX_PROCESS):
+            target = request.getfixturevalue("sandbox_process")
+        else:
+            target = request.getfixturevalue("provider_stub")
+            target.forget_calls()
+            stack.enter_context(target.serving())
+        stack.enter_context(override_settings(PAYMENT_PROVIDER_URL=target.url, FULFILLMENT_API_URL=target.url))
+        yield target
 
 
 @pytest.fixture
@@ -45,13 +158,10 @@ def db_name():
     return connection.settings_dict["NAME"]
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="session")
 def payment_provider(sandbox_process):
-    """The shop talks to a real sandbox process (started once per session) as its provider and warehouse."""
-    override = override_settings(PAYMENT_PROVIDER_URL=sandbox_process.url, FULFILLMENT_API_URL=sandbox_process.url)
-    override.enable()
-    yield sandbox_process
-    override.disable()
+    """The real sandbox process (started once per session), for processes the test starts (workers, gunicorn)."""
+    return sandbox_process
 
 
 @pytest.fixture

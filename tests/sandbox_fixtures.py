@@ -1,4 +1,7 @@
-"""The sandbox as a real subprocess (`python -m sandbox`) on a free port, with a webhook receiver for it to call."""
+"""The sandbox for the tests, with a webhook receiver for it to call: in-process behind a `responses` stub
+(`provider_stub`, tests/provider_stub.py) for the unit tier, or a real subprocess (`python -m sandbox`) on a
+free port (`sandbox_process`) for the tests marked `sandbox_process`, `worker`, `chaos`, `e2e` or `browser`.
+"""
 
 import json
 import os
@@ -182,15 +185,30 @@ class SandboxClient:
         return self.get("/v1/charges", **params).json()["data"]
 
 
+@pytest.fixture(scope="session")
+def provider_stub(tmp_path_factory, webhook_receiver):
+    """The sandbox application in this process, behind `responses` at `STUB_URL` (started once per session)."""
+    from tests.provider_stub import InProcessSandbox
+
+    stub = InProcessSandbox(
+        db_path=tmp_path_factory.mktemp("sandbox-stub") / "sandbox.sqlite3",
+        webhook_url=webhook_receiver.url,
+        webhook_secret=WEBHOOK_SECRET,
+    ).start()
+    yield stub
+    stub.stop()
+
+
 @pytest.fixture
-def sandbox(sandbox_process, webhook_receiver):
-    """A client for the session's sandbox, with the ledger, faults and received webhooks wiped first.
+def sandbox(provider_in_use, webhook_receiver):
+    """A client for the test's sandbox (the stub or the process: `provider_in_use`), with the ledger, faults and
+    received webhooks wiped first.
 
     Wiped again afterwards: a test may leave faults on, or charges under the fixed keys
     the sandbox's own tests use (`order-6`), which a later test reuses with other amounts.
     (The shop's keys are random, `pay_<32 hex>`: they never meet another test's.)
     """
-    client = SandboxClient(sandbox_process.url)
+    client = SandboxClient(provider_in_use.url)
     assert client.post("/v1/reset").status_code == 200
     webhook_receiver.clear()
     yield client

@@ -8,6 +8,7 @@ from kombu import Connection
 from core.broker import QoS, RedisTransport
 
 
+@pytest.mark.redis  # the broker URL is Redis's (the unit tier's is memory://)
 def test_redis_urls_use_the_patched_transport():
     from config.celery import app
 
@@ -16,6 +17,7 @@ def test_redis_urls_use_the_patched_transport():
     assert connection.as_uri().startswith("redis://")  # Flower and others read the scheme
 
 
+@pytest.mark.redis  # a channel of the Redis transport on the broker's URL
 @pytest.mark.parametrize("error", [AttributeError("'NoneType' object has no attribute 'hostname'"), ConnectionError()])
 def test_restore_unacked_that_fails_on_a_dead_connection_does_not_raise(error):
     from django.conf import settings

@@ -32,3 +32,6 @@ CSRF_COOKIE_SECURE = False
 WHITENOISE_USE_FINDERS = True
 WHITENOISE_AUTOREFRESH = True
 STATIC_ROOT = None
+
+# Tests need no durability: a commit need not wait for the disk (PostgreSQL's synchronous_commit).
+DATABASES["default"].setdefault("OPTIONS", {})["options"] = "-c synchronous_commit=off"  # noqa: F405

@@ -97,6 +97,7 @@ def test_lost_response_retry_with_the_same_key_gets_the_recorded_charge(sandbox,
     webhook_receiver.wait_for(lambda event: event["data"]["charge"]["id"] == recorded["id"])
 
 
+@pytest.mark.sandbox_process  # starts, stops and restarts `python -m sandbox` itself
 def test_ledger_and_faults_survive_a_restart_and_workers_share_them(tmp_path):
     db_path = tmp_path / "sandbox.sqlite3"
     first = SandboxProcess(db_path=db_path, log_path=tmp_path / "first.log", env={"SANDBOX_WORKERS": "2"})
