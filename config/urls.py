@@ -16,6 +16,8 @@ urlpatterns = [
     path("accounts/logout/", account_views.logout, name="logout"),
     path("accounts/", include("accounts.urls")),
     path("accounts/", include("allauth.urls")),
+    # With DEBUG on and the file email backend (make run): the emails written, readable in the browser.
+    path("dev/emails/", include("notifications.urls")),
     path("api/", api.urls),
     path("admin/", admin.site.urls),
     path("", include("ops.urls")),

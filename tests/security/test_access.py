@@ -38,8 +38,9 @@ pytestmark = pytest.mark.django_db
 
 PASSWORD = "correct-horse-battery"  # noqa: S105 (tests.factories.UserFactory's password)
 PARAMETER = re.compile(r"<(?:\w+:)?(\w+)>")
-# Namespaces covered by their own tests below: the API through its schema, the admin as staff-only.
-OWN_TESTS = ("api", "admin")
+# Namespaces covered by their own tests: the API through its schema, the admin as staff-only (below), the
+# development inbox, a 404 unless DEBUG is on (tests/notifications/test_devmail.py).
+OWN_TESTS = ("api", "admin", "devmail")
 
 
 @pytest.fixture(autouse=True)
