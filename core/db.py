@@ -3,16 +3,25 @@
 from collections.abc import Sequence
 
 from django.db import connection, models
+from django.db.models import Field
 
 
-def insert_unless_exists(instance: models.Model, *, unique: Sequence[str]) -> bool:
+def _not_null(fields: dict[str, Field], names: Sequence[str]) -> str:
+    return (
+        "WHERE " + " AND ".join(f"{connection.ops.quote_name(fields[name].column)} IS NOT NULL" for name in names) + " "
+    )
+
+
+def insert_unless_exists(instance: models.Model, *, unique: Sequence[str], partial: bool = False) -> bool:
     """INSERT the new instance unless a row with the same `unique` fields exists; True (and its pk set) if inserted.
 
     One statement, `INSERT ... ON CONFLICT (unique) DO NOTHING RETURNING pk`, where
     `get_or_create` takes four round trips (a SELECT, a savepoint, the INSERT, its release)
     and Django's `bulk_create(ignore_conflicts=True)` cannot tell whether the row was new.
     Safe in the caller's transaction: a conflict raises nothing, so no savepoint is needed.
-    `unique` must name the fields of a unique constraint of the model.
+    `unique` must name the fields of a unique constraint of the model; `partial` for a constraint
+    that holds where those fields are not null (its index is then found by that predicate). Any
+    other constraint the row breaks raises IntegrityError.
     """
     meta = instance._meta
     pk = meta.pk
@@ -25,7 +34,8 @@ def insert_unless_exists(instance: models.Model, *, unique: Sequence[str]) -> bo
     sql = (
         f"INSERT INTO {connection.ops.quote_name(meta.db_table)} ({columns}) "  # noqa: S608 (names from the model)
         f"VALUES ({', '.join(['%s'] * len(fields))}) "
-        f"ON CONFLICT ({conflict}) DO NOTHING RETURNING {connection.ops.quote_name(pk.column)}"
+        f"ON CONFLICT ({conflict}) {_not_null(by_name, unique) if partial else ''}"
+        f"DO NOTHING RETURNING {connection.ops.quote_name(pk.column)}"
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, values)

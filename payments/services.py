@@ -19,6 +19,7 @@ from django.dispatch import Signal
 from django.utils import timezone
 
 from core import outbox
+from core.db import insert_unless_exists
 from core.errors import ApplicationError
 from core.transactions import assert_outside_transaction
 from integrations import provider
@@ -86,17 +87,14 @@ def new_idempotency_key() -> str:
 def _claim(*, natural_key: dict[str, Any], **fields: Any) -> Payment:
     """The Payment for this order or subscription period, created as `processing` if it does not exist yet.
 
-    Under concurrent calls the unique constraint on `natural_key` decides; the losers read the
-    winner's row. Any other integrity error (an amount that is not positive) is raised.
+    Under concurrent calls the unique constraint on `natural_key` decides (one INSERT ... ON
+    CONFLICT DO NOTHING, no savepoint: it runs under the order's or subscription's row lock); the
+    losers read the winner's row. Any other integrity error (an amount that is not positive) is raised.
     """
-    try:
-        with transaction.atomic():
-            return Payment.objects.create(idempotency_key=new_idempotency_key(), **natural_key, **fields)
-    except IntegrityError:
-        existing = Payment.objects.filter(**natural_key).first()
-        if existing is None:
-            raise
-        return existing
+    payment = Payment(idempotency_key=new_idempotency_key(), **natural_key, **fields)
+    if insert_unless_exists(payment, unique=tuple(natural_key), partial=True):
+        return payment
+    return Payment.objects.get(**natural_key)
 
 
 Outcome = provider.Charge | provider.CardDeclined | provider.ProviderRejected
