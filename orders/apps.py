@@ -5,5 +5,6 @@ class OrdersConfig(AppConfig):
     name = "orders"
 
     def ready(self) -> None:
-        # The pipeline's receivers (a step failed for good, a payment settled by a webhook) connect on import.
-        from . import pipeline  # noqa: F401
+        # Receivers connect on import: the pipeline's (a step failed for good, a payment settled by a
+        # webhook) and the cart's (kept through sign-in).
+        from . import pipeline, receivers  # noqa: F401

@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 class Product(models.Model):
     sku = models.CharField(max_length=64, unique=True)
     name = models.CharField(max_length=200)
+    # What the product page says about it: plain text, paragraphs separated by blank lines.
+    description = models.TextField(blank=True, default="")
     price = models.DecimalField(max_digits=10, decimal_places=2)
     stock = models.PositiveIntegerField(default=0)
 

@@ -4,9 +4,10 @@ Writes go through orders/services.py; these return querysets or one object (None
 may not see it), never an HTTP answer: the view or API decides that.
 """
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 
 from .models import Order, Product
 
@@ -17,13 +18,38 @@ if TYPE_CHECKING:
 ORDER_DETAIL = ("items", "events", "payments")
 
 
-def product_list(*, ordering: str = "name") -> QuerySet[Product]:
-    return Product.objects.order_by(ordering)
+def product_list(*, ordering: str = "name", search: str = "") -> QuerySet[Product]:
+    """The catalogue; `search` keeps the products whose name or sku contains it (any case)."""
+    products = Product.objects.order_by(ordering, "pk")
+    if search:
+        products = products.filter(Q(name__icontains=search) | Q(sku__icontains=search))
+    return products
+
+
+def product_get(*, sku: str) -> Product | None:
+    return Product.objects.filter(sku=sku).first()
+
+
+def products_by_sku(*, skus: Iterable[str]) -> dict[str, Product]:
+    """The products of these skus, by sku; a sku no longer sold is missing from the answer."""
+    return Product.objects.in_bulk(list(skus), field_name="sku")
 
 
 def order_list_for(*, owner: "User", prefetch: tuple[str, ...] = ORDER_DETAIL) -> QuerySet[Order]:
     """The owner's orders, newest first, with what their pages show (`prefetch`: the list page shows only lines)."""
     return Order.objects.filter(owner=owner).prefetch_related(*prefetch)
+
+
+def order_get_by_key(*, owner: "User", idempotency_key: str) -> Order | None:
+    """The owner's order placed with this idempotency key (a submitted checkout), or None."""
+    if not idempotency_key:
+        return None
+    return Order.objects.filter(owner=owner, idempotency_key=idempotency_key).first()
+
+
+def order_status_for(*, owner: "User", order_id: int) -> str | None:
+    """The status of the owner's order, or None for another owner's or a missing one."""
+    return Order.objects.filter(owner=owner, pk=order_id).values_list("status", flat=True).first()
 
 
 def order_get_for(*, owner: "User", order_id: int) -> Order | None:

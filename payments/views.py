@@ -4,7 +4,7 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.db.models import Q
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -12,7 +12,7 @@ from django.views.decorators.http import require_GET, require_POST
 
 from core.types import AuthenticatedHttpRequest
 
-from . import services
+from . import selectors, services
 from .forms import SubscribeForm
 from .models import Payment, Plan, Subscription
 
@@ -131,6 +131,25 @@ def cancel(request: AuthenticatedHttpRequest, subscription_id: int) -> HttpRespo
         else:
             messages.success(request, "Subscription cancelled. Nothing more will be charged.")
     return redirect("payments:subscriptions")
+
+
+@login_required
+@require_GET
+def cards(request: AuthenticatedHttpRequest) -> HttpResponse:
+    """The shopper's saved cards (a new one is added at checkout), each removable."""
+    return render(request, "payments/cards.html", {"cards": selectors.payment_methods_for(owner=request.user)})
+
+
+@login_required
+@require_POST
+def card_remove(request: AuthenticatedHttpRequest, payment_method_id: int) -> HttpResponse:
+    try:
+        services.remove_payment_method(owner=request.user, payment_method_id=payment_method_id)
+    except services.UnknownPaymentMethod:
+        # Someone else's card is no different from one that does not exist.
+        raise Http404("no such card") from None
+    messages.success(request, "Card removed. Orders already paid with it keep it.")
+    return redirect("payments:cards")
 
 
 @csrf_exempt  # Authenticated by the provider's HMAC signature instead of a CSRF token.

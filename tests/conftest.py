@@ -28,6 +28,8 @@ pytest_plugins = ["tests.sandbox_fixtures"]
 TESTS = Path(__file__).resolve().parent
 # What a test may need beyond PostgreSQL; a test with none of them is a unit test.
 NEEDS = ("redis", "sandbox_process", "worker", "chaos", "e2e", "browser", "compose")
+# Needs nothing more, but takes long: the schemathesis suite. `make test` runs it, the unit tier does not.
+SLOW = ("fuzz",)
 NEEDS_REDIS = ("redis", "worker", "chaos", "e2e", "browser")
 NEEDS_SANDBOX_PROCESS = ("sandbox_process", "worker", "chaos", "e2e", "browser")
 TIER_DIRECTORIES = {"e2e": "e2e", "browser": "browser"}
@@ -50,7 +52,7 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker("redis")
         if fixtures & {"sandbox_process", "payment_provider"}:
             item.add_marker("sandbox_process")
-        if not any(item.get_closest_marker(name) for name in NEEDS):
+        if not any(item.get_closest_marker(name) for name in (*NEEDS, *SLOW)):
             item.add_marker("unit")
 
 

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import redis
@@ -42,9 +43,32 @@ PASSWORD = "correct-horse-battery"  # noqa: S105
 STACK = pytest.StashKey["LiveStack"]()
 
 
+# The phone and desktop sizes every shopper page is checked at (tests/browser/test_phone.py).
+PHONE = {"width": 390, "height": 844}
+DESKTOP = {"width": 1280, "height": 800}
+TOUCH_TARGET = 44
+# What a finger can hit in the page's content and its top bar, shown (hidden fields and closed sections left out).
+TARGETS_TOO_SMALL = """(minimum) => Array.from(document.querySelectorAll(
+    "header a, header button, main a, main button, main input, main select, main textarea"))
+  .filter((el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== "hidden")
+  .map((el) => ({ html: el.outerHTML.slice(0, 120), height: el.getBoundingClientRect().height }))
+  .filter((target) => target.height < minimum - 0.5)"""
+
+# Table cells shown without their column's name on the phone.
+CELLS_WITHOUT_LABEL = """() => Array.from(document.querySelectorAll("main table td"))
+  .filter((td) => td.getClientRects().length > 0 && !td.classList.contains("empty"))
+  .filter((td) => {
+    const label = getComputedStyle(td, "::before");
+    const shown = label.display !== "none" && label.content === '"' + td.dataset.label + '"';
+    return !td.dataset.label || !shown;
+  })
+  .map((td) => td.outerHTML.slice(0, 120))"""
+
+
 @dataclass
 class LiveStack:
     url: str
+    emails: Path
     processes: Processes
 
     def logs(self) -> str:
@@ -77,6 +101,9 @@ def live_stack(request, django_db_setup, django_db_blocker, payment_provider, tm
         "PROMETHEUS_MULTIPROC_DIR": str(directory / "metrics"),
         "CELERY_METRICS_PORT": "0",
         "PYTHONUNBUFFERED": "1",
+        # Emails are files in <VAR_DIR>/emails that a test reads as a person reads their inbox (live_stack.emails).
+        "EMAIL_URL": "filemail://",
+        "ACCOUNT_DEFAULT_HTTP_PROTOCOL": "http",
     }
     (directory / "metrics").mkdir()
     collect = subprocess.run(
@@ -94,7 +121,7 @@ def live_stack(request, django_db_setup, django_db_blocker, payment_provider, tm
     try:
         url = processes.web(env, workers=2)
         processes.workers(env, {"critical": 2, "bulk": 1, "default": 1}, suffix="-browser")
-        stack = LiveStack(url=url, processes=processes)
+        stack = LiveStack(url=url, processes=processes, emails=directory / "var" / "emails")
         request.config.stash[STACK] = stack
         yield stack
     finally:
@@ -154,6 +181,21 @@ def sign_in(page: Page, user, password: str = PASSWORD) -> None:
     page.get_by_label("Password").fill(password)
     page.get_by_role("button", name="Sign in", exact=True).click()
     page.get_by_role("button", name=f"Sign out ({user.username})").wait_for()
+
+
+def check_on_phone_and_desktop(page: Page, name: str) -> None:
+    """The page as it is now: usable at 390 px (asserted), and screenshots at 390 px and 1280 px."""
+    page.set_viewport_size(PHONE)
+    page.wait_for_load_state("load")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"phone-{name}.png"), full_page=True)
+    sideways = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert sideways[0] <= sideways[1], f"{name}: the page scrolls sideways at 390 px ({sideways})"
+    assert page.evaluate(CELLS_WITHOUT_LABEL) == [], f"{name}: table cells without a visible label"
+    assert page.evaluate(TARGETS_TOO_SMALL, TOUCH_TARGET) == [], f"{name}: touch targets under 44 px"
+    page.set_viewport_size(DESKTOP)
+    page.screenshot(path=str(ARTIFACTS / f"desktop-{name}.png"), full_page=True)
+    page.set_viewport_size(PHONE)
 
 
 @pytest.hookimpl(wrapper=True)

@@ -15,34 +15,14 @@ from playwright.sync_api import Page, expect
 
 from orders.models import Order
 from orders.services import HOLD_MESSAGES
-from tests.browser.conftest import ARTIFACTS, PASSWORD, make_user
+from tests.browser.conftest import PASSWORD, PHONE, check_on_phone_and_desktop, make_user
 from tests.factories import OrderFactory, PlanFactory, ProductFactory
 from tests.sandbox_fixtures import SandboxClient
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PHONE = {"width": 390, "height": 844}
-DESKTOP = {"width": 1280, "height": 800}
-TOUCH_TARGET = 44
 # Long enough for a charge and a shipment through the sandbox on a busy CI machine.
 FLOW_TIMEOUT = 45_000
-
-# What a finger can hit in the page's content and its top bar, shown (hidden fields and closed sections left out).
-TARGETS_TOO_SMALL = """(minimum) => Array.from(document.querySelectorAll(
-    "header a, header button, main a, main button, main input, main select, main textarea"))
-  .filter((el) => el.getClientRects().length > 0 && getComputedStyle(el).visibility !== "hidden")
-  .map((el) => ({ html: el.outerHTML.slice(0, 120), height: el.getBoundingClientRect().height }))
-  .filter((target) => target.height < minimum - 0.5)"""
-
-# Table cells shown without their column's name on the phone.
-CELLS_WITHOUT_LABEL = """() => Array.from(document.querySelectorAll("main table td"))
-  .filter((td) => td.getClientRects().length > 0 && !td.classList.contains("empty"))
-  .filter((td) => {
-    const label = getComputedStyle(td, "::before");
-    const shown = label.display !== "none" && label.content === '"' + td.dataset.label + '"';
-    return !td.dataset.label || !shown;
-  })
-  .map((td) => td.outerHTML.slice(0, 120))"""
 
 
 @pytest.fixture
@@ -79,21 +59,6 @@ def sign_in(page: Page, user) -> None:
     form.locator("input[type=password]").fill(PASSWORD)
     form.locator("button[type=submit]").click()
     page.get_by_role("button", name=re.compile(rf"^Sign out \({user.username}\)$", re.IGNORECASE)).wait_for()
-
-
-def check_on_phone_and_desktop(page: Page, name: str) -> None:
-    """The page as it is now: usable at 390 px (asserted), and screenshots at 390 px and 1280 px."""
-    page.set_viewport_size(PHONE)
-    page.wait_for_load_state("load")
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"phone-{name}.png"), full_page=True)
-    sideways = page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
-    assert sideways[0] <= sideways[1], f"{name}: the page scrolls sideways at 390 px ({sideways})"
-    assert page.evaluate(CELLS_WITHOUT_LABEL) == [], f"{name}: table cells without a visible label"
-    assert page.evaluate(TARGETS_TOO_SMALL, TOUCH_TARGET) == [], f"{name}: touch targets under 44 px"
-    page.set_viewport_size(DESKTOP)
-    page.screenshot(path=str(ARTIFACTS / f"desktop-{name}.png"), full_page=True)
-    page.set_viewport_size(PHONE)
 
 
 def place_order_on_the_page(page: Page, product_name: str, quantity: int) -> None:

@@ -18,10 +18,10 @@ from integrations.errors import ProviderRejected, ProviderUnavailable
 from integrations.provider import CardDeclined, Charge, charge, retrieve_charge
 from integrations.warehouse import Shipment, create_shipment
 
-DEADLINE = 1.5
+DEADLINE = 0.6
 # Well above the deadline and above the gap between trickled bytes, so only the deadline can stop the call.
 READ_TIMEOUT = 5.0
-TRICKLE_INTERVAL = 0.2
+TRICKLE_INTERVAL = 0.1
 CHARGE_BODY = {"id": "ch_1", "status": "succeeded", "amount": "12.50", "currency": "EUR", "reference": "order-1"}
 
 Script = Callable[[socket.socket, threading.Event], None]
@@ -143,7 +143,7 @@ def in_pieces(conn: socket.socket, stop: threading.Event) -> None:
     head, payload = _reply(201, CHARGE_BODY)
     for start in range(0, len(payload), 20):
         conn.sendall((head if start == 0 else b"") + payload[start : start + 20])
-        stop.wait(0.1)
+        stop.wait(0.02)
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,8 @@ from schemathesis.specs.openapi.checks import (
 from orders.services import issue_api_token
 from tests.factories import OrderFactory, ProductFactory, UserFactory
 
-pytestmark = pytest.mark.django_db
+# Some 20 s on two cores: in `make test`, not in the one-minute unit tier (`pytest -m fuzz` alone).
+pytestmark = [pytest.mark.django_db, pytest.mark.fuzz]
 
 CHECKS = [
     schemathesis.checks.not_a_server_error,

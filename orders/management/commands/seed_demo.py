@@ -17,6 +17,13 @@ DEMO_PRODUCTS = [
     ("NB-001", "Dot-grid notebook", Decimal("8.90"), 200),
     ("CAP-001", "Baseball cap", Decimal("19.00"), 5),
 ]
+DEMO_DESCRIPTIONS = {
+    "MUG-001": "A white enamel mug with a blue rim, 350 ml.\n\nLight and hard to break: for camping, fine at a desk.",
+    "TEE-001": "A plain T-shirt of organic cotton, 180 g/m².\n\nCut straight; wash at 30 °C.",
+    "BAG-001": "A tote bag of heavy canvas with long handles.\n\nHolds a week's shopping or a laptop and its charger.",
+    "NB-001": "A5, 160 pages of dot-grid paper, 100 g/m², that fountain pens do not bleed through.",
+    "CAP-001": "A six-panel cotton cap with an adjustable strap. One size.",
+}
 # Demo accounts for a local run; override the passwords through the environment anywhere else.
 DEMO_PLANS = [
     ("basic", "Basic box", Decimal("9.00"), Plan.Interval.MONTH),
@@ -35,7 +42,13 @@ class Command(BaseCommand):
     @transaction.atomic
     def handle(self, *args: Any, **options: Any) -> None:
         for sku, name, price, stock in DEMO_PRODUCTS:
-            Product.objects.get_or_create(sku=sku, defaults={"name": name, "price": price, "stock": stock})
+            description = DEMO_DESCRIPTIONS[sku]
+            product, _ = Product.objects.get_or_create(
+                sku=sku, defaults={"name": name, "price": price, "stock": stock, "description": description}
+            )
+            if not product.description:  # seeded before products had descriptions
+                product.description = description
+                product.save(update_fields=["description"])
         for code, name, price, interval in DEMO_PLANS:
             Plan.objects.get_or_create(code=code, defaults={"name": name, "price": price, "interval": interval})
         users = get_user_model().objects

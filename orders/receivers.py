@@ -1,0 +1,28 @@
+"""The cart at sign-in: what a visitor put in it stays there, under the rules of an order."""
+
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.signals import user_logged_in
+from django.dispatch import receiver
+from django.http import HttpRequest
+
+from .cart import SESSION_KEY, Cart
+
+
+@receiver(user_logged_in, dispatch_uid="orders.merge_cart_at_sign_in")
+def merge_cart_at_sign_in(sender: Any, request: HttpRequest | None, user: Any, **kwargs: Any) -> None:
+    """Merge the visitor's cart into the signed-in session's cart: quantities add up, capped by the rules.
+
+    django.contrib.auth.login keeps an anonymous session's data under a new key, so the visitor's
+    lines are in this session; a session that belonged to someone else is emptied first, so no
+    other shopper's lines are ever merged. Skus no longer sold are left out, and the shopper is told.
+    """
+    session = getattr(request, "session", None)
+    if request is None or session is None:
+        return
+    visitor = session.pop(SESSION_KEY, None)
+    if not isinstance(visitor, dict) or not visitor:
+        return
+    for note in Cart(session).merge(visitor):
+        messages.warning(request, f"Your cart: {note}", fail_silently=True)
