@@ -38,3 +38,10 @@ class AddEmailForm(allauth_forms.AddEmailForm):
     def clean_email(self) -> str:
         check_email_length(self.cleaned_data.get("email", ""))
         return super().clean_email()
+
+
+class ApiTokenForm(forms.Form):
+    """A name for a new API token, and the form's own key: a second submit of the same form makes no second token."""
+
+    name = forms.CharField(max_length=100, required=False, strip=True)
+    form_key = forms.RegexField(regex=r"^[0-9a-f]{32}$", widget=forms.HiddenInput)

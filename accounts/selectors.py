@@ -4,7 +4,7 @@ from typing import TYPE_CHECKING
 
 from django.db.models import QuerySet
 
-from .models import Address
+from .models import Address, ApiToken
 from .services import UnknownAddress
 
 if TYPE_CHECKING:
@@ -21,3 +21,8 @@ def address_get_for(*, owner: "User", address_id: int) -> Address:
     if found is None:
         raise UnknownAddress("no such address")
     return found
+
+
+def api_tokens_for(*, owner: "User") -> QuerySet[ApiToken]:
+    """The owner's API tokens, newest first (their names and dates: the tokens themselves are never stored)."""
+    return ApiToken.objects.filter(user=owner)

@@ -1,16 +1,19 @@
 """Account rules: saved addresses, each seen and changed by its owner only."""
 
 import re
+import secrets
 from typing import TYPE_CHECKING
 
 from core.errors import ApplicationError
 
-from .models import ADDRESS_FIELDS, Address
+from .models import ADDRESS_FIELDS, Address, ApiToken
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
 MAX_ADDRESSES = 20
+MAX_API_TOKENS = 20
+MAX_TOKEN_NAME_LENGTH = 100
 _COUNTRY_RE = re.compile(r"[A-Z]{2}")
 _POSTAL_CODE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 -]{0,18}[A-Za-z0-9]|[A-Za-z0-9]")
 
@@ -87,3 +90,49 @@ def confirm_email_of(user: "User") -> None:
         EmailAddress.objects.update_or_create(
             user=user, email=user.email.lower(), defaults={"verified": True, "primary": True}
         )
+
+
+# --- API tokens ------------------------------------------------------------------------------------
+
+
+class InvalidApiToken(ApplicationError):
+    code = "invalid_token"
+    field = "name"
+
+
+class UnknownApiToken(ApplicationError):
+    """No such token among the owner's (someone else's is no different): 404."""
+
+    code = "not_found"
+    field = "token"
+    status = 404
+
+
+def issue_api_token(*, user: "User", name: str = "") -> str:
+    """Create an API token for the user and return it (shown once: only its digest is stored).
+
+    Raises InvalidApiToken for a name that is too long or holds control characters, or past MAX_API_TOKENS.
+    """
+    name = " ".join(name.split())
+    if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
+        raise InvalidApiToken(f"a token's name is at most {MAX_TOKEN_NAME_LENGTH} printable characters")
+    if ApiToken.objects.filter(user=user).count() >= MAX_API_TOKENS:
+        raise InvalidApiToken(f"an account keeps at most {MAX_API_TOKENS} tokens: revoke one first")
+    raw = secrets.token_urlsafe(32)
+    ApiToken.objects.create(user=user, name=name, digest=ApiToken.digest_of(raw))
+    return raw
+
+
+def user_for_token(raw: str) -> "User | None":
+    """The active user a raw API token belongs to, or None."""
+    token = ApiToken.objects.select_related("user").filter(digest=ApiToken.digest_of(raw)).first()
+    if token is None or not token.user.is_active:
+        return None
+    return token.user
+
+
+def revoke_api_token(*, owner: "User", token_id: int) -> None:
+    """Delete one of the owner's tokens: it authenticates nothing from now on. Raises UnknownApiToken."""
+    deleted, _ = ApiToken.objects.filter(pk=token_id, user=owner).delete()
+    if not deleted:
+        raise UnknownApiToken("no such token")

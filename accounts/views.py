@@ -1,5 +1,7 @@
 """The account pages beyond django-allauth's: the profile, with saved addresses."""
 
+import secrets
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
@@ -9,7 +11,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from core.types import AuthenticatedHttpRequest
 
 from . import selectors, services
-from .forms import AddressForm
+from .forms import AddressForm, ApiTokenForm
 
 
 @login_required
@@ -39,3 +41,50 @@ def address_delete(request: AuthenticatedHttpRequest, address_id: int) -> HttpRe
         return HttpResponse("Not found", status=404, content_type="text/plain")
     messages.success(request, "Address deleted. Orders placed with it keep their copy.")
     return redirect("accounts:profile")
+
+
+# The form keys of the token forms this session already used (at most this many kept).
+USED_TOKEN_FORMS = "accounts.used_token_forms"  # noqa: S105 (a session key, not a secret)
+MAX_USED_TOKEN_FORMS = 20
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def api_tokens(request: AuthenticatedHttpRequest) -> HttpResponse:
+    """The signed-in user's API tokens: create one (shown once, never stored), list them, revoke one."""
+    new_token = ""
+    form = ApiTokenForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        used: list[str] = request.session.get(USED_TOKEN_FORMS, [])
+        if form.cleaned_data["form_key"] in used:
+            messages.info(
+                request, "That form already made a token (it is shown only once). Make another if you need one."
+            )
+        else:
+            try:
+                new_token = services.issue_api_token(user=request.user, name=form.cleaned_data["name"])
+            except services.InvalidApiToken as exc:
+                form.add_error("name", str(exc))
+            else:
+                request.session[USED_TOKEN_FORMS] = [*used, form.cleaned_data["form_key"]][-MAX_USED_TOKEN_FORMS:]
+    fresh = ApiTokenForm(initial={"form_key": secrets.token_hex(16)})
+    context = {
+        "form": form if form.errors else fresh,
+        "new_token": new_token,
+        "tokens": selectors.api_tokens_for(owner=request.user),
+    }
+    # A page that shows a secret is never kept by a cache.
+    response = render(request, "accounts/api_tokens.html", context)
+    response["Cache-Control"] = "no-store"
+    return response
+
+
+@login_required
+@require_POST
+def api_token_revoke(request: AuthenticatedHttpRequest, token_id: int) -> HttpResponse:
+    try:
+        services.revoke_api_token(owner=request.user, token_id=token_id)
+    except services.UnknownApiToken:
+        return HttpResponse("Not found", status=404, content_type="text/plain")
+    messages.success(request, "Token revoked: it no longer signs in to the API.")
+    return redirect("accounts:api_tokens")

@@ -338,8 +338,8 @@ def prepare_database() -> tuple[list[str], list[str]]:
     from django.core.management import call_command
     from django.db import connection
 
+    from accounts.services import issue_api_token
     from orders.models import Product
-    from orders.services import issue_api_token
 
     call_command("migrate", verbosity=0)
     with connection.cursor() as cursor:

@@ -11,9 +11,9 @@ from ninja.openapi.schema import OpenAPISchema
 from ninja.parser import Parser
 from ninja.security import HttpBearer, SessionAuth
 
+from accounts import services as account_services
 from core.errors import ApplicationError
 from integrations.errors import ProviderUnavailable
-from orders import services as order_services
 from orders.api import router as orders_router
 
 
@@ -21,7 +21,7 @@ class BearerToken(HttpBearer):
     def authenticate(self, request: HttpRequest, token: str) -> Any | None:
         if len(token) > 200:
             return None
-        return order_services.user_for_token(token)
+        return account_services.user_for_token(token)
 
 
 class InputError(Exception):

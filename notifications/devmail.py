@@ -2,11 +2,14 @@
 
 Sign-up and password reset send links by email; in `make run` those emails are files under
 EMAIL_FILE_PATH (var/emails). `/dev/emails/` lists them, newest first, and shows each one's text
-with its links clickable. With DEBUG off, or another email backend, every page here is a 404.
+with its links clickable. With DEBUG off, or another email backend, every page here is a 404,
+and so it is for a request that does not come from this machine: `ADDRESS=0.0.0.0 make run`
+opens the shop to the network, and the inbox holds sign-in and password-reset links.
 """
 
 import email
 import email.policy
+import ipaddress
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,9 +40,15 @@ class Mail:
     message: EmailMessage
 
 
-def _inbox() -> Path:
+def _inbox(request: HttpRequest) -> Path:
     if not settings.DEBUG or settings.EMAIL_BACKEND != FILE_BACKEND:
         raise Http404("the development inbox is only served with DEBUG on and the file email backend")
+    try:
+        local = ipaddress.ip_address(request.META.get("REMOTE_ADDR", "")).is_loopback
+    except ValueError:
+        local = False
+    if not local:
+        raise Http404("the development inbox is only served to this machine")
     return Path(settings.EMAIL_FILE_PATH)
 
 
@@ -76,14 +85,14 @@ def _linked(text: str) -> SafeString:
 
 @require_GET
 def inbox(request: HttpRequest) -> HttpResponse:
-    mails = [mail for path in _files(_inbox()) for mail in reversed(_read(path))]
+    mails = [mail for path in _files(_inbox(request)) for mail in reversed(_read(path))]
     return render(request, "notifications/devmail_inbox.html", {"mails": mails, "directory": settings.EMAIL_FILE_PATH})
 
 
 @require_GET
 def message(request: HttpRequest, file: str, index: int) -> HttpResponse:
     # Only a file the inbox lists: a name is never joined to a path it came in with.
-    found = {path.name: path for path in _files(_inbox())}.get(file)
+    found = {path.name: path for path in _files(_inbox(request))}.get(file)
     mails = _read(found) if found else []
     if index >= len(mails):
         raise Http404("no such email")

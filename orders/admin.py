@@ -17,7 +17,7 @@ from core.types import AuthenticatedHttpRequest
 
 from . import services as order_services
 from . import stock
-from .models import ApiToken, Order, OrderEvent, OrderItem, Product, StockMovement
+from .models import Order, OrderEvent, OrderItem, Product, StockMovement
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -240,9 +240,3 @@ class OrderAdmin(admin.ModelAdmin):
     @admin.action(description="Fail the held payment and release the stock", permissions=["change"])
     def fail_held(self, request: HttpRequest, queryset: QuerySet[Order]) -> None:
         self._resolve_holds(request, queryset, order_services.fail_held_order, "failed, stock released")
-
-
-@admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
-    list_display = ("user", "created_at")
-    readonly_fields = ("user", "digest", "created_at")

@@ -1,5 +1,9 @@
 """The shopper's cart: `{sku: quantity}` in the session, for visitors and signed-in shoppers alike.
 
+A signed-in shopper's cart is also kept with the account (SavedCart, written on every change):
+at sign-in the account's cart comes back and the visitor's lines are added to it
+(orders/receivers.py), so the cart follows the shopper from one device to another.
+
 A change is checked against the rules of an order (orders.services: at most MAX_ITEMS products,
 1 to MAX_QUANTITY of each, skus the catalogue sells) and against the stock shown, so a cart can be
 placed as it is. The catalogue can change after a line was added: a product no longer sold or
@@ -12,12 +16,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from django.conf import settings
 from django.contrib.sessions.backends.base import SessionBase
+from django.http import HttpRequest
 
 from . import selectors
-from .models import Product
+from .models import Product, SavedCart
 from .services import MAX_ITEMS, MAX_QUANTITY
 
 SESSION_KEY = "cart"
@@ -93,10 +99,11 @@ def _check_stock(product: Product, quantity: int) -> None:
 
 
 class Cart:
-    """The cart of one session. Each change is saved in the session at once."""
+    """The cart of one session. Each change is saved in the session at once, and with the account of `owner`."""
 
-    def __init__(self, session: SessionBase):
+    def __init__(self, session: SessionBase, owner: Any = None):
         self.session = session
+        self.owner = owner
 
     @property
     def quantities(self) -> dict[str, int]:
@@ -110,6 +117,15 @@ class Cart:
             self.session[SESSION_KEY] = quantities
         else:
             self.session.pop(SESSION_KEY, None)
+        if self.owner is not None:
+            SavedCart.objects.update_or_create(owner=self.owner, defaults={"quantities": quantities})
+
+    def restore_saved(self) -> None:
+        """Put the account's saved cart in the session (at sign-in, before the visitor's lines are added)."""
+        saved = SavedCart.objects.filter(owner=self.owner).values_list("quantities", flat=True).first()
+        quantities = _valid_quantities(saved)
+        if quantities:
+            self.session[SESSION_KEY] = quantities
 
     def _product(self, sku: str) -> Product:
         product = selectors.product_get(sku=sku) if 0 < len(sku) <= SKU_MAX_LENGTH else None
@@ -200,3 +216,9 @@ class Cart:
     def items(self) -> list[tuple[str, int]]:
         """The lines as orders.services.place_order takes them."""
         return sorted(self.quantities.items())
+
+
+def cart_for(request: HttpRequest) -> Cart:
+    """The request's cart, kept with the account too when the shopper is signed in."""
+    user = getattr(request, "user", None)
+    return Cart(request.session, owner=user if user is not None and user.is_authenticated else None)

@@ -1,4 +1,3 @@
-import hashlib
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -134,21 +133,6 @@ class OrderEvent(models.Model):
         return f"{self.order_id}: {self.from_status or '-'} -> {self.to_status}"
 
 
-class ApiToken(models.Model):
-    """A bearer token for the API. Only its SHA-256 digest is stored."""
-
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
-    digest = models.CharField(max_length=64, unique=True)
-    created_at = models.DateTimeField(auto_now_add=True)
-
-    def __str__(self) -> str:
-        return f"token for {self.user}"
-
-    @staticmethod
-    def digest_of(raw: str) -> str:
-        return hashlib.sha256(raw.encode()).hexdigest()
-
-
 class StockMovement(models.Model):
     """Ledger row: one per change of a product's stock on hand, written by orders.stock only."""
 
@@ -189,3 +173,18 @@ class StockMovement(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.delta:+d} (product {self.product_id})"
+
+
+class SavedCart(models.Model):
+    """A signed-in shopper's cart, kept with the account: {sku: quantity}, as the session holds it (orders/cart.py).
+
+    Written on every change of a signed-in shopper's cart; at sign-in it is read back and the
+    visitor's cart is added to it, so a cart follows its shopper from one device to another.
+    """
+
+    owner = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="saved_cart")
+    quantities = models.JSONField(default=dict, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"cart of {self.owner} ({len(self.quantities)} products)"

@@ -22,7 +22,7 @@ from payments import services as payment_services
 from payments.models import Payment
 
 from . import pipeline, stock
-from .models import ApiToken, Order, OrderItem, Product
+from .models import Order, OrderItem, Product
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -438,18 +438,3 @@ def fail_held_order(*, order_id: int) -> Order:
             raise NotOnHold(order, "fail its payment", order_id)
         _release_stock(order)
         return pipeline.set_status(order, Order.Status.PAYMENT_FAILED, note="payment failed by staff; stock released")
-
-
-def issue_api_token(*, user: "User") -> str:
-    """Create an API token for the user and return it; only its digest is stored."""
-    raw = secrets.token_urlsafe(32)
-    ApiToken.objects.create(user=user, digest=ApiToken.digest_of(raw))
-    return raw
-
-
-def user_for_token(raw: str) -> "User | None":
-    """The active user a raw API token belongs to, or None."""
-    token = ApiToken.objects.select_related("user").filter(digest=ApiToken.digest_of(raw)).first()
-    if token is None or not token.user.is_active:
-        return None
-    return token.user

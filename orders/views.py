@@ -21,7 +21,7 @@ from payments import services as payment_services
 from payments.models import PaymentMethod
 
 from . import selectors, services
-from .cart import SKU_MAX_LENGTH, Cart, CartRefused, CartSummary
+from .cart import SKU_MAX_LENGTH, Cart, CartRefused, CartSummary, cart_for
 from .forms import (
     TEST_CARDS,
     CartAddForm,
@@ -43,7 +43,7 @@ def home(request: HttpRequest) -> HttpResponse:
     form = CatalogueSearchForm(request.GET)
     search = form.cleaned_data["q"].strip() if form.is_valid() else ""
     page = Paginator(selectors.product_list(search=search), PRODUCTS_PER_PAGE).get_page(request.GET.get("page"))
-    context = {"form": form, "search": search, "page": page, "in_cart": Cart(request.session).quantities}
+    context = {"form": form, "search": search, "page": page, "in_cart": cart_for(request).quantities}
     return render(request, "orders/home.html", context, status=200 if form.is_valid() else 400)
 
 
@@ -57,7 +57,7 @@ def product_detail(request: HttpRequest) -> HttpResponse:
     context = {
         "product": product,
         "paragraphs": [part.strip() for part in product.description.split("\n\n") if part.strip()],
-        "in_cart": Cart(request.session).quantities.get(product.sku, 0),
+        "in_cart": cart_for(request).quantities.get(product.sku, 0),
         "form": CartAddForm(initial={"sku": product.sku, "quantity": 1}),
     }
     return render(request, "orders/product_detail.html", context)
@@ -120,14 +120,14 @@ def _first_error(form: CartAddForm | CartSetForm | CartRemoveForm) -> str:
 
 @require_GET
 def cart_detail(request: HttpRequest) -> HttpResponse:
-    cart = Cart(request.session)
+    cart = cart_for(request)
     _take_back_unpaid(request, cart)
     return _cart_page(request, cart)
 
 
 @require_POST
 def cart_add(request: HttpRequest) -> HttpResponse:
-    cart = Cart(request.session)
+    cart = cart_for(request)
     form = CartAddForm(request.POST)
     if not form.is_valid():
         return _refused(request, cart, _first_error(form))
@@ -141,7 +141,7 @@ def cart_add(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 def cart_set(request: HttpRequest) -> HttpResponse:
-    cart = Cart(request.session)
+    cart = cart_for(request)
     form = CartSetForm(request.POST)
     if not form.is_valid():
         return _refused(request, cart, _first_error(form))
@@ -158,7 +158,7 @@ def cart_set(request: HttpRequest) -> HttpResponse:
 
 @require_POST
 def cart_remove(request: HttpRequest) -> HttpResponse:
-    cart = Cart(request.session)
+    cart = cart_for(request)
     form = CartRemoveForm(request.POST)
     if not form.is_valid():
         return _refused(request, cart, _first_error(form))
@@ -251,7 +251,7 @@ def _new_address(form: CheckoutForm) -> dict[str, str] | None:
 @require_http_methods(["GET", "POST"])
 def checkout(request: AuthenticatedHttpRequest) -> HttpResponse:
     """Address and card; a valid choice shows the review, whose button places the order."""
-    cart = Cart(request.session)
+    cart = cart_for(request)
     _take_back_unpaid(request, cart)
     summary = cart.summary()
     blocked = _checkout_blocked(request, summary)
@@ -319,7 +319,7 @@ def checkout_place(request: AuthenticatedHttpRequest) -> HttpResponse:
         dict(_owned_address(request, address_id)) if address_id is not None else form.new_address()
     )
     card = _owned_card(request, form.cleaned_data["payment_method_id"])
-    cart = Cart(request.session)
+    cart = cart_for(request)
     blocked = _checkout_blocked(request, cart.summary())
     if blocked is not None:
         return blocked

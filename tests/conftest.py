@@ -20,7 +20,7 @@ from django.conf import settings
 from django.db import connection
 from django.test import override_settings
 
-from orders.services import issue_api_token
+from accounts.services import issue_api_token
 from tests.factories import ProductFactory, UserFactory
 
 pytest_plugins = ["tests.sandbox_fixtures"]
@@ -130,6 +130,16 @@ def provider_in_use(request):
             stack.enter_context(target.serving())
         stack.enter_context(override_settings(PAYMENT_PROVIDER_URL=target.url, FULFILLMENT_API_URL=target.url))
         yield target
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache():
+    """The cache holds allauth's rate limits (30 sign-ins a minute per address...): each test starts with none."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()
 
 
 @pytest.fixture

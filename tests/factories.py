@@ -38,6 +38,17 @@ class AddressFactory(factory.django.DjangoModelFactory):
     country = "DE"
 
 
+class ApiTokenFactory(factory.django.DjangoModelFactory):
+    """A token whose raw value no one knows (only a digest is stored): for pages that list or revoke tokens."""
+
+    class Meta:
+        model = "accounts.ApiToken"
+
+    user = factory.SubFactory(UserFactory)
+    name = "a token"
+    digest = factory.Sequence(lambda n: f"{n:064x}")
+
+
 class ProductFactory(factory.django.DjangoModelFactory):
     class Meta:
         model = Product

@@ -11,10 +11,11 @@ import time
 import pytest
 import requests
 
+from accounts.services import issue_api_token
 from config.celery import app
 from core.models import OutboxItem
 from orders.models import Order
-from orders.services import issue_api_token, place_order
+from orders.services import place_order
 from tests.factories import ProductFactory, UserFactory
 from tests.stack import RedisServer, wait_for
 

@@ -36,11 +36,11 @@ import requests
 from django.db import connections
 from django.db.models import Count, Q, Sum
 
+from accounts.services import issue_api_token
 from core.models import OutboxItem
 from notifications.models import Notification
 from ops.models import FailedTask
 from orders.models import Order, OrderEvent, OrderItem, Product, StockMovement
-from orders.services import issue_api_token
 from payments.models import Payment
 from tests.factories import ProductFactory, UserFactory
 from tests.sandbox_fixtures import SandboxClient, SandboxProcess

@@ -21,6 +21,7 @@ import pytest
 import requests
 from django.db import transaction
 
+from accounts.services import issue_api_token
 from config.celery import app
 from core.models import OutboxItem
 from notifications.models import Notification
@@ -28,7 +29,7 @@ from notifications.services import notify
 from ops.deadletters import PAYMENT_NEEDS_ATTENTION
 from ops.models import FailedTask
 from orders.models import Order, Product
-from orders.services import HOLD_MESSAGES, issue_api_token, place_order
+from orders.services import HOLD_MESSAGES, place_order
 from payments.models import Payment, WebhookEvent
 from reports.models import Report
 from tests.factories import OrderFactory, PaymentFactory, ProductFactory, UserFactory

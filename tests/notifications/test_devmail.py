@@ -70,3 +70,12 @@ def test_with_debug_off_or_another_backend_the_inbox_is_not_there(client, settin
 
 def test_an_empty_inbox_says_how_to_fill_it(client, inbox):
     assert "No emails yet" in client.get("/dev/emails/").content.decode()
+
+
+@pytest.mark.parametrize("address", ["192.168.1.20", "10.0.0.5", "203.0.113.9", "", "not-an-address"])
+def test_the_inbox_is_served_only_to_this_machine(inbox, address):
+    from django.test import Client
+
+    send("Reset your password", "http://127.0.0.1:8000/accounts/password/reset/key/1-x/")
+    assert Client(REMOTE_ADDR=address).get("/dev/emails/").status_code == 404
+    assert Client(REMOTE_ADDR="::1").get("/dev/emails/").status_code == 200

@@ -5,8 +5,8 @@ from decimal import Decimal
 import pytest
 from django.test import Client
 
+from accounts.services import issue_api_token
 from orders.models import Order
-from orders.services import issue_api_token
 from tests.factories import ProductFactory
 
 pytestmark = pytest.mark.django_db

@@ -348,3 +348,59 @@ def test_signing_out_empties_the_cart(client, mug):
     client.post("/accounts/logout/")
 
     assert cart_of(client) == {}
+
+
+# --- The cart kept with the account ------------------------------------------------------------
+
+
+def test_a_signed_in_shoppers_cart_follows_them_to_another_device_and_takes_that_visitors_lines(mug, tee):
+    from orders.models import SavedCart
+
+    shopper = UserFactory()
+    laptop, phone = Client(), Client()
+    laptop.post("/accounts/login/", {"login": shopper.username, "password": PASSWORD})
+    laptop.post(ADD, {"sku": "MUG-001", "quantity": "2"})
+    assert SavedCart.objects.get(owner=shopper).quantities == {"MUG-001": 2}
+
+    # On the phone, as a visitor first, then signed in: the account's lines come back, the visitor's add up.
+    phone.post(ADD, {"sku": "MUG-001", "quantity": "1"})
+    phone.post(ADD, {"sku": "TEE-001", "quantity": "1"})
+    phone.post("/accounts/login/", {"login": shopper.username, "password": PASSWORD})
+
+    assert cart_of(phone) == {"MUG-001": 3, "TEE-001": 1}
+    assert SavedCart.objects.get(owner=shopper).quantities == {"MUG-001": 3, "TEE-001": 1}
+
+
+def test_a_cart_emptied_on_one_device_is_empty_at_the_next_sign_in(mug):
+    shopper = UserFactory()
+    client = Client()
+    client.post("/accounts/login/", {"login": shopper.username, "password": PASSWORD})
+    client.post(ADD, {"sku": "MUG-001", "quantity": "2"})
+    client.post("/orders/cart/remove/", {"sku": "MUG-001"})
+    client.post("/accounts/logout/")
+
+    client.post("/accounts/login/", {"login": shopper.username, "password": PASSWORD})
+    assert cart_of(client) == {}
+
+
+def test_a_saved_cart_comes_back_to_its_own_owner_only(mug):
+    owner, other = UserFactory(), UserFactory()
+    first = Client()
+    first.post("/accounts/login/", {"login": owner.username, "password": PASSWORD})
+    first.post(ADD, {"sku": "MUG-001", "quantity": "4"})
+
+    second = Client()
+    second.post("/accounts/login/", {"login": other.username, "password": PASSWORD})
+    assert cart_of(second) == {}
+
+
+def test_a_saved_cart_holding_what_the_rules_refuse_comes_back_without_it(mug):
+    from orders.models import SavedCart
+
+    shopper = UserFactory()
+    SavedCart.objects.create(
+        owner=shopper, quantities={"MUG-001": 2, "": 1, "TEE-001": -3, "X" * 200: 1, "MUG-002": "7"}
+    )
+    client = Client()
+    client.post("/accounts/login/", {"login": shopper.username, "password": PASSWORD})
+    assert cart_of(client) == {"MUG-001": 2}

@@ -4,7 +4,7 @@ import io
 import pytest
 from django.test import Client
 
-from orders.services import issue_api_token
+from accounts.services import issue_api_token
 from tests.factories import UserFactory
 
 

@@ -19,13 +19,14 @@ from django.core.files.base import ContentFile
 from django.test import Client, override_settings
 from django.urls import URLPattern, URLResolver, get_resolver
 
+from accounts.services import issue_api_token
 from config.api import api
 from orders.models import Order
-from orders.services import issue_api_token
 from payments.models import Subscription, WebhookEvent
 from reports.models import Report
 from tests.factories import (
     AddressFactory,
+    ApiTokenFactory,
     OrderFactory,
     PaymentMethodFactory,
     ReportFactory,
@@ -70,6 +71,7 @@ OBJECT_FACTORIES: dict[str, Callable] = {
     "report_id": make_report,
     "address_id": lambda owner: AddressFactory(owner=owner),
     "payment_method_id": lambda owner: PaymentMethodFactory(owner=owner),
+    "token_id": lambda owner: ApiTokenFactory(user=owner),
 }
 
 

@@ -18,7 +18,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from orders.services import issue_api_token
+from accounts.services import issue_api_token
 from tests.factories import OrderFactory, ProductFactory, UserFactory
 
 # Some 20 s on two cores: in `make test`, not in the one-minute unit tier (`pytest -m fuzz` alone).

@@ -4,7 +4,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from orders.services import issue_api_token
+from accounts.services import issue_api_token
 
 
 class Command(BaseCommand):
