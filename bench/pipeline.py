@@ -167,19 +167,6 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM in KiB; empty once the process has exited."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    return {
-        key: int(rest.split()[0])
-        for key, _, rest in (line.partition(":") for line in text.splitlines())
-        if key in ("VmRSS", "VmHWM")
-    }
-
-
 class MemorySampler(threading.Thread):
     """Peak VmRSS (sampled) and VmHWM of every pool process of the given workers, until stopped."""
 
@@ -194,6 +181,8 @@ class MemorySampler(threading.Thread):
             self.sample()
 
     def sample(self) -> None:
+        from tests.stack import memory_kb
+
         for name, parent in self.workers.items():
             for pid in children_of(parent):
                 peak = self.peaks[name].setdefault(pid, {"VmRSS": 0, "VmHWM": 0})

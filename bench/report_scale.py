@@ -161,27 +161,13 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process in KiB; empty once it has exited."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return {}
-    values = {}
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            values[key] = int(rest.split()[0])
-    return values
-
-
 def run(lines: int, formats: list[str]) -> dict:
     from django.conf import settings
     from django.contrib.auth import get_user_model
 
     from reports import services
     from reports.models import Report
-    from tests.stack import start_celery_worker
+    from tests.stack import memory_kb, start_celery_worker
 
     staff = get_user_model().objects.get(username=BENCH_STAFF)
     with tempfile.TemporaryDirectory(prefix="bench-worker-") as logdir:

@@ -2,16 +2,20 @@
 command from the Procfile."""
 
 import contextlib
+import email
 import os
 import re
 import shutil
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from email.header import decode_header, make_header
 from pathlib import Path
 
 import pytest
@@ -299,3 +303,92 @@ def unreachable_broker():
     finally:
         app.conf.update(saved_conf)
         app._pool, app.amqp._producer_pool = saved_pools
+
+
+class MailServer:
+    """A minimal SMTP server of the test's own (the commands smtplib sends) on a port chosen up front.
+
+    It accepts every message and keeps it (`messages`, `subjects`). Until `start`, and after `stop`,
+    nothing listens on the port: a send is refused at once, as with a mail server that is down;
+    `start` opens the same port again.
+    """
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.messages: list[bytes] = []
+        self.lock = threading.Lock()
+        self.server: socketserver.ThreadingTCPServer | None = None
+
+    @property
+    def url(self) -> str:
+        return f"smtp://127.0.0.1:{self.port}"
+
+    @property
+    def subjects(self) -> list[str]:
+        with self.lock:
+            messages = list(self.messages)
+        return [str(make_header(decode_header(email.message_from_bytes(raw)["Subject"] or ""))) for raw in messages]
+
+    def start(self) -> None:
+        mail = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                mail._converse(self.rfile, self.wfile)
+
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                return sock.recv(64).startswith(b"220")
+        except OSError:
+            return False
+
+    def _converse(self, rfile, wfile) -> None:
+        wfile.write(b"220 mail.test ESMTP\r\n")
+        while line := rfile.readline():
+            verb = line[:4].upper()
+            if verb == b"EHLO":
+                wfile.write(b"250-mail.test\r\n250 HELP\r\n")
+            elif verb == b"HELO":
+                wfile.write(b"250 mail.test\r\n")
+            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                wfile.write(b"250 OK\r\n")
+            elif verb == b"DATA":
+                wfile.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                lines = []
+                while (data := rfile.readline()) not in (b".\r\n", b""):
+                    lines.append(data[1:] if data.startswith(b"..") else data)  # dot-unstuffing
+                with self.lock:
+                    self.messages.append(b"".join(lines))
+                wfile.write(b"250 OK: queued\r\n")
+            elif verb == b"QUIT":
+                wfile.write(b"221 Bye\r\n")
+                return
+            else:
+                wfile.write(b"502 Command not implemented\r\n")
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process in KiB; empty once it has exited (bench/: pool processes' memory)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return {
+        key: int(rest.split()[0])
+        for key, _, rest in (line.partition(":") for line in text.splitlines())
+        if key in ("VmRSS", "VmHWM")
+    }

@@ -15,8 +15,10 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -148,10 +150,11 @@ def browser() -> Iterator[Browser]:
             os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = previous
 
 
-@pytest.fixture
-def page(browser, live_stack) -> Iterator[Page]:
-    """A fresh browser context (no cookies) on the live stack; refused by the Content-Security-Policy is a failure."""
-    context = browser.new_context(base_url=live_stack.url, accept_downloads=True)
+@contextmanager
+def open_page(browser: Browser, live_stack: LiveStack, **context_options: Any) -> Iterator[Page]:
+    """A page in a fresh browser context (no cookies) on the live stack; refused by the Content-Security-Policy
+    is a failure."""
+    context = browser.new_context(base_url=live_stack.url, **context_options)
     context.set_default_timeout(15_000)
     page = context.new_page()
     page.console_errors = []
@@ -161,6 +164,12 @@ def page(browser, live_stack) -> Iterator[Page]:
     errors = list(page.console_errors)
     context.close()
     assert not [error for error in errors if "Content Security Policy" in error], errors
+
+
+@pytest.fixture
+def page(browser, live_stack) -> Iterator[Page]:
+    with open_page(browser, live_stack, accept_downloads=True) as page:
+        yield page
 
 
 def make_user(**fields):

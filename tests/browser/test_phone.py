@@ -15,7 +15,7 @@ from playwright.sync_api import Page, expect
 
 from orders.models import Order
 from orders.services import HOLD_MESSAGES
-from tests.browser.conftest import PASSWORD, PHONE, check_on_phone_and_desktop, make_user
+from tests.browser.conftest import PHONE, check_on_phone_and_desktop, make_user, open_page, sign_in
 from tests.factories import OrderFactory, PlanFactory, ProductFactory
 from tests.sandbox_fixtures import SandboxClient
 
@@ -27,19 +27,11 @@ FLOW_TIMEOUT = 45_000
 
 @pytest.fixture
 def page(browser, live_stack) -> Iterator[Page]:
-    """A phone-sized browser in New York on the live stack; refused by the Content-Security-Policy is a failure."""
-    context = browser.new_context(
-        base_url=live_stack.url, viewport=PHONE, locale="en-US", timezone_id="America/New_York", has_touch=True
-    )
-    context.set_default_timeout(15_000)
-    page = context.new_page()
-    page.console_errors = []
-    page.on("console", lambda message: message.type == "error" and page.console_errors.append(message.text))
-    page.on("pageerror", lambda error: page.console_errors.append(str(error)))
-    yield page
-    errors = list(page.console_errors)
-    context.close()
-    assert not [error for error in errors if "Content Security Policy" in error], errors
+    """A phone-sized browser in New York on the live stack."""
+    with open_page(
+        browser, live_stack, viewport=PHONE, locale="en-US", timezone_id="America/New_York", has_touch=True
+    ) as page:
+        yield page
 
 
 @pytest.fixture
@@ -49,16 +41,6 @@ def provider(payment_provider) -> Iterator[SandboxClient]:
     before = client.get("/v1/faults").json()
     yield client
     client.set_faults(**{key: before[key] for key in ("decline_rate",)})
-
-
-def sign_in(page: Page, user) -> None:
-    """Sign in through the page, whichever form it shows (a username field, or one for a username or email)."""
-    page.goto("/accounts/login/")
-    form = page.locator("main form").filter(has=page.locator("input[type=password]"))
-    form.locator("input[name=login], input[name=username]").fill(user.username)
-    form.locator("input[type=password]").fill(PASSWORD)
-    form.locator("button[type=submit]").click()
-    page.get_by_role("button", name=re.compile(rf"^Sign out \({user.username}\)$", re.IGNORECASE)).wait_for()
 
 
 def place_order_on_the_page(page: Page, product_name: str, quantity: int) -> None:

@@ -16,19 +16,15 @@ order in a final status or on hold with a reason for the shopper, every email se
 answer but 503 among the 5xx.
 """
 
-import email
 import json
 import os
 import random
 import signal
-import socket
-import socketserver
 import subprocess
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from email.header import decode_header, make_header
 
 import pytest
 import redis
@@ -44,7 +40,7 @@ from orders.models import Order, OrderEvent, OrderItem, Product, StockMovement
 from payments.models import Payment
 from tests.factories import ProductFactory, UserFactory
 from tests.sandbox_fixtures import SandboxClient, SandboxProcess
-from tests.stack import Processes, RedisServer, free_port, http_ok, wait_for
+from tests.stack import MailServer, Processes, RedisServer, free_port, http_ok, wait_for
 
 pytestmark = [
     pytest.mark.worker,
@@ -98,70 +94,6 @@ PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 RELAY_TASK = "core.tasks.relay_outbox"
 ORDER_STEPS = ("orders.tasks.process_order", "orders.tasks.charge_order", "orders.tasks.sync_to_fulfillment")
 RESUMABLE = ("orders.tasks.sync_to_fulfillment", "notifications.tasks.send_notification")
-
-
-class _ReusableServer(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True  # the same port again right after a stop
-    daemon_threads = True
-
-
-class MailServer:
-    """A minimal SMTP server of the test's own: it accepts every message and keeps its subject.
-
-    `stop` closes the port (a mail outage: connections are refused); `start` opens the same port again.
-    """
-
-    def __init__(self):
-        self.port = free_port()
-        self.subjects: list[str] = []
-        self.lock = threading.Lock()
-        self.server: _ReusableServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        sink = self
-
-        class Session(socketserver.StreamRequestHandler):
-            def reply(self, line: str) -> None:
-                self.wfile.write(line.encode() + b"\r\n")
-
-            def handle(self) -> None:
-                self.reply("220 chaos-mail ESMTP")
-                while line := self.rfile.readline():
-                    verb = line.decode(errors="replace").strip().split(" ", 1)[0].upper()
-                    if verb == "DATA":
-                        self.reply("354 end with <CRLF>.<CRLF>")
-                        lines = []
-                        while (data := self.rfile.readline()) not in (b".\r\n", b""):
-                            lines.append(data[1:] if data.startswith(b"..") else data)  # dot-unstuffing
-                        message = email.message_from_bytes(b"".join(lines))
-                        with sink.lock:
-                            sink.subjects.append(str(make_header(decode_header(message["Subject"] or ""))))
-                        self.reply("250 queued")
-                    elif verb == "QUIT":
-                        self.reply("221 bye")
-                        return
-                    else:  # EHLO, MAIL, RCPT, RSET, NOOP
-                        self.reply("250 ok")
-
-        self.server = _ReusableServer(("127.0.0.1", self.port), Session)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-    def answers(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
-                return sock.recv(64).startswith(b"220")
-        except OSError:
-            return False
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from orders.services import HOLD_MESSAGES, place_order
 from payments.models import Payment, WebhookEvent
 from reports.models import Report
 from tests.factories import OrderFactory, PaymentFactory, ProductFactory, UserFactory
-from tests.stack import RedisServer, free_port, wait_for
+from tests.stack import MailServer, RedisServer, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -140,67 +140,6 @@ def _read_http_request(sock: socket.socket) -> tuple[bytes, bytes] | None:
             return None
         body += chunk
     return head, body
-
-
-class MailServer:
-    """A minimal SMTP server (the commands smtplib sends) on a port chosen up front; it keeps what it accepts.
-
-    Until `start`, nothing listens on the port: a send is refused at once, as with a mail server that is down.
-    """
-
-    def __init__(self):
-        self.port = free_port()
-        self.messages: list[bytes] = []
-        self.lock = threading.Lock()
-        self.server: socketserver.ThreadingTCPServer | None = None
-
-    @property
-    def url(self) -> str:
-        return f"smtp://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        mail = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                mail._converse(self.rfile, self.wfile)
-
-        class Server(socketserver.ThreadingTCPServer):
-            allow_reuse_address = True
-            daemon_threads = True
-
-        self.server = Server(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
-    def _converse(self, rfile, wfile) -> None:
-        wfile.write(b"220 mail.test ESMTP\r\n")
-        while line := rfile.readline():
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                wfile.write(b"250-mail.test\r\n250 HELP\r\n")
-            elif verb == b"HELO":
-                wfile.write(b"250 mail.test\r\n")
-            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
-                wfile.write(b"250 OK\r\n")
-            elif verb == b"DATA":
-                wfile.write(b"354 End data with <CR><LF>.<CR><LF>\r\n")
-                lines = []
-                while (data := rfile.readline()) not in (b".\r\n", b""):
-                    lines.append(data)
-                with self.lock:
-                    self.messages.append(b"".join(lines))
-                wfile.write(b"250 OK: queued\r\n")
-            elif verb == b"QUIT":
-                wfile.write(b"221 Bye\r\n")
-                return
-            else:
-                wfile.write(b"502 Command not implemented\r\n")
 
 
 @pytest.fixture
