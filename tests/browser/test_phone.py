@@ -172,16 +172,3 @@ def test_subscriptions_follow_the_first_charge_live_on_a_phone(page):
     expect(payment.locator("td[data-label=Date] time")).to_have_text(re.compile(r" E[SD]T$"))
     assert page.evaluate("() => window.sameDocument === true"), "the subscriptions page was reloaded"
     check_on_phone_and_desktop(page, "subscriptions")
-
-
-def test_reports_on_a_phone(page):
-    shopper = make_user()
-    OrderFactory(owner=shopper, status=Order.Status.FULFILLED)
-    sign_in(page, shopper)
-    page.goto("/reports/")
-    page.get_by_label("Format").select_option("csv")
-    page.get_by_role("button", name="Request report").click()
-    row = page.locator("#reports tbody tr[data-report-id]")
-    expect(row.locator("[data-role=status]")).to_have_text("Done", timeout=FLOW_TIMEOUT)
-    expect(row.get_by_role("link", name="Download")).to_be_visible()
-    check_on_phone_and_desktop(page, "reports")

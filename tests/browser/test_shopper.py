@@ -8,7 +8,7 @@ import pytest
 from playwright.sync_api import expect
 
 from orders.models import Order
-from tests.browser.conftest import make_user, sign_in
+from tests.browser.conftest import check_on_phone_and_desktop, make_user, sign_in
 from tests.factories import OrderFactory, PlanFactory, ProductFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -102,6 +102,8 @@ def test_request_a_report_and_download_it(page):
     row = page.locator("#reports tbody tr[data-report-id]")
     expect(row).to_have_count(1)
     expect(row.locator("[data-role=status]")).to_have_text("Done", timeout=FLOW_TIMEOUT)
+    # The reports page on a phone too (tests/browser/test_phone.py has the other pages).
+    check_on_phone_and_desktop(page, "reports")
     with page.expect_download() as download_info:
         row.get_by_role("link", name="Download").click()
     download = download_info.value
