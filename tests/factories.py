@@ -211,3 +211,50 @@ class OutboxItemFactory(factory.django.DjangoModelFactory):
 
     task_name = "notifications.tasks.send_notification"
     args = factory.Sequence(lambda n: [n])
+
+
+class OrderEventFactory(factory.django.DjangoModelFactory):
+    """A status change in an order's history, made directly (the pipeline writes the real ones)."""
+
+    class Meta:
+        model = "orders.OrderEvent"
+
+    order = factory.SubFactory(OrderFactory)
+    from_status = "pending"
+    to_status = "confirmed"
+    note = "stock reserved"
+
+
+class SavedCartFactory(factory.django.DjangoModelFactory):
+    """A signed-in shopper's cart kept with the account."""
+
+    class Meta:
+        model = "orders.SavedCart"
+
+    owner = factory.SubFactory(UserFactory)
+    quantities = factory.LazyFunction(lambda: {"MUG-001": 1})
+
+
+class PaymentMismatchFactory(factory.django.DjangoModelFactory):
+    """A disagreement with the provider's ledger, as reconciliation records it."""
+
+    class Meta:
+        model = "payments.PaymentMismatch"
+
+    kind = "amount_mismatch"
+    payment = factory.SubFactory(PaymentFactory)
+    reference = factory.SelfAttribute("payment.idempotency_key")
+    provider_charge_id = factory.Sequence(lambda n: f"ch_{n:024x}")
+    details = "amount 12.50 != 10.00"
+
+
+class OutgoingEmailFactory(factory.django.DjangoModelFactory):
+    """A rendered account email waiting to be sent (notifications.services.queue_email also dispatches it)."""
+
+    class Meta:
+        model = "notifications.OutgoingEmail"
+
+    kind = "account/email/email_confirmation_signup"
+    to = factory.Sequence(lambda n: f"person{n}@example.com")
+    subject = "[Shop] Please confirm your email address"
+    body_text = "http://testserver/accounts/confirm-email/key/"
