@@ -43,12 +43,19 @@ class ApiToken(models.Model):
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
     name = models.CharField(max_length=100, blank=True, default="")
     digest = models.CharField(max_length=64, unique=True)
+    # The key of the page form that made it: two submits of one form (a double click) make one token.
+    form_key = models.CharField(max_length=32, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         # The table it had in the orders app (moved without copying a row).
         db_table = "orders_apitoken"
         ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["user", "form_key"], condition=~models.Q(form_key=""), name="api_token_once_per_form"
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"token {self.name or self.pk} for {self.user}"

@@ -4,6 +4,8 @@ import re
 import secrets
 from typing import TYPE_CHECKING
 
+from django.db import IntegrityError, transaction
+
 from core.errors import ApplicationError
 
 from .models import ADDRESS_FIELDS, Address, ApiToken
@@ -108,10 +110,12 @@ class UnknownApiToken(ApplicationError):
     status = 404
 
 
-def issue_api_token(*, user: "User", name: str = "") -> str:
+def issue_api_token(*, user: "User", name: str = "", form_key: str = "") -> str:
     """Create an API token for the user and return it (shown once: only its digest is stored).
 
-    Raises InvalidApiToken for a name that is too long or holds control characters, or past MAX_API_TOKENS.
+    With `form_key` (the page form's), a second call with the same key makes nothing and returns ""
+    (a unique constraint decides, also for two submits at the same moment). Raises InvalidApiToken
+    for a name that is too long or holds control characters, or past MAX_API_TOKENS.
     """
     name = " ".join(name.split())
     if len(name) > MAX_TOKEN_NAME_LENGTH or not name.isprintable():
@@ -119,7 +123,13 @@ def issue_api_token(*, user: "User", name: str = "") -> str:
     if ApiToken.objects.filter(user=user).count() >= MAX_API_TOKENS:
         raise InvalidApiToken(f"an account keeps at most {MAX_API_TOKENS} tokens: revoke one first")
     raw = secrets.token_urlsafe(32)
-    ApiToken.objects.create(user=user, name=name, digest=ApiToken.digest_of(raw))
+    try:
+        with transaction.atomic():
+            ApiToken.objects.create(user=user, name=name, form_key=form_key, digest=ApiToken.digest_of(raw))
+    except IntegrityError:
+        if form_key and ApiToken.objects.filter(user=user, form_key=form_key).exists():
+            return ""
+        raise
     return raw
 
 

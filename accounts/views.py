@@ -43,11 +43,6 @@ def address_delete(request: AuthenticatedHttpRequest, address_id: int) -> HttpRe
     return redirect("accounts:profile")
 
 
-# The form keys of the token forms this session already used (at most this many kept).
-USED_TOKEN_FORMS = "accounts.used_token_forms"  # noqa: S105 (a session key, not a secret)
-MAX_USED_TOKEN_FORMS = 20
-
-
 @login_required
 @require_http_methods(["GET", "POST"])
 def api_tokens(request: AuthenticatedHttpRequest) -> HttpResponse:
@@ -55,18 +50,17 @@ def api_tokens(request: AuthenticatedHttpRequest) -> HttpResponse:
     new_token = ""
     form = ApiTokenForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
-        used: list[str] = request.session.get(USED_TOKEN_FORMS, [])
-        if form.cleaned_data["form_key"] in used:
-            messages.info(
-                request, "That form already made a token (it is shown only once). Make another if you need one."
+        try:
+            new_token = services.issue_api_token(
+                user=request.user, name=form.cleaned_data["name"], form_key=form.cleaned_data["form_key"]
             )
+        except services.InvalidApiToken as exc:
+            form.add_error("name", str(exc))
         else:
-            try:
-                new_token = services.issue_api_token(user=request.user, name=form.cleaned_data["name"])
-            except services.InvalidApiToken as exc:
-                form.add_error("name", str(exc))
-            else:
-                request.session[USED_TOKEN_FORMS] = [*used, form.cleaned_data["form_key"]][-MAX_USED_TOKEN_FORMS:]
+            if not new_token:
+                messages.info(
+                    request, "That form already made a token (it is shown only once). Make another if you need one."
+                )
     fresh = ApiTokenForm(initial={"form_key": secrets.token_hex(16)})
     context = {
         "form": form if form.errors else fresh,

@@ -102,3 +102,22 @@ def test_an_account_keeps_at_most_twenty_tokens(client):
     response = make(client, form_key="1" * 32)
     assert "at most 20 tokens" in response.content.decode()
     assert ApiToken.objects.filter(user=user).count() == services.MAX_API_TOKENS
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_submits_of_one_form_at_the_same_moment_make_one_token():
+    """A double click sends both requests before either has answered: the session cannot tell them apart."""
+    from tests.concurrency import run_concurrently
+
+    user = UserFactory()
+    client = Client()
+    client.force_login(user)
+    cookies = client.cookies
+
+    def submit(_: int) -> int:
+        racer = Client()
+        racer.cookies = cookies
+        return make(racer, form_key="2" * 32).status_code
+
+    assert run_concurrently(4, submit) == [200] * 4
+    assert ApiToken.objects.filter(user=user).count() == 1
