@@ -16,10 +16,17 @@ class Notification(models.Model):
         ORDER_FULFILLED = "order_fulfilled"
         SUBSCRIPTION_CHARGED = "subscription_charged"
         SUBSCRIPTION_DECLINED = "subscription_declined"
+        # After the last retry of a declined renewal (payments/dunning.py): the subscription ended.
+        SUBSCRIPTION_CANCELLED_UNPAID = "subscription_cancelled_unpaid"
+        ORDER_EXPIRED = "order_expired"
+        REFUND_REQUESTED = "refund_requested"
+        REFUND_SUCCEEDED = "refund_succeeded"
 
     class ObjectType(models.TextChoices):
         ORDER = "order"
         PAYMENT = "payment"
+        SUBSCRIPTION = "subscription"
+        REFUND = "refund"
 
     class Status(models.TextChoices):
         PENDING = "pending"

@@ -19,7 +19,7 @@ from core import outbox
 from core.db import insert_unless_exists
 from core.task_base import TRANSIENT_ERRORS
 from orders.models import Order
-from payments.models import Payment
+from payments.models import Payment, Refund, Subscription
 
 from .models import Notification, OutgoingEmail
 
@@ -35,6 +35,11 @@ ORDER_STATUS_KINDS: dict[str, str] = {
     Order.Status.PAID: Notification.Kind.ORDER_PAID,
     Order.Status.PAYMENT_FAILED: Notification.Kind.ORDER_PAYMENT_FAILED,
     Order.Status.FULFILLED: Notification.Kind.ORDER_FULFILLED,
+    Order.Status.EXPIRED: Notification.Kind.ORDER_EXPIRED,
+}
+REFUND_KINDS: dict[str, str] = {
+    Refund.Status.REQUESTED: Notification.Kind.REFUND_REQUESTED,
+    Refund.Status.SUCCEEDED: Notification.Kind.REFUND_SUCCEEDED,
 }
 SUBSCRIPTION_PAYMENT_KINDS: dict[str, str] = {
     Payment.Status.SUCCEEDED: Notification.Kind.SUBSCRIPTION_CHARGED,
@@ -63,6 +68,10 @@ def _load_object(notification: Notification) -> models.Model | None:
         return Order.objects.prefetch_related("items").filter(pk=notification.object_id).first()
     if notification.object_type == Notification.ObjectType.PAYMENT:
         return Payment.objects.select_related("subscription__plan").filter(pk=notification.object_id).first()
+    if notification.object_type == Notification.ObjectType.REFUND:
+        return Refund.objects.select_related("payment__payment_method").filter(pk=notification.object_id).first()
+    if notification.object_type == Notification.ObjectType.SUBSCRIPTION:
+        return Subscription.objects.select_related("plan").filter(pk=notification.object_id).first()
     return None
 
 

@@ -39,9 +39,22 @@ class Order(models.Model):
         CANCELLED = "cancelled"
         # A step could not finish by itself: the shopper sees a plain message, staff resolve it in the admin.
         ON_HOLD = "on_hold"
+        # Confirmed, but not paid within its reservation time (PAYMENT_EXPIRY_SECONDS): stock released.
+        EXPIRED = "expired"
+        # Money given back: all of the charge, or part of it (after a line or an amount was refunded).
+        REFUNDED = "refunded"
+        PARTIALLY_REFUNDED = "partially_refunded"
 
     CANCELLABLE = (Status.PENDING, Status.CONFIRMED)
-    TERMINAL = (Status.FULFILLED, Status.REJECTED, Status.PAYMENT_FAILED, Status.CANCELLED)
+    TERMINAL = (
+        Status.FULFILLED,
+        Status.REJECTED,
+        Status.PAYMENT_FAILED,
+        Status.CANCELLED,
+        Status.EXPIRED,
+        Status.REFUNDED,
+        Status.PARTIALLY_REFUNDED,
+    )
 
     owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="orders")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
@@ -101,11 +114,16 @@ class OrderItem(models.Model):
     name = models.CharField(max_length=200)
     unit_price = models.DecimalField(max_digits=10, decimal_places=2)
     quantity = models.PositiveIntegerField()
+    # Units of this line refunded (payments.Refund.lines); those refunded before hand-over are not shipped.
+    refunded_quantity = models.PositiveIntegerField(default=0)
 
     class Meta:
         ordering = ["id"]
         constraints = [
             models.CheckConstraint(condition=Q(quantity__gt=0), name="orderitem_quantity_positive"),
+            models.CheckConstraint(
+                condition=Q(refunded_quantity__lte=models.F("quantity")), name="orderitem_refunded_at_most_quantity"
+            ),
             models.UniqueConstraint(fields=["order", "product"], name="orderitem_product_once_per_order"),
         ]
 
@@ -115,6 +133,10 @@ class OrderItem(models.Model):
     @property
     def line_total(self) -> Decimal:
         return self.unit_price * self.quantity
+
+    @property
+    def quantity_to_ship(self) -> int:
+        return self.quantity - self.refunded_quantity
 
 
 class OrderEvent(models.Model):

@@ -1,9 +1,11 @@
 """The order's life cycle: which status may follow which, what runs next, and the only place that dispatches it.
 
-    pending -> confirmed -> paid -> fulfilled
-       |           |          |
+    pending -> confirmed -> paid -> fulfilled -> partially_refunded -> refunded
+       |           |          |          +-> refunded
        |           |          +-> on_hold (hand-over to the warehouse keeps failing; resumes by itself)
+       |           |          +-> cancelled (by the shopper before hand-over: refunded in full) -> refunded
        |           +-> payment_failed (stock released) | cancelled | on_hold (payment needs attention)
+       |           +-> expired (not paid within PAYMENT_EXPIRY_SECONDS: stock released; a late charge is refunded)
        +-> rejected (out of stock) | cancelled
 
 Every change goes through `set_status`, under the order's row lock, with an OrderEvent;
@@ -32,15 +34,23 @@ S = Order.Status
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     S.PENDING: frozenset({S.CONFIRMED, S.REJECTED, S.CANCELLED, S.ON_HOLD}),
-    S.CONFIRMED: frozenset({S.PAID, S.PAYMENT_FAILED, S.CANCELLED, S.ON_HOLD}),
-    S.PAID: frozenset({S.FULFILLED, S.ON_HOLD}),
+    S.CONFIRMED: frozenset({S.PAID, S.PAYMENT_FAILED, S.CANCELLED, S.ON_HOLD, S.EXPIRED}),
+    # Cancelled once paid: by the shopper, or by a full refund, before the warehouse has it.
+    S.PAID: frozenset({S.FULFILLED, S.ON_HOLD, S.CANCELLED}),
     # Out of a hold: the step that was stuck finishes (paid, fulfilled), staff retry it (back to
-    # the status it was held from), or staff give up on the charge (payment_failed, stock released).
-    S.ON_HOLD: frozenset({S.PENDING, S.CONFIRMED, S.PAID, S.PAYMENT_FAILED, S.FULFILLED}),
-    S.FULFILLED: frozenset(),
+    # the status it was held from), or staff give up on the charge (payment_failed, stock released);
+    # an order held on its way to payment expires, one held on its way to the warehouse is cancelled.
+    S.ON_HOLD: frozenset({S.PENDING, S.CONFIRMED, S.PAID, S.PAYMENT_FAILED, S.FULFILLED, S.EXPIRED, S.CANCELLED}),
+    # After the sale: a refund that succeeded gives back all of the charge or part of it.
+    S.FULFILLED: frozenset({S.REFUNDED, S.PARTIALLY_REFUNDED}),
+    S.PARTIALLY_REFUNDED: frozenset({S.REFUNDED, S.PARTIALLY_REFUNDED}),
+    # A cancelled order that was paid ends refunded when its refund succeeds.
+    S.CANCELLED: frozenset({S.REFUNDED}),
+    S.REFUNDED: frozenset(),
     S.REJECTED: frozenset(),
     S.PAYMENT_FAILED: frozenset(),
-    S.CANCELLED: frozenset(),
+    # Expired stays expired: a charge that succeeds after it is refunded, and the order says so in its events.
+    S.EXPIRED: frozenset(),
 }
 
 # The task that moves an order on from each status; its name is its service's name.

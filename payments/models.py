@@ -75,10 +75,17 @@ class Subscription(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     cancelled_at = models.DateTimeField(null=True, blank=True)
+    # Dunning (payments/dunning.py): how many times the due period's charge was declined, and when it
+    # is tried again (None: not waiting for a retry). Both are cleared when a period is paid.
+    failed_attempts = models.PositiveSmallIntegerField(default=0)
+    next_retry_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["status", "current_period_end"])]
+        indexes = [
+            models.Index(fields=["status", "current_period_end"]),
+            models.Index(fields=["status", "next_retry_at"]),
+        ]
         constraints = [
             # One live subscription per owner and plan: a double-submitted form cannot start two.
             models.UniqueConstraint(
@@ -114,6 +121,9 @@ class Payment(models.Model):
         Subscription, on_delete=models.PROTECT, null=True, blank=True, related_name="payments"
     )
     billing_period = models.CharField(max_length=10, blank=True, default="")
+    # A subscription period's charge is tried again after a decline (dunning): each try is its own
+    # payment, with its own idempotency key, numbered from 1. Orders have one payment, attempt 1.
+    attempt = models.PositiveSmallIntegerField(default=1)
     amount = models.DecimalField(max_digits=12, decimal_places=2)
     currency = models.CharField(max_length=3, default="EUR")
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.PROCESSING)
@@ -132,10 +142,11 @@ class Payment(models.Model):
         ordering = ["-created_at", "-id"]
         constraints = [
             models.UniqueConstraint(
-                fields=["subscription", "billing_period"],
+                fields=["subscription", "billing_period", "attempt"],
                 condition=Q(subscription__isnull=False),
-                name="payment_once_per_subscription_period",
+                name="payment_once_per_subscription_period_attempt",
             ),
+            models.CheckConstraint(condition=Q(attempt__gte=1), name="payment_attempt_from_one"),
             models.UniqueConstraint(fields=["order"], condition=Q(order__isnull=False), name="payment_once_per_order"),
             models.CheckConstraint(
                 condition=(Q(order__isnull=False) & Q(subscription__isnull=True))
@@ -147,6 +158,61 @@ class Payment(models.Model):
 
     def __str__(self) -> str:
         return f"Payment {self.idempotency_key} ({self.status})"
+
+
+class Refund(models.Model):
+    """Money given back on a succeeded payment: claimed here first, then asked of the provider under its own key.
+
+    claim -> call -> record, as charges are (payments/refunds.py). The refunds of a payment that
+    are not `failed` never add up to more than its amount: decided under the payment's row lock.
+    """
+
+    class Status(models.TextChoices):
+        # Claimed: the provider is asked (again, with the same key) until it answers.
+        REQUESTED = "requested"
+        SUCCEEDED = "succeeded"
+        # The provider refused it (nothing was given back): staff look, the amount is refundable again.
+        FAILED = "failed"
+
+    FINAL = (Status.SUCCEEDED, Status.FAILED)
+
+    class Reason(models.TextChoices):
+        STAFF = "staff"
+        CANCELLED_BY_SHOPPER = "cancelled_by_shopper"
+        # A charge succeeded after its order had expired (or was cancelled): given back by itself.
+        PAID_AFTER_EXPIRY = "paid_after_expiry"
+
+    payment = models.ForeignKey(Payment, on_delete=models.PROTECT, related_name="refunds")
+    amount = models.DecimalField(max_digits=12, decimal_places=2)
+    currency = models.CharField(max_length=3, default="EUR")
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.REQUESTED)
+    reason = models.CharField(max_length=30, choices=Reason.choices, default=Reason.STAFF)
+    note = models.CharField(max_length=255, blank=True, default="")
+    # The order lines it gives back, {"<order item id>": quantity}; empty for a refund of an amount.
+    lines = models.JSONField(default=dict, blank=True)
+    idempotency_key = models.CharField(max_length=100, unique=True)
+    provider_refund_id = models.CharField(max_length=100, blank=True, default="")
+    failure_reason = models.CharField(max_length=200, blank=True, default="")
+    attempts = models.PositiveIntegerField(default=0)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    # The one-time token of the form or the client's Idempotency-Key: the same request refunds once.
+    submission = models.CharField(max_length=100, blank=True, default="")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["created_at", "id"]
+        constraints = [
+            models.CheckConstraint(condition=Q(amount__gt=Decimal("0")), name="refund_amount_positive"),
+            models.UniqueConstraint(
+                fields=["payment", "submission"], condition=~Q(submission=""), name="refund_submission_once"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"Refund {self.amount} {self.currency} of payment {self.payment_id} ({self.status})"
 
 
 class WebhookEvent(models.Model):
@@ -181,6 +247,11 @@ class PaymentMismatch(models.Model):
         AMOUNT_MISMATCH = "amount_mismatch"
         CURRENCY_MISMATCH = "currency_mismatch"
         STATUS_MISMATCH = "status_mismatch"
+        # Refunds: one at the provider the shop has no record of, one the shop recorded as given
+        # back that the provider does not have, or a charge whose refunded total differs from ours.
+        PROVIDER_REFUND_WITHOUT_REFUND = "provider_refund_without_refund"
+        REFUND_WITHOUT_PROVIDER_REFUND = "refund_without_provider_refund"
+        REFUNDED_TOTAL_MISMATCH = "refunded_total_mismatch"
 
     kind = models.CharField(max_length=40, choices=Kind.choices)
     # The charge's reference, which is the payment's idempotency key (a provider reference is up to 500 characters).

@@ -410,7 +410,7 @@ def charge_subscription(*, subscription_id: int, billing_period: str) -> Payment
             if cancelled:
                 return None
             payment = _claim(
-                natural_key={"subscription": subscription, "billing_period": billing_period},
+                natural_key={"subscription": subscription, "billing_period": billing_period, "attempt": 1},
                 amount=subscription.plan.price,
                 currency=subscription.plan.currency,
                 payment_method_id=subscription.payment_method_id,

@@ -164,6 +164,17 @@ class PaymentFactory(factory.django.DjangoModelFactory):
     idempotency_key = factory.LazyFunction(new_idempotency_key)
 
 
+class RefundFactory(factory.django.DjangoModelFactory):
+    """A requested refund of the whole of a succeeded order payment, made directly: nothing is dispatched."""
+
+    class Meta:
+        model = "payments.Refund"
+
+    payment = factory.SubFactory(PaymentFactory, order__total=Decimal("20.00"))
+    amount = factory.SelfAttribute("payment.amount")
+    idempotency_key = factory.Sequence(lambda n: f"ref_test_{n}")
+
+
 class WebhookEventFactory(factory.django.DjangoModelFactory):
     """A received provider event for a charge, stored but not processed."""
 

@@ -171,6 +171,14 @@ OUTBOX_BACKOFF_MAX_SECONDS = env.float("OUTBOX_BACKOFF_MAX_SECONDS", default=60.
 # A paid order whose hand-over to the warehouse failed all its retries is on hold and tried again
 # this much later, by itself, until OUTBOX_MAX_ATTEMPTS rounds are spent.
 FULFILLMENT_RESUME_SECONDS = env.float("FULFILLMENT_RESUME_SECONDS", default=600.0)
+# A confirmed order not paid this long after its stock was reserved expires: stock released, and a
+# charge that succeeds later is refunded by itself. Timed by the outbox's next-attempt time (a row
+# in the database), not a Celery countdown: on Redis a message held past the visibility timeout
+# (an hour) is delivered again, and a countdown is lost with the worker that holds it.
+PAYMENT_EXPIRY_SECONDS = env.float("PAYMENT_EXPIRY_SECONDS", default=1800.0)
+# Dunning (payments/dunning.py): a declined renewal is tried again this many days after the first
+# decline, one try per entry; after the last one declines the subscription is cancelled.
+DUNNING_RETRY_DAYS = env.list("DUNNING_RETRY_DAYS", cast=float, default=[1.0, 3.0, 7.0])
 # The same for a provider event whose processing failed all its retries (the provider's API away).
 WEBHOOK_RESUME_SECONDS = env.float("WEBHOOK_RESUME_SECONDS", default=300.0)
 # The same for an email whose sends failed all their retries (the mail server down for long).

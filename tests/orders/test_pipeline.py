@@ -109,9 +109,12 @@ def test_the_step_after_each_status_is_its_task():
     assert NEXT_STEP == {S.PENDING: PROCESS, S.CONFIRMED: CHARGE, S.PAID: SYNC}
 
 
-def test_final_statuses_have_no_way_out():
+def test_final_statuses_have_no_step_and_no_way_out_but_a_refund():
     assert ILLEGAL, "the table allows every move"
     for status in Order.TERMINAL:
+        assert status not in NEXT_STEP, status
+        assert TRANSITIONS[status] <= {S.REFUNDED, S.PARTIALLY_REFUNDED}, status
+    for status in (S.REFUNDED, S.REJECTED, S.PAYMENT_FAILED, S.EXPIRED):
         assert TRANSITIONS[status] == frozenset(), status
 
 

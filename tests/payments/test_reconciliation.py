@@ -242,6 +242,9 @@ def test_the_gauge_counts_unresolved_mismatches_by_kind(client, sandbox):
         (("kind", "amount_mismatch"),): 0,
         (("kind", "currency_mismatch"),): 0,
         (("kind", "status_mismatch"),): 0,
+        (("kind", "provider_refund_without_refund"),): 0,
+        (("kind", "refund_without_provider_refund"),): 0,
+        (("kind", "refunded_total_mismatch"),): 0,
     }
 
 
