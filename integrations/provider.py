@@ -1,16 +1,16 @@
-"""The payment provider's client: charges, once per idempotency key.
+"""The payment provider's client: charges and refunds, once per idempotency key.
 
-Every charge carries the payment's stored idempotency key, so a retry of the same call can never
+Every charge and refund carries a stored idempotency key, so a retry of the same call can never
 act twice on the provider's side. Connection errors, timeouts, the call deadline, 408/409/425/429
 (not now) and 5xx become ProviderUnavailable, which is retryable; a decline (402) is CardDeclined,
-and any other 4xx is ProviderRejected, both permanent.
+a refused refund (400, 404) is RefundRefused, and any other 4xx is ProviderRejected, all permanent.
 """
 
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 from django.conf import settings
 
@@ -24,9 +24,14 @@ __all__ = [
     "InvalidCard",
     "ProviderRejected",
     "ProviderUnavailable",
+    "Refund",
+    "RefundRefused",
     "charge",
     "list_charges",
+    "list_refunds",
+    "refund",
     "retrieve_charge",
+    "retrieve_refund",
     "tokenize_card",
 ]
 
@@ -45,6 +50,16 @@ class InvalidCard(ProviderRejected):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}")
+
+
+class RefundRefused(ProviderRejected):
+    """The provider refused the refund for good; `code` is its reason: resource_missing (no such charge),
+    charge_not_refundable, amount_too_large, currency_mismatch, or a bad field's code."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        self.message = message
+        super().__init__(f"refund refused: {code}: {message}")
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,19 @@ class Charge:
     # The key it was made under: the one charge under a reference that is the shop's own (others may
     # reuse the reference as theirs). Empty when the provider does not say.
     idempotency_key: str = ""
+    # What the provider has given back of it (succeeded refunds).
+    amount_refunded: Decimal = Decimal("0")
+
+
+@dataclass(frozen=True)
+class Refund:
+    id: str
+    status: str  # "succeeded" | "pending" | "failed"
+    amount: Decimal
+    currency: str
+    charge_id: str
+    reference: str
+    idempotency_key: str = ""
 
 
 def _url(path: str) -> str:
@@ -80,6 +108,19 @@ def _charge_from(data: dict) -> Charge:
         status=data["status"],
         amount=Decimal(str(data["amount"])),
         currency=data["currency"],
+        reference=data.get("reference", ""),
+        idempotency_key=data.get("idempotency_key") or "",
+        amount_refunded=Decimal(str(data.get("amount_refunded") or "0")),
+    )
+
+
+def _refund_from(data: dict) -> Refund:
+    return Refund(
+        id=data["id"],
+        status=data["status"],
+        amount=Decimal(str(data["amount"])),
+        currency=data["currency"],
+        charge_id=data["charge"],
         reference=data.get("reference", ""),
         idempotency_key=data.get("idempotency_key") or "",
     )
@@ -170,3 +211,59 @@ def list_charges(
         if not page.get("has_more") or not charges:
             return
         params["starting_after"] = charges[-1].id
+
+
+def refund(*, charge_id: str, amount: Decimal, currency: str, reference: str, idempotency_key: str) -> Refund:
+    """Give back `amount` of the charge `charge_id`, once per idempotency key.
+
+    Raises RefundRefused (no such charge, not refundable, more than is left, another currency, a bad
+    field), ProviderRejected (the key reused with other parameters) or ProviderUnavailable (retry with
+    the same key: the refund may have been made).
+    """
+    body = {"charge": charge_id, "amount": str(amount), "currency": currency, "reference": reference}
+    reply = http.send("POST", _url("/v1/refunds"), json=body, headers={"Idempotency-Key": idempotency_key})
+    if is_transient(reply.status_code):
+        raise ProviderUnavailable(f"/v1/refunds: HTTP {reply.status_code}")
+    if reply.status_code in (400, 404):
+        error = reply.error()
+        code = str(error.get("code") or error.get("type") or "refund_refused")[:100]
+        raise RefundRefused(code, str(error.get("message") or "the refund was refused")[:200])
+    if reply.status_code not in (200, 201):
+        raise ProviderRejected(f"refund {idempotency_key}: HTTP {reply.status_code} {reply.error()}")
+    return _refund_from(reply.json())
+
+
+def retrieve_refund(*, refund_id: str) -> Refund:
+    """Fetch a refund as the provider has it."""
+    reply = http.send("GET", _url(f"/v1/refunds/{quote(refund_id, safe='')}"))
+    if is_transient(reply.status_code):
+        raise ProviderUnavailable(f"retrieve {refund_id}: HTTP {reply.status_code}")
+    if reply.status_code != 200:
+        raise ProviderRejected(f"retrieve {refund_id}: HTTP {reply.status_code}")
+    return _refund_from(reply.json())
+
+
+def list_refunds(
+    *, charge_id: str | None = None, reference: str | None = None, page_size: int = 100
+) -> Iterator[Refund]:
+    """The provider's refunds, oldest first, of `charge_id` and/or under `reference`, page by page.
+
+    Raises ProviderUnavailable or ProviderRejected from the page that failed; the pages before it were yielded.
+    """
+    params: dict[str, str | int] = {"limit": page_size}
+    if charge_id is not None:
+        params["charge"] = charge_id
+    if reference is not None:
+        params["reference"] = reference
+    while True:
+        reply = http.send("GET", _url(f"/v1/refunds?{urlencode(params)}"))
+        if is_transient(reply.status_code):
+            raise ProviderUnavailable(f"list refunds: HTTP {reply.status_code}")
+        if reply.status_code != 200:
+            raise ProviderRejected(f"list refunds: HTTP {reply.status_code} {reply.error()}")
+        page = reply.json()
+        refunds = [_refund_from(item) for item in page["data"]]
+        yield from refunds
+        if not page.get("has_more") or not refunds:
+            return
+        params["starting_after"] = refunds[-1].id

@@ -12,10 +12,12 @@ from django.dispatch import receiver
 from core import outbox
 from orders.models import Order
 from orders.pipeline import status_changed
-from payments.models import Payment, Subscription
-from payments.services import subscription_charged
+from payments.models import Payment, Refund, Subscription
+from payments.refunds import refund_requested, refund_settled
+from payments.services import subscription_cancelled_unpaid, subscription_charged
 
 from . import services
+from .models import Notification
 
 # A failed send is tried again this much later, by itself, once the retries are spent (a mail outage).
 outbox.resume_after_failure("notifications.tasks.send_notification", seconds=settings.NOTIFICATION_RESUME_SECONDS)
@@ -34,3 +36,23 @@ def subscription_payment(sender: Any, payment: Payment, subscription: Subscripti
     kind = services.SUBSCRIPTION_PAYMENT_KINDS.get(payment.status)
     if kind:
         services.notify(kind=kind, object_type="payment", object_id=payment.pk, recipient_id=subscription.owner_id)
+
+
+@receiver(refund_requested, dispatch_uid="notifications.refund_requested")
+@receiver(refund_settled, dispatch_uid="notifications.refund_settled")
+def refund_changed(sender: Any, refund: Refund, **kwargs: Any) -> None:
+    """The shopper hears of an order's refund when it is asked for and when it is done, once each."""
+    kind = services.REFUND_KINDS.get(refund.status)
+    order = refund.payment.order if refund.payment.order_id else None
+    if kind and order is not None:
+        services.notify(kind=kind, object_type="refund", object_id=refund.pk, recipient_id=order.owner_id)
+
+
+@receiver(subscription_cancelled_unpaid, dispatch_uid="notifications.subscription_cancelled_unpaid")
+def subscription_cancelled(sender: Any, subscription: Subscription, **kwargs: Any) -> None:
+    services.notify(
+        kind=Notification.Kind.SUBSCRIPTION_CANCELLED_UNPAID,
+        object_type=Notification.ObjectType.SUBSCRIPTION,
+        object_id=subscription.pk,
+        recipient_id=subscription.owner_id,
+    )

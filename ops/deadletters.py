@@ -26,7 +26,8 @@ from kombu.utils.encoding import safe_repr
 
 from core import outbox
 from core.models import OutboxItem
-from payments.models import Payment
+from payments.models import Payment, Refund
+from payments.refunds import refund_failed
 from payments.services import needs_attention as payment_needs_attention
 
 from .models import FailedTask
@@ -38,8 +39,10 @@ logger = logging.getLogger(__name__)
 BODY_EXCERPT = 1024
 # The task name of a refused message that never became a task call.
 UNDECODABLE = "<undecodable>"
-# The "task name" of a payment's dead letter: no task to replay; staff use the order's hold actions.
+# The "task names" of dead letters that are not a task's, so there is none to replay: a payment that needs
+# attention (staff use the order's hold actions) and a refund the provider refused (staff refund again).
 PAYMENT_NEEDS_ATTENTION = "payments.needs_attention"
+REFUND_FAILED = "payments.refund_failed"
 
 
 def describe(exc: BaseException) -> str:
@@ -148,16 +151,28 @@ def resolve_recovered_item(sender: Any, item_task_id: str, **extra: Any) -> None
     FailedTask.objects.filter(task_id=item_task_id, resolved=False).update(resolved=True, resolved_at=timezone.now())
 
 
+def _record_money_to_look_at(*, task_id: str, task_name: str, pk: int, exception: str) -> None:
+    """A dead letter that is not a task's: a payment or a refund staff must look at (never raises)."""
+    try:
+        record_failure(task_id=task_id, task_name=task_name, queue="", args=[pk], exception=exception)
+    except Exception:
+        logger.exception("dead letter %s not recorded (%s)", task_id, exception)
+
+
 @receiver(payment_needs_attention, dispatch_uid="ops.deadletters.record_payment_needing_attention")
 def record_payment_needing_attention(sender: Any, payment: Payment, reason: str, **extra: Any) -> None:
     """A payment whose outcome cannot be recorded (mismatch, refusal, retries spent) is a dead letter."""
-    try:
-        record_failure(
-            task_id=f"payment-{payment.pk}-needs-attention",
-            task_name=PAYMENT_NEEDS_ATTENTION,
-            queue="",
-            args=[payment.pk],
-            exception=f"PaymentNeedsAttention: {reason}",
-        )
-    except Exception:
-        logger.exception("dead letter not recorded for payment %s needing attention (%s)", payment.pk, reason)
+    _record_money_to_look_at(
+        task_id=f"payment-{payment.pk}-needs-attention",
+        task_name=PAYMENT_NEEDS_ATTENTION,
+        pk=payment.pk,
+        exception=f"PaymentNeedsAttention: {reason}",
+    )
+
+
+@receiver(refund_failed, dispatch_uid="ops.deadletters.record_refund_failed")
+def record_refund_failed(sender: Any, refund: Refund, reason: str, **extra: Any) -> None:
+    """A refund the provider refused (or answered with another refund) is a dead letter: the money is still owed."""
+    _record_money_to_look_at(
+        task_id=f"refund-{refund.pk}-failed", task_name=REFUND_FAILED, pk=refund.pk, exception=f"RefundFailed: {reason}"
+    )

@@ -54,7 +54,7 @@ from prometheus_client.registry import Collector
 
 from payments.models import PaymentMismatch
 
-from .deadletters import PAYMENT_NEEDS_ATTENTION
+from .deadletters import PAYMENT_NEEDS_ATTENTION, REFUND_FAILED
 from .models import FailedTask
 
 logger = logging.getLogger(__name__)
@@ -309,7 +309,10 @@ def _task_names() -> frozenset[str]:
     # A web process imports task modules only as it uses them: import them all, once.
     app.autodiscover_tasks(force=True)
     # Plus the dead letters that are not a task's: a payment that needs attention (ops/deadletters.py).
-    return frozenset(name for name in app.tasks if not name.startswith("celery.")) | {PAYMENT_NEEDS_ATTENTION}
+    return frozenset(name for name in app.tasks if not name.startswith("celery.")) | {
+        PAYMENT_NEEDS_ATTENTION,
+        REFUND_FAILED,
+    }
 
 
 def _message_count(channel: Any, queue: str) -> int:

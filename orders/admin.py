@@ -1,5 +1,9 @@
+import re
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 from django import forms
@@ -7,17 +11,20 @@ from django.contrib import admin, messages
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseNotAllowed, QueryDict
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path
 from django.utils.text import capfirst
 
+from core.errors import ApplicationError
 from core.types import AuthenticatedHttpRequest
+from payments import refunds as payment_refunds
+from payments.models import Refund
 
 from . import services as order_services
 from . import stock
-from .models import Order, OrderEvent, OrderItem, Product, StockMovement
+from .models import Order, OrderEvent, Product, StockMovement
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -183,38 +190,279 @@ class StockMovementAdmin(admin.ModelAdmin):
         return False
 
 
-class OrderItemInline(admin.TabularInline):
-    model = OrderItem
-    extra = 0
-    readonly_fields = ("product", "sku", "name", "unit_price", "quantity")
-    can_delete = False
+# --- The operator view: an order, all that happened to it, and what staff may do about it ----------
 
 
-class OrderEventInline(admin.TabularInline):
-    model = OrderEvent
-    extra = 0
-    readonly_fields = ("from_status", "to_status", "note", "created_at")
-    can_delete = False
+@dataclass(frozen=True)
+class DeadLetter:
+    """A dead letter about an order as its page lists it: found by ops, which orders may not import."""
+
+    pk: int
+    task_name: str
+    about: str
+    exception: str
+    failed_at: datetime
+    resolved: bool
+    url: str
+
+
+@dataclass(frozen=True)
+class DeadLetters:
+    letters: list[DeadLetter]
+    # All of them in the admin that keeps them, where they are requeued or resolved.
+    list_url: str
+
+
+# Finders of an order's dead letters, registered by the apps that keep them (ops/admin.py): the layers
+# (pyproject's import-linter contracts) put ops above orders, so orders asks without importing it.
+dead_letter_finders: list[Callable[[Order], DeadLetters]] = []
+
+# What staff acting on a hold may be told instead of a changed order.
+HOLD_REFUSALS = (order_services.NotOnHold, order_services.PaymentTaken, order_services.ProviderNotConfirmed)
+
+
+class RefundForm(OnceForm):
+    """One of the order page's refunds; the service checks the amount and the lines and says what is wrong."""
+
+    kind = forms.ChoiceField(
+        choices=[("all", "All that is left"), ("amount", "An amount"), ("lines", "Lines")], widget=forms.HiddenInput
+    )
+    # Text, not a DecimalField: refund_order's own check (two decimals, positive, within what is left) answers.
+    amount = forms.CharField(max_length=40, required=False)
+    note = forms.CharField(max_length=255, required=False, help_text="Why, for the order's history.")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Money: a form without its one-time token could refund twice when posted twice.
+        self.fields["submission"].required = True
+
+
+def posted_lines(data: QueryDict) -> dict[str, Any]:
+    """The units typed in per line, {order item id: quantity}; empty and zero left out, anything else as typed."""
+    lines: dict[str, Any] = {}
+    for key, values in data.lists():
+        text = values[-1].strip() if values else ""
+        if not key.startswith("line_") or not text:
+            continue
+        quantity: Any = int(text) if re.fullmatch(r"-?\d{1,9}", text) else text
+        if quantity != 0:
+            lines[key.removeprefix("line_")] = quantity
+    return lines
+
+
+def shipment_id(events: list[OrderEvent]) -> str:
+    """The warehouse's shipment id, as the hand-over's event recorded it ("shipment <id>")."""
+    for event in reversed(events):
+        if event.to_status == Order.Status.FULFILLED and event.note.startswith("shipment "):
+            return event.note.removeprefix("shipment ")
+    return ""
 
 
 @admin.register(Order)
 class OrderAdmin(admin.ModelAdmin):
     list_display = ("id", "owner", "status", "hold_reason", "total", "currency", "created_at")
     list_filter = ("status",)
-    search_fields = ("id", "owner__username", "idempotency_key")
-    # Status changes only through services, never by editing the row.
-    readonly_fields = (
+    search_fields = ("id", "owner__username", "owner__email", "idempotency_key", "fulfillment_key")
+    fields = (
         "owner",
         "status",
         "hold_reason",
         "total",
+        "shipping_fee",
         "currency",
+        "payment_method",
+        "ship_to",
         "idempotency_key",
+        "fulfillment_key",
         "created_at",
         "updated_at",
     )
-    inlines = [OrderItemInline, OrderEventInline]
+    # Nothing on an order is edited here: its status and money change only through services (the page's actions).
+    readonly_fields = fields
     actions = ["retry_held", "fail_held"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # orders are placed by shoppers (orders.services.place_order)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Order | None = None) -> bool:
+        return False  # payments, refunds and stock movements keep pointing at it
+
+    def save_model(self, request: HttpRequest, obj: Order, form: forms.ModelForm, change: bool) -> None:
+        # No field is editable; a full save would write back columns a service may have changed meanwhile.
+        return
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Order]:
+        return super().get_queryset(request).select_related("owner", "payment_method")
+
+    @admin.display(description="ships to")
+    def ship_to(self, order: Order) -> str:
+        address = order.shipping_address or {}
+        return ", ".join(str(value) for value in address.values() if value) or "-"
+
+    def get_urls(self) -> list[URLPattern]:
+        action_urls = [
+            path("<path:object_id>/refund/", self.admin_site.admin_view(self.refund_view), name="orders_order_refund"),
+            path(
+                "<path:object_id>/retry-hold/",
+                self.admin_site.admin_view(self.retry_hold_view),
+                name="orders_order_retry_hold",
+            ),
+            path(
+                "<path:object_id>/fail-hold/",
+                self.admin_site.admin_view(self.fail_hold_view),
+                name="orders_order_fail_hold",
+            ),
+        ]
+        # Before the defaults: their "<path:object_id>/" would swallow these.
+        return action_urls + super().get_urls()
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Order | None = None,
+    ) -> HttpResponse:
+        if obj is not None:
+            context.update(self.operator_view(request, obj))
+        # Read-only: the page's forms act, through services; there is nothing to save.
+        context.update(show_save=False, show_save_and_continue=False, show_save_and_add_another=False)
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def operator_view(self, request: HttpRequest, order: Order) -> dict[str, Any]:
+        """Everything about the order the page shows, and which of the actions apply to it now."""
+        items = list(order.items.all())
+        events = list(order.events.all())
+        payment = order.payments.select_related("payment_method").first()
+        refunds = list(
+            Refund.objects.filter(payment__order=order).select_related("requested_by").order_by("created_at", "id")
+        )
+        skus = {str(item.pk): item.sku for item in items}
+        refund_rows = [
+            (refund, ", ".join(f"{units} × {skus.get(line, f'line {line}')}" for line, units in refund.lines.items()))
+            for refund in refunds
+        ]
+        left = payment_refunds.refundable(payment) if payment is not None else Decimal("0.00")
+        may_act = self.has_change_permission(request, order)
+        origin = order_services.held_from(order)
+        can_refund = may_act and left > 0 and order.status in order_services.REFUNDABLE_STATUSES
+        found = [letters for find in dead_letter_finders if (letters := find(order)).letters]
+        return {
+            "items": items,
+            "events": events,
+            "payment": payment,
+            "refunded": payment_refunds.refunded(payment, statuses=(Refund.Status.SUCCEEDED,)) if payment else None,
+            "refund_left": left,
+            "refunds": refund_rows,
+            "shipment_id": shipment_id(events),
+            "movements": order.stock_movements.select_related("product", "created_by"),
+            "dead_letters": [letter for letters in found for letter in letters.letters],
+            "dead_letter_lists": [letters.list_url for letters in found],
+            "can_refund": can_refund,
+            "refund_forms": {
+                kind: RefundForm(initial={"kind": kind}, auto_id=f"id_refund_{kind}_%s")
+                for kind in ("all", "amount", "lines")
+            }
+            if can_refund
+            else {},
+            "lines_left": [item for item in items if item.quantity_to_ship] if can_refund else [],
+            "held_from": origin,
+            "can_retry_hold": may_act and origin is not None,
+            "can_fail_hold": may_act and origin == Order.Status.CONFIRMED,
+            "order_actions_apply": can_refund or (may_act and origin is not None),
+        }
+
+    def _order_to_act_on(self, request: HttpRequest, object_id: str) -> Order | None:
+        """The order a POST acts on, when the user may change it (PermissionDenied otherwise); None when it is gone."""
+        order = self.get_object(request, unquote(object_id))
+        if order is not None and not self.has_change_permission(request, order):
+            raise PermissionDenied
+        return order
+
+    def refund_view(self, request: AuthenticatedHttpRequest, object_id: str) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        order = self._order_to_act_on(request, object_id)
+        if order is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)  # type: ignore[attr-defined]
+        self._refund(request, order)
+        return redirect("admin:orders_order_change", order.pk)
+
+    def _refund(self, request: AuthenticatedHttpRequest, order: Order) -> None:
+        form = RefundForm(request.POST)
+        if not form.is_valid():
+            problems = "; ".join(f"{name}: {' '.join(map(str, errors))}" for name, errors in form.errors.items())
+            self.message_user(request, f"Nothing was refunded: {problems}", messages.ERROR)
+            return
+        data = form.cleaned_data
+        amount: str | None = None
+        lines: dict[str, Any] | None = None
+        if data["kind"] == "amount":
+            if not data["amount"]:
+                self.message_user(request, "Nothing was refunded: enter the amount to refund.", messages.ERROR)
+                return
+            amount = data["amount"]
+        elif data["kind"] == "lines":
+            # Never empty: the service reads no lines as "all that is left".
+            lines = posted_lines(request.POST)
+            if not lines:
+                self.message_user(request, "Nothing was refunded: enter how many units of which line.", messages.ERROR)
+                return
+        # Only for the message: whether this form's token already refunded is decided by the service.
+        sent_before = Refund.objects.filter(payment__order=order, submission=data["submission"]).exists()
+        try:
+            refund = order_services.refund_order(
+                order_id=order.pk,
+                amount=amount,
+                lines=lines,
+                note=data["note"],
+                requested_by=request.user,
+                submission=data["submission"],
+            )
+        except ApplicationError as exc:
+            self.message_user(request, f"{capfirst(str(exc))}. Nothing was refunded.", messages.ERROR)
+            return
+        if sent_before:
+            self.message_user(
+                request,
+                f"This form was already sent: refund #{refund.pk} of {refund.amount} {refund.currency} "
+                "was requested then, nothing more now.",
+                messages.WARNING,
+            )
+            return
+        order.refresh_from_db(fields=["status"])
+        cancelled = " The order was cancelled and its stock put back." if order.status == Order.Status.CANCELLED else ""
+        self.message_user(
+            request,
+            f"Refund #{refund.pk} of {refund.amount} {refund.currency} requested: the provider is asked now."
+            + cancelled,
+            messages.SUCCESS,
+        )
+
+    def retry_hold_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._hold_view(request, object_id, order_services.retry_held_order, "Retried")
+
+    def fail_hold_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return self._hold_view(request, object_id, order_services.fail_held_order, "Payment failed, stock released")
+
+    def _hold_view(
+        self, request: HttpRequest, object_id: str, service: Callable[..., Order], done: str
+    ) -> HttpResponse:
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        order = self._order_to_act_on(request, object_id)
+        if order is None:
+            return self._get_obj_does_not_exist_redirect(request, self.opts, object_id)  # type: ignore[attr-defined]
+        try:
+            changed = service(order_id=order.pk)
+        except HOLD_REFUSALS as exc:
+            self.message_user(request, f"{capfirst(str(exc))}.", messages.WARNING)
+        else:
+            # A held charge may be settled by the provider's answer instead: the status says where it went.
+            self.message_user(request, f"{done}: order {order.pk} is now {changed.status}.", messages.SUCCESS)
+        return redirect("admin:orders_order_change", order.pk)
 
     def _resolve_holds(
         self, request: HttpRequest, queryset: QuerySet[Order], service: Callable[..., Order], done: str
@@ -224,7 +472,7 @@ class OrderAdmin(admin.ModelAdmin):
             try:
                 service(order_id=order_id)
                 changed += 1
-            except (order_services.NotOnHold, order_services.PaymentTaken, order_services.ProviderNotConfirmed) as exc:
+            except HOLD_REFUSALS as exc:
                 refused.append(str(exc))
         if changed:
             self.message_user(request, f"{changed} order(s) {done}.", messages.SUCCESS)

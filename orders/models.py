@@ -94,7 +94,8 @@ class Order(models.Model):
 
     @property
     def can_cancel(self) -> bool:
-        return self.status in self.CANCELLABLE
+        """Before payment, or paid and not yet handed to the warehouse (then refunded in full)."""
+        return self.status in self.CANCELLABLE or (self.status == self.Status.PAID and not self.fulfillment_key)
 
     @property
     def is_terminal(self) -> bool:

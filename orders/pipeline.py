@@ -23,7 +23,8 @@ from django.dispatch import Signal, receiver
 
 from core import outbox
 from core.models import OutboxItem
-from payments.models import Payment
+from payments.models import Payment, Refund
+from payments.refunds import refund_settled
 from payments.services import payment_settled
 
 from .models import Order, OrderEvent
@@ -58,6 +59,12 @@ NEXT_STEP: dict[str, str] = {
     S.PENDING: "orders.tasks.process_order",
     S.CONFIRMED: "orders.tasks.charge_order",
     S.PAID: "orders.tasks.sync_to_fulfillment",
+}
+
+# A deadline that starts with a status: its task is published that many seconds later through the
+# outbox's next-attempt time, and finds out itself whether the order is still waiting.
+DEADLINES: dict[str, tuple[str, str]] = {
+    S.CONFIRMED: ("orders.tasks.expire_order", "PAYMENT_EXPIRY_SECONDS"),
 }
 
 # Sent inside the transaction of every status change (order=, from_status=, to_status=).
@@ -95,6 +102,8 @@ def set_status(order: Order, to_status: str, *, note: str = "", hold_reason: str
 
 def dispatch_next(order: Order, *, delay: float = 0) -> OutboxItem | None:
     """Write the outbox item of the step that follows the order's status (none for a final status or a hold)."""
+    if deadline := DEADLINES.get(order.status):
+        outbox.enqueue(deadline[0], order.pk, delay=getattr(settings, deadline[1]))
     task_name = NEXT_STEP.get(order.status)
     if task_name is None:
         return None
@@ -127,3 +136,12 @@ def payment_settled_elsewhere(sender: Any, payment: Payment, **kwargs: Any) -> N
     """A webhook finished an order's payment: the charge step applies its outcome (it finds the payment final)."""
     if payment.order_id:
         outbox.enqueue(NEXT_STEP[S.CONFIRMED], payment.order_id)
+
+
+@receiver(refund_settled, dispatch_uid="orders.pipeline.refund_settled")
+def refund_settled_for_order(sender: Any, refund: Refund, **kwargs: Any) -> None:
+    """A refund of an order's payment succeeded: the order says how much was given back (refunded, partially)."""
+    if refund.status == Refund.Status.SUCCEEDED and refund.payment.order_id:
+        from . import services
+
+        services.apply_refund(refund=refund)

@@ -12,14 +12,16 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import F
 
 from accounts.services import clean_address
 from core.errors import ApplicationError
 from integrations import warehouse
 from integrations.errors import ProviderUnavailable
+from payments import refunds as payment_refunds
 from payments import selectors as payment_selectors
 from payments import services as payment_services
-from payments.models import Payment
+from payments.models import Payment, Refund
 
 from . import pipeline, stock
 from .models import Order, OrderItem, Product
@@ -222,6 +224,8 @@ def apply_payment_outcome(*, order_id: int, payment: Payment) -> Order | None:
         if order is None:
             return None
         waiting = order.status == Order.Status.CONFIRMED or _held_from(order, Order.Status.CONFIRMED)
+        if order.status == Order.Status.EXPIRED and payment.status == Payment.Status.SUCCEEDED:
+            _refund_late_payment(order, payment)
         if not waiting:
             return order
         if payment.status == Payment.Status.SUCCEEDED:
@@ -239,16 +243,212 @@ def apply_payment_outcome(*, order_id: int, payment: Payment) -> Order | None:
     return order
 
 
+def _refund_late_payment(order: Order, payment: Payment) -> None:
+    """A charge that succeeded after its order expired is given back in full, once (its submission decides).
+
+    What staff refunded of it meanwhile is not refunded twice: only what is left, if anything.
+    """
+    if payment_refunds.refundable(payment) <= 0:
+        return
+    refund, created = payment_refunds.claim_refund(
+        payment_id=payment.pk,
+        amount=None,
+        reason=Refund.Reason.PAID_AFTER_EXPIRY,
+        note=f"order {order.pk} expired before its payment succeeded",
+        submission="paid-after-expiry",
+    )
+    if created:
+        logger.warning("order %s: paid after it expired; refund %s requested", order.pk, refund.pk)
+
+
 def cancel_order(*, order_id: int, owner: "User") -> Order:
-    """Cancel the owner's order while pending or confirmed and not yet being charged; stock is released."""
+    """Cancel the owner's order; stock is released.
+
+    Before payment: while pending or confirmed and no charge is under way. Once paid: while the
+    warehouse does not have it yet (no hand-over started), and the whole charge is refunded.
+    """
     with transaction.atomic():
         order = Order.objects.select_for_update().get(pk=order_id, owner=owner)
+        if _not_handed_over(order):
+            _cancel_paid(order, reason=Refund.Reason.CANCELLED_BY_SHOPPER, note="cancelled by owner", by=owner)
+            return order
         # A claimed payment means the provider may already be charging: too late to cancel.
         if not order.can_cancel or order.payments.exists():
             raise OrderNotCancellable(order)
         if order.status == Order.Status.CONFIRMED:
             _release_stock(order)
         pipeline.set_status(order, Order.Status.CANCELLED, note="cancelled by owner")
+    return order
+
+
+def _not_handed_over(order: Order) -> bool:
+    """Paid (or held on its way to the warehouse) and no hand-over started: the goods are still ours to keep."""
+    return not order.fulfillment_key and _awaits_shipment(order)
+
+
+def _cancel_paid(order: Order, *, reason: str, note: str, by: "User | None", submission: str = "") -> Refund | None:
+    """A paid order the warehouse does not have: stock released, cancelled, all that is left of its charge refunded.
+
+    None for an order paid without a payment (its total was zero): nothing to give back. Call
+    while holding the order's row lock.
+    """
+    payment = Payment.objects.filter(order=order).first()
+    refund = None
+    if payment is not None:
+        refund, _ = payment_refunds.claim_refund(
+            payment_id=payment.pk, amount=None, reason=reason, note=note, requested_by=by, submission=submission
+        )
+        note = f"{note}; refund {refund.pk} of {refund.amount} requested"
+    _release_stock(order)
+    pipeline.set_status(order, Order.Status.CANCELLED, note=note)
+    return refund
+
+
+# --- After the sale: refunds ------------------------------------------------------------
+
+
+class InvalidRefundLines(OrderError):
+    code = "invalid_lines"
+    field = "lines"
+
+
+REFUNDABLE_STATUSES = (
+    Order.Status.PAID,
+    Order.Status.FULFILLED,
+    Order.Status.PARTIALLY_REFUNDED,
+    Order.Status.CANCELLED,
+    Order.Status.EXPIRED,
+    Order.Status.ON_HOLD,
+)
+
+
+def _lines_to_refund(order: Order, lines: dict[str, int]) -> tuple[dict[OrderItem, int], Decimal]:
+    """The order's items and units a line refund names, checked, and what they cost."""
+    if not isinstance(lines, dict) or not lines or len(lines) > MAX_ITEMS:
+        raise InvalidRefundLines("name at least one line of the order, {item id: quantity}")
+    items = {str(item.pk): item for item in order.items.all()}
+    chosen: dict[OrderItem, int] = {}
+    for item_id, quantity in lines.items():
+        item = items.get(str(item_id))
+        if item is None:
+            raise InvalidRefundLines(f"order {order.pk} has no line {str(item_id)[:20]!r}")
+        if not isinstance(quantity, int) or isinstance(quantity, bool) or quantity <= 0:
+            raise InvalidRefundLines(f"line {item.pk}: the quantity must be a positive whole number")
+        if quantity > item.quantity - item.refunded_quantity:
+            raise InvalidRefundLines(
+                f"line {item.pk}: {quantity} is more than the {item.quantity - item.refunded_quantity} not refunded yet"
+            )
+        chosen[item] = quantity
+    return chosen, sum((item.unit_price * quantity for item, quantity in chosen.items()), Decimal("0.00"))
+
+
+def refund_order(
+    *,
+    order_id: int,
+    amount: Decimal | str | None = None,
+    lines: dict[str, int] | None = None,
+    note: str = "",
+    requested_by: "User | None" = None,
+    submission: str = "",
+) -> Refund:
+    """Staff refund a paid order: all that is left (no amount, no lines), an amount, or lines (their price).
+
+    Lines refunded before the warehouse has the order are not shipped and their stock goes back
+    on hand; refunding all that is left before then cancels the order. The refund is claimed in
+    this transaction under the order's and the payment's row locks (never more than was
+    charged), and given back by `payments.tasks.refund_payment`. The same `submission` refunds once.
+    Raises NotRefundable, RefundTooLarge, InvalidRefundAmount, InvalidRefundLines.
+    """
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        payment = Payment.objects.filter(order_id=order_id).first() if order is not None else None
+        if order is None or payment is None or order.status not in REFUNDABLE_STATUSES:
+            raise payment_refunds.NotRefundable(f"order {order_id} has no payment to refund")
+        if payment.status != Payment.Status.SUCCEEDED:
+            # Before the amount is looked at: nothing taken is a 409 whatever was asked.
+            raise payment_refunds.NotRefundable(f"order {order_id}: its payment is {payment.status}, nothing was taken")
+        if submission and (done := Refund.objects.filter(payment=payment, submission=submission).first()):
+            return done
+        chosen, lines_total = _lines_to_refund(order, lines) if lines else ({}, Decimal("0.00"))
+        if chosen and amount is None:
+            amount = lines_total
+        before_hand_over = _not_handed_over(order)
+        if chosen:
+            # Every unit not refunded yet is named: nothing would be left to ship.
+            everything = all(item.quantity_to_ship == chosen.get(item, 0) for item in order.items.all())
+        else:
+            everything = amount is None or payment_refunds.clean_amount(amount) == payment_refunds.refundable(payment)
+        if before_hand_over and everything:
+            # Nothing left to ship: the order is cancelled and all that is left is refunded (its shipping too).
+            cancelled = _cancel_paid(
+                order,
+                reason=Refund.Reason.STAFF,
+                note=note or "refunded in full by staff",
+                by=requested_by,
+                submission=submission,
+            )
+            assert cancelled is not None  # its payment exists: checked above
+            return cancelled
+        refund, created = payment_refunds.claim_refund(
+            payment_id=payment.pk,
+            amount=None if amount is None else payment_refunds.clean_amount(amount),
+            reason=Refund.Reason.STAFF,
+            lines={str(item.pk): quantity for item, quantity in chosen.items()},
+            note=note,
+            requested_by=requested_by,
+            submission=submission,
+        )
+        if created and chosen:
+            for item, quantity in chosen.items():
+                OrderItem.objects.filter(pk=item.pk).update(refunded_quantity=F("refunded_quantity") + quantity)
+            if before_hand_over:
+                stock.release_units(order=order, units={item.product_id: quantity for item, quantity in chosen.items()})
+    return refund
+
+
+def apply_refund(*, refund: Refund) -> Order | None:
+    """A refund of an order's payment succeeded: the order says how much of it was given back. Idempotent.
+
+    All of the charge: refunded (from fulfilled, partially refunded or cancelled). Part of it,
+    once the warehouse has the order: partially_refunded. Before the hand-over a partial refund
+    changes the lines shipped, not the status; an expired order stays expired. Call inside the
+    refund's transaction.
+    """
+    payment = refund.payment
+    order = _lock_order(payment.order_id) if payment.order_id else None
+    if order is None or refund.status != Refund.Status.SUCCEEDED:
+        return order
+    given_back = payment_refunds.refunded(payment, statuses=(Refund.Status.SUCCEEDED,))
+    note = f"refund {refund.pk} of {refund.amount} {refund.currency} succeeded"
+    if given_back >= payment.amount and Order.Status.REFUNDED in pipeline.TRANSITIONS[order.status]:
+        pipeline.set_status(order, Order.Status.REFUNDED, note=note)
+    elif given_back < payment.amount and order.status in (Order.Status.FULFILLED, Order.Status.PARTIALLY_REFUNDED):
+        pipeline.set_status(order, Order.Status.PARTIALLY_REFUNDED, note=note)
+    return order
+
+
+# --- Reservations that expire -------------------------------------------------------------
+
+
+def expire_order(*, order_id: int) -> Order | None:
+    """A confirmed order still unpaid at its reservation time: stock released, expired. Idempotent.
+
+    Also when its charge is under way (the provider slow or away, or the payment held for
+    staff): a charge that succeeds afterwards is refunded by itself (`apply_payment_outcome`).
+    An order paid, failed or cancelled meanwhile is left as it is.
+    """
+    with transaction.atomic():
+        order = _lock_order(order_id)
+        if order is None:
+            return None
+        if order.status != Order.Status.CONFIRMED and not _held_from(order, Order.Status.CONFIRMED):
+            return order
+        payment = Payment.objects.filter(order=order).first()
+        if payment is not None and payment.status == Payment.Status.SUCCEEDED:
+            return order  # paid: its own step moves it on
+        _release_stock(order)
+        minutes = settings.PAYMENT_EXPIRY_SECONDS / 60
+        pipeline.set_status(order, Order.Status.EXPIRED, note=f"not paid within {minutes:g} minutes; stock released")
     return order
 
 
@@ -261,8 +461,15 @@ def sync_to_fulfillment(*, order_id: int) -> Order | None:
     order = Order.objects.filter(pk=order_id).first()
     if order is None or not _awaits_shipment(order):
         return order
-    items = [{"sku": item.sku, "quantity": item.quantity} for item in order.items.all()]
     key = order.fulfillment_key or _claim_fulfillment_key(order_id)
+    if key is None:
+        return Order.objects.filter(pk=order_id).first()  # cancelled (and refunded) before the hand-over began
+    # Read once the key is claimed: units refunded before went back on hand (an order that waits
+    # for its hand-over gave back nothing else) and are not shipped; a line refunded from now on
+    # may be with the warehouse, so it ships and stays counted.
+    released = stock.released_for_order(order=order)
+    quantities = {item.sku: item.quantity - released[item.product_id] for item in order.items.all()}
+    items = [{"sku": sku, "quantity": quantity} for sku, quantity in quantities.items() if quantity > 0]
     shipment = warehouse.create_shipment(order_id=order.pk, items=items, idempotency_key=key)
     with transaction.atomic():
         order = _lock_order(order_id)
@@ -271,10 +478,16 @@ def sync_to_fulfillment(*, order_id: int) -> Order | None:
     return order
 
 
-def _claim_fulfillment_key(order_id: int) -> str:
-    """The order's warehouse key, made (random) and committed before its first hand-over, kept for every retry."""
+def _claim_fulfillment_key(order_id: int) -> str | None:
+    """The order's warehouse key, made (random) and committed before its first hand-over, kept for every retry.
+
+    None when the order no longer awaits shipment: cancelled by its shopper, or refunded, meanwhile.
+    Decided under the order's row lock, which a cancel or a refund takes too.
+    """
     with transaction.atomic():
         order = Order.objects.select_for_update().get(pk=order_id)
+        if not order.fulfillment_key and not _awaits_shipment(order):
+            return None
         if not order.fulfillment_key:
             order.fulfillment_key = f"ship_{secrets.token_hex(16)}"
             order.save(update_fields=["fulfillment_key"])

@@ -4,6 +4,7 @@ Every write is a conditional UPDATE with F(), so a change never works from a sta
 read and stock never goes below zero. Products are always updated in pk order.
 """
 
+from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -136,6 +137,28 @@ def reserve_for_order(*, order: Order) -> list[str]:
     return []
 
 
+def held_by_order(*, order: Order) -> Counter[int]:
+    """The units the order holds of each product: its `reserved` movements less its `released` ones."""
+    rows = (
+        StockMovement.objects.filter(order=order, kind__in=[StockMovement.Kind.RESERVED, StockMovement.Kind.RELEASED])
+        .values("product_id")
+        .annotate(net=Sum("delta"))
+        .values_list("product_id", "net")
+    )
+    return Counter({product_id: -net for product_id, net in rows if net < 0})
+
+
+def released_for_order(*, order: Order) -> Counter[int]:
+    """The units of each product given back to stock by the order's `released` movements."""
+    rows = (
+        StockMovement.objects.filter(order=order, kind=StockMovement.Kind.RELEASED)
+        .values("product_id")
+        .annotate(total=Sum("delta"))
+        .values_list("product_id", "total")
+    )
+    return Counter(dict(rows))
+
+
 def release_for_order(*, order: Order) -> None:
     """Give back what the order still holds by its `reserved` movements, one `released` movement per item.
 
@@ -157,5 +180,26 @@ def release_for_order(*, order: Order) -> None:
                 StockMovement(
                     product_id=row["product_id"], delta=-row["net"], kind=StockMovement.Kind.RELEASED, order=order
                 )
+            )
+        StockMovement.objects.bulk_create(released)
+
+
+def release_units(*, order: Order, units: dict[int, int]) -> None:
+    """Give back `units` ({product id: quantity}) of what the order holds, one `released` movement per product.
+
+    Never more than the order still holds of a product (its `reserved` movements less its
+    `released` ones). For lines refunded before the warehouse has them. Call while holding the
+    order's row lock.
+    """
+    held = held_by_order(order=order)
+    with transaction.atomic():
+        released = []
+        for product_id in sorted(units):
+            quantity = min(units[product_id], held[product_id])
+            if quantity <= 0:
+                continue
+            Product.objects.filter(pk=product_id).update(stock=F("stock") + quantity)
+            released.append(
+                StockMovement(product_id=product_id, delta=quantity, kind=StockMovement.Kind.RELEASED, order=order)
             )
         StockMovement.objects.bulk_create(released)

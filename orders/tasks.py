@@ -30,3 +30,10 @@ def sync_to_fulfillment(order_id: int) -> str | None:
     # The seed's sync_to_external_api: backoff with jitter; a missing row returns without retrying.
     order = services.sync_to_fulfillment(order_id=order_id)
     return order.status if order else None
+
+
+# Published by the outbox PAYMENT_EXPIRY_SECONDS after the order is confirmed (orders/pipeline.py DEADLINES).
+@shared_task(**retry_policy(retries=8, backoff_max=60))
+def expire_order(order_id: int) -> str | None:
+    order = services.expire_order(order_id=order_id)
+    return order.status if order else None

@@ -1,8 +1,10 @@
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest
+from django.urls import reverse
+from django.utils.html import format_html
 
-from .models import Payment, PaymentMismatch, Plan, Subscription, WebhookEvent
+from .models import Payment, PaymentMismatch, Plan, Refund, Subscription, WebhookEvent
 from .reconciliation import resolve_mismatches
 
 
@@ -24,6 +26,49 @@ class PaymentAdmin(admin.ModelAdmin):
     list_filter = ("status",)
     search_fields = ("idempotency_key", "provider_charge_id")
     readonly_fields = [field.name for field in Payment._meta.fields]
+
+
+@admin.register(Refund)
+class RefundAdmin(admin.ModelAdmin):
+    """Every refund, read-only: staff refund from the order's page (orders/admin.py), which goes through its service."""
+
+    list_display = (
+        "id",
+        "order_link",
+        "amount",
+        "currency",
+        "status",
+        "reason",
+        "requested_by",
+        "provider_refund_id",
+        "attempts",
+        "created_at",
+    )
+    list_filter = ("status", "reason", "created_at")
+    list_select_related = ("payment", "requested_by")
+    # An order id is searched as a whole number: "payment__order__id" with exact lookup.
+    search_fields = ("idempotency_key", "provider_refund_id", "=payment__order__id", "payment__idempotency_key")
+    date_hierarchy = "created_at"
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Refund | None = None) -> list[str]:
+        return [field.name for field in self.model._meta.fields] + ["order_link"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Refund | None = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Refund | None = None) -> bool:
+        return False
+
+    @admin.display(description="order", ordering="payment__order_id")
+    def order_link(self, refund: Refund) -> str:
+        order_id = refund.payment.order_id
+        if order_id is None:
+            return f"subscription payment {refund.payment_id}"
+        # By URL name: payments never imports orders.
+        return format_html('<a href="{}">#{}</a>', reverse("admin:orders_order_change", args=[order_id]), order_id)
 
 
 @admin.register(WebhookEvent)

@@ -1,6 +1,7 @@
-"""The payment methods API: cards tokenised at the provider, listed and removed by their owner."""
+"""The payment methods API: cards tokenised at the provider, listed and removed by their owner, and the card of a
+subscription."""
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Annotated
 
 from django.db.models import QuerySet
@@ -13,7 +14,7 @@ from core.pagination import bounded_pagination
 from core.types import ApiRequest
 
 from . import selectors, services
-from .models import PaymentMethod
+from .models import PaymentMethod, Subscription
 
 router = Router(tags=["payment methods"])
 
@@ -82,3 +83,32 @@ def remove_payment_method(request: ApiRequest, payment_method_id: int) -> Status
     except services.UnknownPaymentMethod:
         raise Http404("no such payment method") from None
     return Status(204, None)
+
+
+class SubscriptionOut(Schema):
+    id: int
+    plan: str = Field(alias="plan.code")
+    status: str
+    payment_method_id: int | None
+    current_period_end: date
+    # Dunning (payments/dunning.py): declined tries of the due period, and when the next one runs.
+    failed_attempts: int
+    next_retry_at: datetime | None
+
+
+@router.put(
+    "/subscriptions/{subscription_id}/payment-method/{payment_method_id}/",
+    response={200: SubscriptionOut, 404: ErrorOut, 409: ErrorOut},
+    summary="Charge one of my subscriptions to one of my cards (a past-due one is tried again at once)",
+)
+def set_subscription_payment_method(request: ApiRequest, subscription_id: int, payment_method_id: int) -> Subscription:
+    """Another owner's subscription or card, or a removed card, is a 404; a cancelled subscription a 409.
+
+    Sending it again while the retry it started is under way retries nothing more.
+    """
+    try:
+        return services.set_subscription_payment_method(
+            owner=request.auth, subscription_id=subscription_id, payment_method_id=payment_method_id
+        )
+    except (services.UnknownSubscription, services.UnknownPaymentMethod):
+        raise Http404("no such subscription or payment method") from None

@@ -247,11 +247,10 @@ class PaymentMismatch(models.Model):
         AMOUNT_MISMATCH = "amount_mismatch"
         CURRENCY_MISMATCH = "currency_mismatch"
         STATUS_MISMATCH = "status_mismatch"
-        # Refunds: one at the provider the shop has no record of, one the shop recorded as given
-        # back that the provider does not have, or a charge whose refunded total differs from ours.
+        # Refunds, by a charge's refunded total: the provider gave back more than the shop recorded
+        # as refunded (a refund the shop has no record of), or less (a refund it does not have).
         PROVIDER_REFUND_WITHOUT_REFUND = "provider_refund_without_refund"
         REFUND_WITHOUT_PROVIDER_REFUND = "refund_without_provider_refund"
-        REFUNDED_TOTAL_MISMATCH = "refunded_total_mismatch"
 
     kind = models.CharField(max_length=40, choices=Kind.choices)
     # The charge's reference, which is the payment's idempotency key (a provider reference is up to 500 characters).

@@ -14,7 +14,12 @@ reference). The rules, for every payment made since `since` and every charge lis
 - skipped: a `processing` payment touched within in_flight_grace() (its charge is in flight), and a
   payment in `needs_attention`, which staff already see as a dead letter with an alert;
 - not a mismatch: a declined charge without a payment (no money moved), and a `processing`
-  payment without a charge (stuck work, which the outbox relay and the dead letters report).
+  payment without a charge (stuck work, which the outbox relay and the dead letters report);
+- refunds: the charge of a `succeeded` payment has given back (its `amount_refunded`) what the
+  payment's `succeeded` refunds add up to; more is provider_refund_without_refund, less is
+  refund_without_provider_refund. Skipped while one of its refunds is `requested` and touched
+  within in_flight_grace() (its answer is on its way). Payments with a refund touched since
+  `since` are checked however old they are.
 
 A charge is made only after its payment is committed, so a charge listed first always finds its
 payment. A candidate is checked again with a fresh read of the payment and of the charges under its
@@ -28,6 +33,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from django.conf import settings
 from django.db.models import Q
@@ -35,7 +41,7 @@ from django.utils import timezone
 
 from integrations import provider
 
-from .models import Payment, PaymentMismatch
+from .models import Payment, PaymentMismatch, Refund
 
 # A daily run looks back two days, so a day it missed (beat down, provider unreachable) is still covered.
 DEFAULT_LOOKBACK = timedelta(days=2)
@@ -89,7 +95,9 @@ def reconcile_payments(*, since: datetime | None = None, now: datetime | None = 
     payments = {
         payment.idempotency_key: payment
         for payment in Payment.objects.filter(
-            Q(created_at__gte=since) | Q(idempotency_key__in=list(charges_by_reference))
+            Q(created_at__gte=since)
+            | Q(idempotency_key__in=list(charges_by_reference))
+            | Q(pk__in=Refund.objects.filter(updated_at__gte=since).values("payment_id"))
         )
     }
     suspects = [
@@ -161,6 +169,7 @@ def find_mismatches(
         if charge.status != "succeeded":
             details = f"shop payment succeeded, provider charge {charge.status}"
             findings.append(Finding(Kind.STATUS_MISMATCH, reference, charge.id, details, payment))
+        findings += _refund_mismatches(payment, charge, now=now)
     # Money the provider took for this reference beyond the charge that settled the payment.
     findings += [
         Finding(
@@ -175,6 +184,25 @@ def find_mismatches(
         if charge is None or extra.id != charge.id
     ]
     return findings
+
+
+def _refund_mismatches(payment: Payment, charge: provider.Charge, *, now: datetime) -> list[Finding]:
+    """The charge's refunded total against the payment's succeeded refunds (none while one is in flight)."""
+    refunds = list(payment.refunds.all())
+    in_flight = [
+        refund
+        for refund in refunds
+        if refund.status == Refund.Status.REQUESTED and refund.updated_at > now - in_flight_grace()
+    ]
+    if in_flight:
+        return []
+    ours = sum((refund.amount for refund in refunds if refund.status == Refund.Status.SUCCEEDED), Decimal("0.00"))
+    theirs = charge.amount_refunded
+    if theirs == ours:
+        return []
+    kind = Kind.PROVIDER_REFUND_WITHOUT_REFUND if theirs > ours else Kind.REFUND_WITHOUT_PROVIDER_REFUND
+    details = f"provider charge {charge.id} refunded {theirs} {charge.currency}; shop refunds add up to {ours}"
+    return [Finding(kind, payment.idempotency_key, charge.id, details, payment)]
 
 
 def resolve_mismatches(*, mismatch_ids: Iterable[int]) -> int:

@@ -10,7 +10,7 @@ the charge it already made instead of making a second one.
 import json
 import logging
 import secrets
-from datetime import date
+from datetime import date, datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db import IntegrityError, transaction
@@ -24,7 +24,7 @@ from core.errors import ApplicationError
 from core.transactions import assert_outside_transaction
 from integrations import provider
 
-from . import billing
+from . import billing, dunning, refunds
 from .models import Payment, PaymentMethod, Plan, Subscription, WebhookEvent
 from .signatures import WebhookRejected, verify_signature
 
@@ -389,14 +389,56 @@ def _parse_period(billing_period: str) -> date:
     return billing.parse_billing_period(billing_period)
 
 
-def charge_subscription(*, subscription_id: int, billing_period: str) -> Payment | None:
-    """Charge one billing period once, however often it is delivered, and only while the subscription is live.
+CHARGE_SUBSCRIPTION = "payments.tasks.charge_subscription"
+
+# A subscription was cancelled because its period's last try was declined (dunning): sent in its
+# transaction, once per subscription (subscription=, payment= the last declined one).
+subscription_cancelled_unpaid = Signal()
+
+
+class UnknownSubscription(ApplicationError):
+    """No such subscription among the owner's (someone else's is no different): 404."""
+
+    code = "not_found"
+    field = "subscription"
+    status = 404
+
+
+class SubscriptionCancelled(ApplicationError):
+    """The subscription is cancelled: its card cannot be changed any more."""
+
+    code = "subscription_cancelled"
+    field = "subscription"
+    status = 409
+
+
+def _is_next_attempt(subscription: Subscription, period_start: date, attempt: int) -> bool:
+    """Whether `attempt` may be claimed for the period now: the first, or the retry that follows the last decline.
+
+    A retry for an attempt that is no longer the next one (tried already, the period paid, the
+    subscription cancelled) claims nothing.
+    """
+    if attempt == 1:
+        return True
+    return (
+        subscription.status == Subscription.Status.PAST_DUE
+        and subscription.current_period_end == period_start
+        and subscription.failed_attempts == attempt - 1
+    )
+
+
+def charge_subscription(*, subscription_id: int, billing_period: str, attempt: int = 1) -> Payment | None:
+    """Charge one try (`attempt`) of a billing period once, however often it is delivered, while it is live.
 
     Whether to charge is decided under the subscription's row lock (cancel_subscription takes
     it too): a cancelled subscription claims nothing and voids a claimed, unfinished charge
-    instead of retrying it. Success moves the period forward; a decline makes it past_due.
+    instead of retrying it; a retry (attempt 2, ...) is claimed only while it is the next try of
+    the past-due period (payments/dunning.py). Each try is its own Payment with its own key.
+    Success moves the period forward; a decline makes it past_due, or cancels it after the last try.
     """
     period_start = _parse_period(billing_period)
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1:
+        raise SubscriptionError(f"attempt must be a positive integer, got {attempt!r}")
     with transaction.atomic():
         subscription = (
             Subscription.objects.select_for_update().select_related("plan").filter(pk=subscription_id).first()
@@ -404,13 +446,15 @@ def charge_subscription(*, subscription_id: int, billing_period: str) -> Payment
         if subscription is None:
             logger.warning("charge_subscription: subscription %s does not exist", subscription_id)
             return None
-        payment = Payment.objects.filter(subscription=subscription, billing_period=billing_period).first()
+        payment = Payment.objects.filter(
+            subscription=subscription, billing_period=billing_period, attempt=attempt
+        ).first()
         cancelled = subscription.status == Subscription.Status.CANCELLED
         if payment is None:
-            if cancelled:
+            if cancelled or not _is_next_attempt(subscription, period_start, attempt):
                 return None
             payment = _claim(
-                natural_key={"subscription": subscription, "billing_period": billing_period, "attempt": 1},
+                natural_key={"subscription": subscription, "billing_period": billing_period, "attempt": attempt},
                 amount=subscription.plan.price,
                 currency=subscription.plan.currency,
                 payment_method_id=subscription.payment_method_id,
@@ -428,17 +472,32 @@ def charge_subscription(*, subscription_id: int, billing_period: str) -> Payment
     return payment
 
 
-def _apply_to_subscription(subscription_id: int, payment: Payment, period_start: date) -> None:
-    """Move the subscription on by its payment's outcome, once per period. Call inside a transaction.
+def _first_decline_at(subscription: Subscription, payment: Payment) -> datetime:
+    """When the period's first try was declined: the time its decline was recorded (a declined payment is final,
+    never written again)."""
+    if payment.attempt == 1:
+        return payment.updated_at
+    first = Payment.objects.filter(
+        subscription=subscription, billing_period=payment.billing_period, attempt=1
+    ).values_list("updated_at", flat=True)
+    return first.first() or payment.updated_at
 
-    A success for the period that is due moves the period forward and makes the subscription
-    active; a decline for it makes it past_due. An outcome applied before changes nothing.
+
+def _apply_to_subscription(subscription_id: int, payment: Payment, period_start: date) -> None:
+    """Move the subscription on by its payment's outcome, once per try. Call inside a transaction.
+
+    A success for the period that is due moves the period forward, makes the subscription active
+    and clears the dunning count. A decline of try n for it makes it past_due with the next try's
+    time (payments/dunning.py), or, after the last try, cancels it (and tells the owner, once).
+    An outcome applied before changes nothing.
     """
     if payment.status not in (Payment.Status.SUCCEEDED, Payment.Status.DECLINED):
         return
     subscription = Subscription.objects.select_for_update().select_related("plan").get(pk=subscription_id)
     if subscription.status == Subscription.Status.CANCELLED or subscription.current_period_end > period_start:
         return  # cancelled, or this period's outcome was applied already
+    fields = ["status", "failed_attempts", "next_retry_at"]
+    gave_up = False
     if payment.status == Payment.Status.SUCCEEDED:
         # A subscription from before billing_anchor existed is anchored on the period it was last billed for.
         subscription.billing_anchor = subscription.billing_anchor or subscription.current_period_start
@@ -447,16 +506,35 @@ def _apply_to_subscription(subscription_id: int, payment: Payment, period_start:
             period_start, anchor=subscription.billing_anchor
         )
         subscription.status = Subscription.Status.ACTIVE
-    elif subscription.status == Subscription.Status.PAST_DUE:
-        return
+        subscription.failed_attempts, subscription.next_retry_at = 0, None
+        fields += ["current_period_start", "current_period_end", "billing_anchor"]
+    elif payment.attempt <= subscription.failed_attempts:
+        return  # this try's decline was applied already
     else:
-        subscription.status = Subscription.Status.PAST_DUE
-    subscription.save(update_fields=["status", "current_period_start", "current_period_end", "billing_anchor"])
+        subscription.failed_attempts = payment.attempt
+        subscription.next_retry_at = dunning.next_retry_at(
+            first_decline_at=_first_decline_at(subscription, payment), failed_attempts=payment.attempt
+        )
+        if subscription.next_retry_at is None:
+            gave_up = True
+            subscription.status = Subscription.Status.CANCELLED
+            subscription.cancelled_at = timezone.now()
+            fields.append("cancelled_at")
+        else:
+            subscription.status = Subscription.Status.PAST_DUE
+    subscription.save(update_fields=fields)
     subscription_charged.send(sender=Payment, payment=payment, subscription=subscription)
+    if gave_up:
+        logger.info("subscription %s cancelled: its renewal was declined %s times", subscription.pk, payment.attempt)
+        subscription_cancelled_unpaid.send(sender=Subscription, subscription=subscription, payment=payment)
 
 
 def bill_due_subscriptions(*, today: date | None = None) -> list[tuple[int, str]]:
-    """An outbox item charging each active subscription whose next period has started, unless one is open already."""
+    """An outbox item charging each active subscription whose next period has started, unless one is open already.
+
+    Only the first try (attempt 1, the two-argument message): a past-due period's retries are
+    retry_due_renewals' (payments/dunning.py), so the two never charge the same try.
+    """
     today = today or timezone.localdate()
     due = list(
         Subscription.objects.filter(status=Subscription.Status.ACTIVE, current_period_end__lte=today)
@@ -474,9 +552,75 @@ def bill_due_subscriptions(*, today: date | None = None) -> list[tuple[int, str]
         for subscription_id, period_start in due:
             if (subscription_id, period_start.isoformat()) in settled:
                 continue
-            if outbox.enqueue_once("payments.tasks.charge_subscription", subscription_id, period_start.isoformat()):
+            if outbox.enqueue_once(CHARGE_SUBSCRIPTION, subscription_id, period_start.isoformat()):
                 dispatched.append((subscription_id, period_start.isoformat()))
     return dispatched
+
+
+def _enqueue_next_attempt(subscription: Subscription) -> tuple[int, str, int] | None:
+    """The outbox item of the past-due period's next try, unless one is open already. Call holding the row lock."""
+    args = (subscription.pk, subscription.current_period_end.isoformat(), subscription.failed_attempts + 1)
+    return args if outbox.enqueue_once(CHARGE_SUBSCRIPTION, *args) else None
+
+
+def retry_due_renewals(*, now: datetime | None = None) -> list[tuple[int, str, int]]:
+    """An outbox item for the next try of each past-due subscription whose retry time has come (beat).
+
+    One item per try: a sweep that runs again while it is open adds nothing. A try whose payment
+    ended without a decline (needs attention) is left to staff, as bill_due_subscriptions leaves it.
+    """
+    now = now or timezone.now()
+    due = Subscription.objects.filter(
+        status=Subscription.Status.PAST_DUE, next_retry_at__lte=now, failed_attempts__gte=1
+    ).order_by("id")
+    dispatched = []
+    for subscription_id in due.values_list("id", flat=True):
+        with transaction.atomic():
+            subscription = (
+                Subscription.objects.select_for_update()
+                .filter(pk=subscription_id, status=Subscription.Status.PAST_DUE, next_retry_at__lte=now)
+                .first()
+            )
+            if subscription is None:
+                continue  # paid, cancelled or tried meanwhile
+            tried = Payment.objects.filter(
+                subscription=subscription,
+                billing_period=subscription.current_period_end.isoformat(),
+                attempt=subscription.failed_attempts + 1,
+            ).exclude(status=Payment.Status.PROCESSING)
+            if tried.exists():
+                continue
+            if args := _enqueue_next_attempt(subscription):
+                dispatched.append(args)
+    return dispatched
+
+
+def set_subscription_payment_method(*, owner: "User", subscription_id: int, payment_method_id: int) -> Subscription:
+    """Charge the owner's subscription to another of their cards; a past-due one is tried again at once with it.
+
+    The retry is the period's next try (payments/dunning.py), an outbox item of the same commit,
+    decided under the subscription's row lock: a second submit while it is open adds nothing.
+    Raises UnknownSubscription or UnknownPaymentMethod (another owner's, a removed card: 404),
+    SubscriptionCancelled.
+    """
+    with transaction.atomic():
+        subscription = (
+            Subscription.objects.select_for_update().select_related("plan").filter(pk=subscription_id, owner=owner)
+        ).first()
+        if subscription is None:
+            raise UnknownSubscription("no such subscription")
+        payment_method = PaymentMethod.objects.filter(
+            pk=payment_method_id, owner=owner, removed_at__isnull=True
+        ).first()
+        if payment_method is None:
+            raise UnknownPaymentMethod("no such payment method")
+        if subscription.status == Subscription.Status.CANCELLED:
+            raise SubscriptionCancelled("this subscription is cancelled")
+        subscription.payment_method = payment_method
+        subscription.save(update_fields=["payment_method"])
+        if subscription.status == Subscription.Status.PAST_DUE and subscription.failed_attempts >= 1:
+            _enqueue_next_attempt(subscription)
+    return subscription
 
 
 # --- Webhooks -------------------------------------------------------------------------
@@ -523,6 +667,8 @@ def process_webhook(*, event_id: int) -> WebhookEvent | None:
     event = WebhookEvent.objects.filter(pk=event_id).first()
     if event is None or event.status == WebhookEvent.Status.PROCESSED:
         return event
+    if event.type in refunds.REFUND_EVENTS:
+        return _process_refund_event(event)
     try:
         charge_id = _validated_charge_id(event)
     except InvalidWebhookEvent as exc:
@@ -546,6 +692,17 @@ def process_webhook(*, event_id: int) -> WebhookEvent | None:
         WebhookEvent.objects.filter(pk=event.pk).update(
             status=WebhookEvent.Status.PROCESSED, processed_at=timezone.now()
         )
+    event.refresh_from_db()
+    return event
+
+
+def _process_refund_event(event: WebhookEvent) -> WebhookEvent:
+    try:
+        refunds.process_refund_event(event)
+    except ApplicationError as exc:
+        WebhookEvent.objects.filter(pk=event.pk).update(status=WebhookEvent.Status.INVALID, error=str(exc)[:500])
+        raise InvalidWebhookEvent(str(exc)) from exc
+    WebhookEvent.objects.filter(pk=event.pk).update(status=WebhookEvent.Status.PROCESSED, processed_at=timezone.now())
     event.refresh_from_db()
     return event
 

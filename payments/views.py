@@ -13,7 +13,7 @@ from django.views.decorators.http import require_GET, require_POST
 from core.types import AuthenticatedHttpRequest
 
 from . import selectors, services
-from .forms import SubscribeForm
+from .forms import SubscribeForm, SubscriptionCardForm
 from .models import Payment, Plan, Subscription
 
 MAX_WEBHOOK_BYTES = 64 * 1024
@@ -49,7 +49,13 @@ def subscriptions(request: AuthenticatedHttpRequest) -> HttpResponse:
     subs = list(Subscription.objects.filter(owner=request.user).select_related("plan"))
     payments = Payment.objects.filter(subscription__owner=request.user).select_related("subscription__plan")[:50]
     plans = Plan.objects.filter(active=True)
-    context = {"subscriptions": subs, "payments": payments, "plans": plans, "in_flight": _charging(subs)}
+    context = {
+        "subscriptions": subs,
+        "payments": payments,
+        "plans": plans,
+        "in_flight": _charging(subs),
+        "cards": list(selectors.payment_methods_for(owner=request.user)),
+    }
     return render(request, "payments/subscriptions.html", context)
 
 
@@ -130,6 +136,34 @@ def cancel(request: AuthenticatedHttpRequest, subscription_id: int) -> HttpRespo
             )
         else:
             messages.success(request, "Subscription cancelled. Nothing more will be charged.")
+    return redirect("payments:subscriptions")
+
+
+@login_required
+@require_POST
+def subscription_card(request: AuthenticatedHttpRequest, subscription_id: int) -> HttpResponse:
+    """Charge the subscription to another of the owner's cards; a past-due one is tried again with it at once."""
+    get_object_or_404(Subscription, pk=subscription_id, owner=request.user)
+    form = SubscriptionCardForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, "choose one of your cards")
+        return redirect("payments:subscriptions")
+    try:
+        subscription = services.set_subscription_payment_method(
+            owner=request.user, subscription_id=subscription_id, payment_method_id=form.cleaned_data["payment_method"]
+        )
+    except services.UnknownPaymentMethod:
+        # Someone else's card is no different from one that does not exist.
+        raise Http404("no such card") from None
+    except services.SubscriptionCancelled as exc:
+        messages.error(request, str(exc))
+    else:
+        if subscription.status == Subscription.Status.PAST_DUE:
+            messages.success(
+                request, "Card changed. The payment is being tried again with it; this page shows how it went."
+            )
+        else:
+            messages.success(request, f"Card changed: the next payments of {subscription.plan.name} are taken from it.")
     return redirect("payments:subscriptions")
 
 

@@ -24,6 +24,7 @@ from sandbox.validation import (
     parse_json_object,
     parse_payment_method,
     parse_positive_int_query,
+    parse_refund,
     parse_shipment,
 )
 
@@ -74,7 +75,7 @@ def _error(status: int, error_type: str, code: str, message: str, **extra: Any) 
     return Response(status, {"error": {"type": error_type, "code": code, "message": message, **extra}})
 
 
-# Creates: the fault injection and idempotency shared by charges and shipments ----------------------------
+# Creates: the fault injection and idempotency shared by charges, refunds and shipments -------------------------
 
 
 def _front_door_fault(current: faults.Faults) -> Response | None:
@@ -151,6 +152,10 @@ def create_charge(request: Request) -> Response:
     return _create(request, scope=ledger.CHARGES, parse=parse_charge, perform=ledger.create_charge)
 
 
+def create_refund(request: Request) -> Response:
+    return _create(request, scope=ledger.REFUNDS, parse=parse_refund, perform=ledger.create_refund)
+
+
 def create_shipment(request: Request) -> Response:
     return _create(request, scope=ledger.SHIPMENTS, parse=parse_shipment, perform=ledger.create_shipment)
 
@@ -211,6 +216,26 @@ def get_charge(request: Request) -> Response:
     return Response(200, charge) if charge else _error(404, "not_found", "not_found", "No such charge.")
 
 
+def list_refunds(request: Request) -> Response:
+    """Paged as charges are: `starting_after` (the last refund id seen), `has_more`."""
+    limit = _limit(request)
+    try:
+        refunds = ledger.list_refunds(
+            charge_id=request.query("charge"),
+            reference=request.query("reference"),
+            starting_after=request.query("starting_after"),
+            limit=limit + 1,
+        )
+    except ledger.UnknownRefund as exc:
+        raise ValidationError("starting_after", f"No such refund: {exc}", "resource_missing") from None
+    return Response(200, {"object": "list", "data": refunds[:limit], "has_more": len(refunds) > limit})
+
+
+def get_refund(request: Request) -> Response:
+    refund = ledger.get_refund(refund_id=request.params["refund_id"])
+    return Response(200, refund) if refund else _error(404, "not_found", "not_found", "No such refund.")
+
+
 def list_shipments(request: Request) -> Response:
     raw = request.query("order_id")
     order_id = None if raw is None else parse_positive_int_query(raw, "order_id")
@@ -261,6 +286,8 @@ ROUTES: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
     (re.compile(r"/healthz"), {"GET": healthz}),
     (re.compile(r"/v1/charges"), {"POST": create_charge, "GET": list_charges}),
     (re.compile(r"/v1/charges/(?P<charge_id>[^/]+)"), {"GET": get_charge}),
+    (re.compile(r"/v1/refunds"), {"POST": create_refund, "GET": list_refunds}),
+    (re.compile(r"/v1/refunds/(?P<refund_id>[^/]+)"), {"GET": get_refund}),
     (re.compile(r"/v1/payment_methods"), {"POST": create_payment_method}),
     (re.compile(r"/v1/payment_methods/(?P<payment_method_id>[^/]+)"), {"GET": get_payment_method}),
     (re.compile(r"/v1/shipments"), {"POST": create_shipment, "GET": list_shipments}),

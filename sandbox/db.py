@@ -57,6 +57,21 @@ CREATE TABLE IF NOT EXISTS shipments (
 );
 CREATE INDEX IF NOT EXISTS shipments_order_id ON shipments (order_id);
 
+-- A refund takes back part or all of a succeeded charge; the ledger never refunds more than was charged.
+CREATE TABLE IF NOT EXISTS refunds (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL CHECK (status IN ('succeeded', 'pending', 'failed')),
+    charge_id TEXT NOT NULL REFERENCES charges (id),
+    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+    currency TEXT NOT NULL,
+    reference TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refunds_charge_id ON refunds (charge_id);
+CREATE INDEX IF NOT EXISTS refunds_reference ON refunds (reference);
+
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     scope TEXT NOT NULL,
     key TEXT NOT NULL,

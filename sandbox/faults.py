@@ -24,13 +24,20 @@ class Faults:
     fail_next: int = 0
     fail_after_charge_next: int = 0
     fail_after_shipment_next: int = 0
+    fail_after_refund_next: int = 0
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
 
 FIELDS = tuple(Faults.__dataclass_fields__)
-INTEGER_FIELDS = {"latency_ms", "fail_next", "fail_after_charge_next", "fail_after_shipment_next"}
+INTEGER_FIELDS = {
+    "latency_ms",
+    "fail_next",
+    "fail_after_charge_next",
+    "fail_after_shipment_next",
+    "fail_after_refund_next",
+}
 
 
 class InjectedFault(StrEnum):

@@ -1,4 +1,4 @@
-"""The provider's and warehouse's books: idempotency keys, charges, shipments, and queries over them.
+"""The provider's and warehouse's books: idempotency keys, charges, refunds, shipments, and queries over them.
 
 A create is three steps: claim the idempotency key (committed as `in_flight`), do the work, then record the
 result and the stored response in one transaction. So a charge exists exactly when its key holds a response.
@@ -18,6 +18,7 @@ from sandbox import db, faults, webhooks
 from sandbox.validation import ValidationError
 
 CHARGES = "charges"
+REFUNDS = "refunds"
 SHIPMENTS = "shipments"
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
@@ -106,13 +107,23 @@ def _format_amount(amount_minor: int) -> str:
     return f"{amount_minor // 100}.{amount_minor % 100:02d}"
 
 
+# A charge with the sum of its succeeded refunds (`refunded_minor`), which `_charge_from_row` needs.
+_CHARGE_SELECT = (
+    "SELECT charges.*, (SELECT COALESCE(SUM(refunds.amount_minor), 0) FROM refunds"
+    " WHERE refunds.charge_id = charges.id AND refunds.status = 'succeeded') AS refunded_minor FROM charges"
+)
+
+
 def _charge_from_row(row: sqlite3.Row) -> dict[str, Any]:
+    """A charge as the API shows it; `row` comes from `_CHARGE_SELECT`."""
     return {
         "id": row["id"],
         "object": "charge",
         "status": row["status"],
         "amount": _format_amount(row["amount_minor"]),
         "amount_minor": row["amount_minor"],
+        "amount_refunded": _format_amount(row["refunded_minor"]),
+        "refunded": row["refunded_minor"] >= row["amount_minor"],
         "currency": row["currency"],
         "reference": row["reference"],
         "description": row["description"],
@@ -255,7 +266,7 @@ def create_charge(*, idempotency_key: str, params: dict[str, Any], current_fault
                 payment_method,
             ),
         )
-        charge = _charge_from_row(conn.execute("SELECT * FROM charges WHERE id = ?", (charge_id,)).fetchone())
+        charge = _charge_from_row(conn.execute(f"{_CHARGE_SELECT} WHERE id = ?", (charge_id,)).fetchone())
         if declined:
             http_status = 402
             body = {
@@ -277,6 +288,81 @@ def create_charge(*, idempotency_key: str, params: dict[str, Any], current_fault
         lost = faults.consume_counter(conn, "fail_after_charge_next")
     webhooks.deliverer.wake()
     return Created(http_status, body_text, response_lost=lost)
+
+
+def _refund_from_row(row: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "refund",
+        "status": row["status"],
+        "amount": _format_amount(row["amount_minor"]),
+        "currency": row["currency"],
+        "charge": row["charge_id"],
+        "reference": row["reference"],
+        "idempotency_key": row["idempotency_key"],
+        "created": row["created"],
+    }
+
+
+def create_refund(*, idempotency_key: str, params: dict[str, Any], current_faults: faults.Faults) -> Created:
+    """Record a refund of a succeeded charge, its stored response and its webhook event in one transaction.
+
+    Refuses with a ValidationError (nothing recorded, so the key is released) an unknown charge (404), a
+    charge that did not succeed, another currency, or more than is left of the charge (succeeded and
+    pending refunds count). The check and the insert hold one write lock, so concurrent refunds under
+    different keys never give back more than was charged. Call only while holding the claim on
+    `idempotency_key` in the refunds scope.
+    """
+    charge_id = params["charge"]
+    refund_id = f"re_{secrets.token_hex(12)}"
+    with db.write() as conn:
+        charge = conn.execute(
+            "SELECT status, amount_minor, currency FROM charges WHERE id = ?", (charge_id,)
+        ).fetchone()
+        if charge is None:
+            raise ValidationError("charge", f"No such charge: {charge_id}", "resource_missing", status=404)
+        if charge["status"] != "succeeded":
+            raise ValidationError(
+                "charge",
+                f"Charge {charge_id} is {charge['status']}: only a succeeded charge can be refunded.",
+                "charge_not_refundable",
+            )
+        if params["currency"] != charge["currency"]:
+            raise ValidationError(
+                "currency", f"The charge is in {charge['currency']}, not {params['currency']}.", "currency_mismatch"
+            )
+        already = conn.execute(
+            "SELECT COALESCE(SUM(amount_minor), 0) FROM refunds"
+            " WHERE charge_id = ? AND status IN ('succeeded', 'pending')",
+            (charge_id,),
+        ).fetchone()[0]
+        left = charge["amount_minor"] - already
+        if params["amount_minor"] > left:
+            raise ValidationError(
+                "amount",
+                f"Only {_format_amount(left)} {charge['currency']} of the charge is left to refund.",
+                "amount_too_large",
+            )
+        conn.execute(
+            "INSERT INTO refunds (id, status, charge_id, amount_minor, currency, reference, idempotency_key, created)"
+            " VALUES (?, 'succeeded', ?, ?, ?, ?, ?, ?)",
+            (
+                refund_id,
+                charge_id,
+                params["amount_minor"],
+                params["currency"],
+                params["reference"],
+                idempotency_key,
+                int(time.time()),
+            ),
+        )
+        refund = _refund_from_row(conn.execute("SELECT * FROM refunds WHERE id = ?", (refund_id,)).fetchone())
+        body_text = _dumps(refund)
+        webhooks.enqueue_event(conn, event_type=f"refund.{refund['status']}", refund=refund)
+        _store_response(conn, scope=REFUNDS, key=idempotency_key, status=201, body=body_text)
+        lost = faults.consume_counter(conn, "fail_after_refund_next")
+    webhooks.deliverer.wake()
+    return Created(201, body_text, response_lost=lost)
 
 
 def _shipment_from_row(row: sqlite3.Row) -> dict[str, Any]:
@@ -325,6 +411,10 @@ class UnknownCharge(LookupError):
     """A list cursor (`starting_after`) that names no charge."""
 
 
+class UnknownRefund(LookupError):
+    """A list cursor (`starting_after`) that names no refund."""
+
+
 def list_charges(
     *,
     reference: str | None = None,
@@ -355,13 +445,48 @@ def list_charges(
         clauses.append("seq > ?")
         args.append(cursor["seq"])
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = db.connection().execute(f"SELECT * FROM charges {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()  # noqa: S608 (clauses are constants)
+    rows = db.connection().execute(f"{_CHARGE_SELECT} {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()  # noqa: S608 (clauses are constants)
     return [_charge_from_row(row) for row in rows]
 
 
 def get_charge(*, charge_id: str) -> dict[str, Any] | None:
-    row = db.connection().execute("SELECT * FROM charges WHERE id = ?", (charge_id,)).fetchone()
+    row = db.connection().execute(f"{_CHARGE_SELECT} WHERE id = ?", (charge_id,)).fetchone()
     return _charge_from_row(row) if row else None
+
+
+def list_refunds(
+    *,
+    charge_id: str | None = None,
+    reference: str | None = None,
+    starting_after: str | None = None,
+    limit: int = DEFAULT_LIST_LIMIT,
+) -> list[dict[str, Any]]:
+    """Refunds in the order they were made, optionally of one charge and/or under one reference.
+
+    Raises UnknownRefund when `starting_after` names no refund.
+    """
+    clauses: list[str] = []
+    args: list[Any] = []
+    if charge_id is not None:
+        clauses.append("charge_id = ?")
+        args.append(charge_id)
+    if reference is not None:
+        clauses.append("reference = ?")
+        args.append(reference)
+    if starting_after is not None:
+        cursor = db.connection().execute("SELECT seq FROM refunds WHERE id = ?", (starting_after,)).fetchone()
+        if cursor is None:
+            raise UnknownRefund(starting_after)
+        clauses.append("seq > ?")
+        args.append(cursor["seq"])
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    rows = db.connection().execute(f"SELECT * FROM refunds {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()  # noqa: S608 (clauses are constants)
+    return [_refund_from_row(row) for row in rows]
+
+
+def get_refund(*, refund_id: str) -> dict[str, Any] | None:
+    row = db.connection().execute("SELECT * FROM refunds WHERE id = ?", (refund_id,)).fetchone()
+    return _refund_from_row(row) if row else None
 
 
 def list_shipments(*, order_id: int | None = None, limit: int = DEFAULT_LIST_LIMIT) -> list[dict[str, Any]]:
@@ -420,7 +545,7 @@ def list_events(*, charge_id: str | None = None, limit: int = DEFAULT_LIST_LIMIT
 
 
 def summarize_ledger() -> dict[str, Any]:
-    """Counts that let a test assert "one charge per reference" and "one shipment per order"."""
+    """Counts that let a test assert "one charge per reference", "one shipment per order", "no over-refund"."""
     conn = db.connection()
     # One read transaction, so the counts agree with each other.
     conn.execute("BEGIN")
@@ -437,6 +562,15 @@ def summarize_ledger() -> dict[str, Any]:
         ).fetchall()
         attempt_count = conn.execute("SELECT COUNT(*) FROM webhook_attempts").fetchone()[0]
         payment_method_count = conn.execute("SELECT COUNT(*) FROM payment_methods").fetchone()[0]
+        refund_rows = conn.execute(
+            "SELECT status, currency, COUNT(*) AS n, SUM(amount_minor) AS amount_minor FROM refunds"
+            " GROUP BY status, currency"
+        ).fetchall()
+        over_refunded = conn.execute(
+            "SELECT charges.id FROM charges JOIN refunds ON refunds.charge_id = charges.id"
+            " WHERE refunds.status IN ('succeeded', 'pending')"
+            " GROUP BY charges.id HAVING SUM(refunds.amount_minor) > MAX(charges.amount_minor) ORDER BY charges.id"
+        ).fetchall()
     finally:
         conn.execute("COMMIT")
 
@@ -448,7 +582,7 @@ def summarize_ledger() -> dict[str, Any]:
         counts[row["status"]] += row["n"]
         counts["total"] += row["n"]
     by_order_id = {str(row["order_id"]): row["n"] for row in shipment_rows}
-    keys_by_scope = {CHARGES: 0, SHIPMENTS: 0}
+    keys_by_scope = {CHARGES: 0, REFUNDS: 0, SHIPMENTS: 0}
     in_flight = 0
     for row in key_rows:
         keys_by_scope[row["scope"]] = keys_by_scope.get(row["scope"], 0) + row["n"]
@@ -456,6 +590,12 @@ def summarize_ledger() -> dict[str, Any]:
     events_by_status = {"pending": 0, "delivered": 0, "failed": 0, "skipped": 0}
     for row in event_rows:
         events_by_status[row["delivery_status"]] = row["n"]
+    refunds_by_status = {"succeeded": 0, "pending": 0, "failed": 0}
+    refunded_minor_by_currency: dict[str, int] = {}
+    for row in refund_rows:
+        refunds_by_status[row["status"]] += row["n"]
+        if row["status"] == "succeeded":
+            refunded_minor_by_currency[row["currency"]] = row["amount_minor"]
     return {
         "charges": {
             "total": sum(by_status.values()),
@@ -470,6 +610,15 @@ def summarize_ledger() -> dict[str, Any]:
             "by_order_id": by_order_id,
             "orders_shipped_more_than_once": sorted((int(o) for o, n in by_order_id.items() if n > 1)),
         },
+        "refunds": {
+            "total": sum(refunds_by_status.values()),
+            "by_status": refunds_by_status,
+            # Succeeded refunds only: the money given back.
+            "amount_refunded": {
+                currency: _format_amount(minor) for currency, minor in sorted(refunded_minor_by_currency.items())
+            },
+            "charges_refunded_more_than_charged": [row["id"] for row in over_refunded],
+        },
         "idempotency_keys": {"total": sum(keys_by_scope.values()), "in_flight": in_flight, "by_scope": keys_by_scope},
         "webhooks": {
             "total": sum(events_by_status.values()),
@@ -481,10 +630,11 @@ def summarize_ledger() -> dict[str, Any]:
 
 
 def reset_ledger() -> None:
-    """Wipe charges, shipments, keys and webhook events (for tests); fault settings are reset separately."""
+    """Wipe charges, refunds, shipments, keys and webhook events (for tests); fault settings are reset separately."""
     with db.write() as conn:
         for table in (
             "charges",
+            "refunds",
             "shipments",
             "idempotency_keys",
             "webhook_events",

@@ -175,6 +175,25 @@ def parse_charge(data: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+def parse_refund(data: dict[str, Any]) -> dict[str, Any]:
+    """Normalized refund parameters: the charge, the amount to give back, its currency and the shop's reference.
+
+    Whether the charge exists, may be refunded and has that much left is the ledger's to decide.
+    """
+    _reject_unknown(data, {"charge", "amount", "amount_minor", "currency", "reference"})
+    charge = _required_text(data, "charge")
+    amount_minor = _amount_minor(data)
+    currency = _required_text(data, "currency")
+    if not _CURRENCY_RE.fullmatch(currency):
+        raise ValidationError("currency", "currency must be a 3-letter ISO 4217 code", code="invalid_currency")
+    return {
+        "charge": charge,
+        "amount_minor": amount_minor,
+        "currency": currency.upper(),
+        "reference": _required_text(data, "reference"),
+    }
+
+
 def _luhn_valid(number: str) -> bool:
     total = 0
     for position, digit in enumerate(int(character) for character in reversed(number)):
@@ -259,7 +278,13 @@ def parse_shipment(data: dict[str, Any]) -> dict[str, Any]:
 
 
 RATE_FIELDS = ("error_rate", "timeout_rate", "decline_rate")
-COUNTER_FIELDS = ("latency_ms", "fail_next", "fail_after_charge_next", "fail_after_shipment_next")
+COUNTER_FIELDS = (
+    "latency_ms",
+    "fail_next",
+    "fail_after_charge_next",
+    "fail_after_shipment_next",
+    "fail_after_refund_next",
+)
 MAX_LATENCY_MS = 600_000
 MAX_TIMEOUT_SECONDS = 3600
 

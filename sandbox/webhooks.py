@@ -1,6 +1,6 @@
 """Signed webhooks to the shop, delivered at least once from a background thread.
 
-Events are written in the same transaction as the charge they describe (an outbox), so a crash between
+Events are written in the same transaction as the charge or refund they describe (an outbox), so a crash between
 charging and sending loses nothing: the next process start delivers what is still pending. Each attempt
 is signed afresh and recorded in `webhook_attempts`.
 """
@@ -30,19 +30,33 @@ BATCH_SIZE = 20
 MAX_RETRY_DELAY_SECONDS = 300
 
 
-def enqueue_event(conn: sqlite3.Connection, *, event_type: str, charge: dict[str, Any]) -> str:
-    """Record an event for a charge; call inside the `db.write()` transaction that records the charge."""
+def enqueue_event(
+    conn: sqlite3.Connection,
+    *,
+    event_type: str,
+    charge: dict[str, Any] | None = None,
+    refund: dict[str, Any] | None = None,
+) -> str:
+    """Record an event for a charge or a refund (exactly one); call inside the `db.write()` transaction
+    that records it. The payload's `data` holds the object under its name; the event is filed under the
+    charge it concerns (a refund's too), so `/v1/events?charge_id=` shows a charge's whole story.
+    """
+    if (charge is None) == (refund is None):
+        raise ValueError("an event describes exactly one charge or one refund")
     settings = get_settings()
     event_id = f"evt_{secrets.token_hex(12)}"
     created = int(time.time())
-    body = json.dumps(
-        {"id": event_id, "type": event_type, "created": created, "data": {"charge": charge}}, separators=(",", ":")
-    )
+    if charge is not None:
+        data, charge_id = {"charge": charge}, charge["id"]
+    else:
+        assert refund is not None
+        data, charge_id = {"refund": refund}, refund["charge"]
+    body = json.dumps({"id": event_id, "type": event_type, "created": created, "data": data}, separators=(",", ":"))
     status = "pending" if settings.webhook_url else "skipped"
     conn.execute(
         "INSERT INTO webhook_events (id, type, created, charge_id, body, endpoint, delivery_status, next_attempt_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (event_id, event_type, created, charge["id"], body, settings.webhook_url, status, time.time()),
+        (event_id, event_type, created, charge_id, body, settings.webhook_url, status, time.time()),
     )
     return event_id
 

@@ -59,9 +59,10 @@ from orders import pipeline, stock
 from orders import services as order_services
 from orders import tasks as order_tasks
 from orders.models import Order, OrderEvent, OrderItem, Product, StockMovement
+from payments import refunds as payment_refunds
 from payments import services as payment_services
 from payments import tasks as payment_tasks
-from payments.models import Payment, Subscription, WebhookEvent
+from payments.models import Payment, Refund, Subscription, WebhookEvent
 from sandbox.signing import sign
 from tests.factories import PlanFactory, ProductFactory, UserFactory
 from tests.orders.test_concurrency import run_at_once
@@ -75,6 +76,7 @@ MODEL_SEED = random.randrange(2**32) if _seed == "random" else int(_seed)
 
 S = Order.Status
 P = Payment.Status
+CENT = Decimal("0.01")
 
 # The work the machine runs as the worker; notifications are left waiting (they move no money or stock).
 TASKS = {
@@ -83,20 +85,28 @@ TASKS = {
         order_tasks.process_order,
         order_tasks.charge_order,
         order_tasks.sync_to_fulfillment,
+        order_tasks.expire_order,
         payment_tasks.charge_subscription,
         payment_tasks.process_webhook,
+        payment_tasks.refund_payment,
     )
 }
 CHARGE_ORDER = order_tasks.charge_order.name
 CHARGE_SUBSCRIPTION = payment_tasks.charge_subscription.name
 
-NO_FAULTS = {"decline_rate": 0.0, "fail_next": 0, "fail_after_charge_next": 0, "fail_after_shipment_next": 0}
+NO_FAULTS = {
+    "decline_rate": 0.0,
+    "fail_next": 0,
+    "fail_after_charge_next": 0,
+    "fail_after_shipment_next": 0,
+    "fail_after_refund_next": 0,
+}
 OUTCOME_FAULTS = {
     "success": {},
     "decline": {"decline_rate": 1.0},
     "unavailable": {"fail_next": 1},
     # The provider (or warehouse) acts, then its answer is lost: a 500, which the client maps to ProviderUnavailable.
-    "response_lost": {"fail_after_charge_next": 1, "fail_after_shipment_next": 1},
+    "response_lost": {"fail_after_charge_next": 1, "fail_after_shipment_next": 1, "fail_after_refund_next": 1},
 }
 OUTCOMES = st.sampled_from(sorted(OUTCOME_FAULTS))
 # For the worker, a transient failure can also be the last of the task's retries: it then fails for good.
@@ -161,6 +171,8 @@ class ShopModel(RuleBasedStateMachine):
         self.cancelled: dict[int, dict[int, str]] = {}
         self.today = timezone.localdate()
         self.steps_since_settled = 0
+        # (order id, product id) -> units given back to stock by line refunds before the hand-over.
+        self.released_units: Counter[tuple[int, int]] = Counter()
 
     def teardown(self):
         self.sandbox.set_faults(**NO_FAULTS, latency_ms=0)
@@ -360,11 +372,17 @@ class ShopModel(RuleBasedStateMachine):
 
     @rule(data=st.data(), by_owner=st.booleans())
     def cancel_order(self, data, by_owner):
-        order = self.pick_order(data, S.PENDING, S.CONFIRMED)
+        order = self.pick_order(data, S.PENDING, S.CONFIRMED, S.PAID)
         owner = order.owner if by_owner else next(user for user in self.users if user.pk != order.owner_id)
+        paid_not_handed_over = order_services._not_handed_over(order)
         if not by_owner:
             with pytest.raises(Order.DoesNotExist):
                 order_services.cancel_order(order_id=order.pk, owner=owner)
+        elif paid_not_handed_over:
+            # Cancelled once paid, before the warehouse has it: everything left is refunded.
+            assert order_services.cancel_order(order_id=order.pk, owner=owner).status == S.CANCELLED
+            payment = order.payments.first()
+            assert payment is None or payment_refunds.refundable(payment) == 0
         elif order.status in Order.CANCELLABLE and not order.payments.exists():
             assert order_services.cancel_order(order_id=order.pk, owner=owner).status == S.CANCELLED
         else:
@@ -385,6 +403,59 @@ class ShopModel(RuleBasedStateMachine):
             expected = (order_services.NotOnHold,) + ((order_services.PaymentTaken,) if action == "fail" else ())
             assert isinstance(refused, expected), refused
             assert origin is None or action == "fail", refused
+
+    # --- After the sale ---------------------------------------------------------------
+
+    @rule(data=st.data(), how=st.sampled_from(["all", "amount", "line", "race"]))
+    def staff_refund(self, data, how):
+        """Staff refund all that is left, an amount, one unit of a line, or two of them race for most of it."""
+        order = self.pick_order(data, S.FULFILLED, S.PAID, S.PARTIALLY_REFUNDED, S.CANCELLED, S.EXPIRED)
+        payment = order.payments.first()
+        left = payment_refunds.refundable(payment) if payment else Decimal("0.00")
+        before_hand_over = order_services._not_handed_over(order)
+        refundable_order = payment is not None and order.status in order_services.REFUNDABLE_STATUSES
+        if how == "race":
+            share = (left * Decimal("0.6")).quantize(CENT)
+            if share <= 0 or before_hand_over or not refundable_order:
+                return
+
+            def attempt(i: int) -> str:
+                try:
+                    order_services.refund_order(order_id=order.pk, amount=share, submission=f"race-{uuid.uuid4()}")
+                except payment_refunds.RefundTooLarge:
+                    return "refused"
+                return "claimed"
+
+            outcomes = run_at_once(2, attempt)
+            assert sorted(outcomes) == ["claimed", "refused"], outcomes
+            return
+        lines = amount = None
+        units = 0
+        if how == "amount":
+            amount = data.draw(
+                st.sampled_from(["0.01", "1.00", str(left), str(left + Decimal("0.01"))]), label="amount"
+            )
+        elif how == "line":
+            item = data.draw(st.sampled_from(list(order.items.order_by("pk"))), label="line")
+            lines, units = {str(item.pk): 1}, 1
+        try:
+            refund = order_services.refund_order(order_id=order.pk, amount=amount, lines=lines)
+        except (payment_refunds.RefundError, order_services.InvalidRefundLines) as refused:
+            note(f"refund of order {order.pk} ({how}) refused: {refused!r}")
+            if not refundable_order or payment.status != P.SUCCEEDED:
+                assert isinstance(refused, payment_refunds.NotRefundable), refused
+            elif isinstance(refused, payment_refunds.RefundTooLarge):
+                assert left == 0 or Decimal(amount or "0") > left or lines, (refused, left)
+            elif isinstance(refused, order_services.InvalidRefundLines):
+                assert item.refunded_quantity >= item.quantity, refused
+            else:
+                assert isinstance(refused, payment_refunds.InvalidRefundAmount) and item.unit_price == 0, refused
+            return
+        note(f"refund {refund.pk} of {refund.amount} claimed for order {order.pk} ({how})")
+        assert refund.amount <= left
+        after = Order.objects.get(pk=order.pk)
+        if before_hand_over and after.status != S.CANCELLED and lines:
+            self.released_units[order.pk, item.product_id] += units
 
     # --- Stock ------------------------------------------------------------------------
 
@@ -531,7 +602,7 @@ class ShopModel(RuleBasedStateMachine):
             if event == "unrecorded":
                 unrecorded = set(open_payments.values_list("idempotency_key", flat=True))
                 events = [
-                    e for e in events if e["payload"]["data"]["charge"]["idempotency_key"] in unrecorded
+                    e for e in events if e["payload"]["data"].get("charge", {}).get("idempotency_key") in unrecorded
                 ] or events
             if not events:
                 return
@@ -598,6 +669,13 @@ class ShopModel(RuleBasedStateMachine):
         assert not stuck, f"orders left waiting for a step that will never run: {stuck}"
         unfinished = list(Payment.objects.filter(order__isnull=False, status=P.PROCESSING).values_list("pk", flat=True))
         assert not unfinished, f"order payments left processing: {unfinished}"
+        owed = list(Refund.objects.filter(status=Refund.Status.REQUESTED).values_list("pk", flat=True))
+        assert not owed, f"refunds left unfinished: {owed}"
+        # Money taken for an order that expired or was cancelled is all given back.
+        for payment in Payment.objects.filter(
+            status=P.SUCCEEDED, order__status__in=[S.EXPIRED, S.CANCELLED, S.REFUNDED]
+        ):
+            assert payment_refunds.refundable(payment) == 0, (payment.order_id, payment.order.status)
         # Every charge the provider made is now recorded, or in front of staff.
         payments = {payment.idempotency_key: payment for payment in Payment.objects.all()}
         for charge in self.sandbox.charges(status="succeeded", limit=1000):
@@ -619,14 +697,17 @@ class ShopModel(RuleBasedStateMachine):
         self.check_subscriptions_are_charged_once_per_period_and_never_after_cancelling(books)
         self.check_the_provider_ledger_agrees_with_the_shop(books)
         self.check_each_paid_order_is_shipped_at_most_once(books)
+        self.check_refunds_never_exceed_the_charge_and_agree_with_the_provider(books)
 
     def check_stock_is_conserved(self, books: "Books") -> None:
         """initial + received + adjusted == on hand + reserved by live orders + shipped; the movements agree."""
-        # An order holds its items from the reservation until it ships (fulfilled) or gives them back.
+        # An order holds its items from the reservation until it ships (fulfilled) or gives them back
+        # (failed, cancelled, expired); a line refunded before the hand-over gives back its units.
         holds = {
             pk
-            for pk, order in books.orders.items()
-            if books.reached(pk, S.CONFIRMED) and order.status not in (S.PAYMENT_FAILED, S.CANCELLED)
+            for pk in books.orders
+            if books.reached(pk, S.CONFIRMED)
+            and not any(books.reached(pk, status) for status in (S.PAYMENT_FAILED, S.CANCELLED, S.EXPIRED))
         }
         held_by_movements = defaultdict(int)
         for movement in books.movements:
@@ -635,9 +716,10 @@ class ShopModel(RuleBasedStateMachine):
         reserved, shipped = Counter(), Counter()
         for item in books.items:
             status = books.orders[item.order_id].status
-            expected = item.quantity if item.order_id in holds else 0
+            released = self.released_units[item.order_id, item.product_id]
+            expected = item.quantity - released if item.order_id in holds else 0
             assert held_by_movements.pop((item.order_id, item.product_id), 0) == expected, (item.order_id, status)
-            (shipped if status == S.FULFILLED else reserved)[item.product_id] += expected
+            (shipped if books.reached(item.order_id, S.FULFILLED) else reserved)[item.product_id] += expected
         assert not any(held_by_movements.values()), f"movements for items no order has: {dict(held_by_movements)}"
         moved = Counter()
         for movement in books.movements:
@@ -665,8 +747,13 @@ class ShopModel(RuleBasedStateMachine):
                 assert payment is None, pk
             elif books.reached(pk, S.PAID):
                 assert succeeded, f"order {pk} reached paid without a succeeded payment"
-            if order.status in (S.PAYMENT_FAILED, S.CANCELLED, S.REJECTED):
+            if order.status in (S.PAYMENT_FAILED, S.REJECTED) or (
+                order.status == S.CANCELLED and not books.reached(pk, S.PAID)
+            ):
                 assert not succeeded, f"order {pk} is {order.status} but its payment succeeded"
+            if books.reached(pk, S.CANCELLED) and succeeded:
+                # Cancelled once paid: all of it was claimed back in the same transaction.
+                assert books.given_back(payment, Refund.Status.REQUESTED, Refund.Status.SUCCEEDED) == payment.amount, pk
 
     def check_subscriptions_are_charged_once_per_period_and_never_after_cancelling(self, books: "Books") -> None:
         succeeded = Counter()
@@ -715,8 +802,33 @@ class ShopModel(RuleBasedStateMachine):
         for pk, order in books.orders.items():
             shipments = books.shipments[pk]
             assert shipments <= 1 and (shipments == 0 or books.reached(pk, S.PAID)), (pk, order.status, shipments)
-            if order.status == S.FULFILLED:
+            if books.reached(pk, S.FULFILLED):
                 assert shipments == 1, pk
+            if any(books.reached(pk, status) for status in (S.CANCELLED, S.EXPIRED)):
+                assert shipments == 0, (pk, order.status)
+
+    def check_refunds_never_exceed_the_charge_and_agree_with_the_provider(self, books: "Books") -> None:
+        payments = {payment.pk: payment for payment in books.payments}
+        for refund in books.refunds:
+            assert refund.payment_id in payments and refund.currency == payments[refund.payment_id].currency
+        charges = {charge["id"]: charge for charge in books.charges}
+        for payment in payments.values():
+            claimed = books.given_back(payment, Refund.Status.REQUESTED, Refund.Status.SUCCEEDED)
+            done = books.given_back(payment, Refund.Status.SUCCEEDED)
+            assert claimed <= payment.amount, f"payment {payment.pk}: refunds of {claimed} on {payment.amount}"
+            if claimed:
+                assert payment.status == P.SUCCEEDED, (payment.pk, payment.status)
+            # The provider gave back at least what the shop recorded and never more than it claimed.
+            at_provider = Decimal(charges[payment.provider_charge_id]["amount_refunded"]) if claimed else Decimal(0)
+            assert done <= at_provider <= claimed, (payment.pk, done, at_provider, claimed)
+            if payment.order_id:
+                status = books.orders[payment.order_id].status
+                if status == S.REFUNDED:
+                    assert done == payment.amount, (payment.order_id, done)
+                elif status == S.PARTIALLY_REFUNDED:
+                    assert 0 < done < payment.amount, (payment.order_id, done)
+        keys = {refund.idempotency_key for refund in books.refunds}
+        assert {refund["idempotency_key"] for refund in books.provider_refunds} <= keys, "a refund the shop never asked"
 
 
 @dataclass
@@ -734,6 +846,13 @@ class Books:
     charges: list[dict]
     # Order id -> shipments the warehouse accepted.
     shipments: Counter
+    refunds: list[Refund]
+    provider_refunds: list[dict]
+
+    def given_back(self, payment: Payment, *statuses: str) -> Decimal:
+        return sum(
+            (r.amount for r in self.refunds if r.payment_id == payment.pk and r.status in statuses), Decimal("0.00")
+        )
 
     def reached(self, order_id: int, status: str) -> bool:
         return any(to_status == status for _, to_status in self.events[order_id])
@@ -755,6 +874,8 @@ class Books:
             subscriptions=Subscription.objects.select_related("plan").in_bulk(),
             charges=sandbox.charges(limit=1000),
             shipments=Counter(s["order_id"] for s in sandbox.get("/v1/shipments", limit=1000).json()["data"]),
+            refunds=list(Refund.objects.all()),
+            provider_refunds=sandbox.get("/v1/refunds", limit=100).json()["data"],
         )
 
 

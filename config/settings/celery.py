@@ -144,6 +144,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "payments.tasks.bill_due_subscriptions",
         "schedule": env.float("BILLING_SWEEP_SECONDS", default=300.0),
     },
+    # Enqueue the next try of each declined renewal whose time has come (payments/dunning.py).
+    "retry-due-renewals": {
+        "task": "payments.tasks.retry_due_renewals",
+        "schedule": env.float("DUNNING_SWEEP_SECONDS", default=300.0),
+    },
     # Compare the shop's payments with the provider's ledger, as shops do daily (payments/reconciliation.py).
     "reconcile-payments": {
         "task": "payments.tasks.reconcile_payments",
@@ -179,6 +184,15 @@ PAYMENT_EXPIRY_SECONDS = env.float("PAYMENT_EXPIRY_SECONDS", default=1800.0)
 # Dunning (payments/dunning.py): a declined renewal is tried again this many days after the first
 # decline, one try per entry; after the last one declines the subscription is cancelled.
 DUNNING_RETRY_DAYS = env.list("DUNNING_RETRY_DAYS", cast=float, default=[1.0, 3.0, 7.0])
+# Seconds in one of those days: end-to-end tests set 1, so the whole schedule runs in seconds.
+DUNNING_RETRY_UNIT_SECONDS = env.float("DUNNING_RETRY_UNIT_SECONDS", default=86400.0)
+# An empty list cancels at the first decline.
+_DELAYS = [0.0, *DUNNING_RETRY_DAYS]
+if DUNNING_RETRY_UNIT_SECONDS <= 0 or any(_DELAYS[n + 1] <= _DELAYS[n] for n in range(len(DUNNING_RETRY_DAYS))):
+    raise ImproperlyConfigured("DUNNING_RETRY_DAYS must be increasing positive days; DUNNING_RETRY_UNIT_SECONDS > 0.")
+# The public address of the shop: links in emails (the dunning emails' "change your card") start with it.
+# Emails are rendered by workers, which have no request to take the host from. `make run`'s by default.
+SHOP_URL = env.str("SHOP_URL", default="http://127.0.0.1:8000")
 # The same for a provider event whose processing failed all its retries (the provider's API away).
 WEBHOOK_RESUME_SECONDS = env.float("WEBHOOK_RESUME_SECONDS", default=300.0)
 # The same for an email whose sends failed all their retries (the mail server down for long).

@@ -59,7 +59,7 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name='paymentmismatch',
             name='kind',
-            field=models.CharField(choices=[('provider_charge_without_payment', 'Provider Charge Without Payment'), ('payment_without_provider_charge', 'Payment Without Provider Charge'), ('amount_mismatch', 'Amount Mismatch'), ('currency_mismatch', 'Currency Mismatch'), ('status_mismatch', 'Status Mismatch'), ('provider_refund_without_refund', 'Provider Refund Without Refund'), ('refund_without_provider_refund', 'Refund Without Provider Refund'), ('refunded_total_mismatch', 'Refunded Total Mismatch')], max_length=40),
+            field=models.CharField(choices=[('provider_charge_without_payment', 'Provider Charge Without Payment'), ('payment_without_provider_charge', 'Payment Without Provider Charge'), ('amount_mismatch', 'Amount Mismatch'), ('currency_mismatch', 'Currency Mismatch'), ('status_mismatch', 'Status Mismatch'), ('provider_refund_without_refund', 'Provider Refund Without Refund'), ('refund_without_provider_refund', 'Refund Without Provider Refund')], max_length=40),
         ),
         migrations.AddIndex(
             model_name='subscription',

@@ -60,7 +60,7 @@ def test_a_charge_recorded_before_its_worker_died_still_moves_the_subscription_o
     with transaction.atomic():
         locked = Subscription.objects.select_for_update().get(pk=subscription.pk)
         payment = services._claim(
-            natural_key={"subscription": locked, "billing_period": today.isoformat()},
+            natural_key={"subscription": locked, "billing_period": today.isoformat(), "attempt": 1},
             amount=plan.price,
             currency=plan.currency,
         )

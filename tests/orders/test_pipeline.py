@@ -12,7 +12,7 @@ from core.models import OutboxItem
 from integrations.errors import ProviderUnavailable
 from orders import pipeline
 from orders.models import Order, StockMovement
-from orders.pipeline import NEXT_STEP, TRANSITIONS, IllegalTransition
+from orders.pipeline import DEADLINES, NEXT_STEP, TRANSITIONS, IllegalTransition
 from orders.services import (
     HOLD_MESSAGES,
     NotOnHold,
@@ -51,9 +51,10 @@ def set_status(order: Order, to_status: str, **kwargs) -> Order:
 
 
 def order_steps(order: Order) -> list[str]:
-    """The order's outbox items, oldest first (notifications excluded)."""
+    """The order's step items, oldest first (notifications and deadlines excluded)."""
     return list(
         OutboxItem.objects.filter(task_name__startswith="orders.", args=[order.pk])
+        .exclude(task_name__in=[task for task, _ in DEADLINES.values()])
         .order_by("id")
         .values_list("task_name", flat=True)
     )
@@ -346,3 +347,13 @@ def test_staff_actions_on_a_missing_order_say_so(action):
 
     with pytest.raises(services.NotOnHold, match="does not exist"):
         getattr(services, action)(order_id=987654)
+
+
+def test_a_confirmed_order_gets_its_payment_deadline_with_its_charge_step(product, user):
+    order = place_order(owner=user, items=[("MUG-001", 1)])
+    set_status(order, S.CONFIRMED, note="stock reserved")
+    assert list(
+        OutboxItem.objects.filter(args=[order.pk], task_name__startswith="orders.")
+        .order_by("id")
+        .values_list("task_name", flat=True)
+    ) == [PROCESS, "orders.tasks.expire_order", CHARGE]

@@ -98,6 +98,8 @@ def test_bad_shipment_fields_are_400_naming_the_field(sandbox, body, field):
         ({"fail_next": -1}, "fail_next"),
         ({"fail_next": 1.5}, "fail_next"),
         ({"latency_ms": True}, "latency_ms"),
+        ({"fail_after_refund_next": -1}, "fail_after_refund_next"),
+        ({"fail_after_refund_next": "1"}, "fail_after_refund_next"),
         ({"chaos": 1}, "chaos"),
     ],
 )
@@ -127,7 +129,7 @@ def test_bad_input_records_nothing(sandbox):
 
 
 def test_unknown_routes_and_methods_are_json_errors(sandbox):
-    missing = sandbox.get("/v1/refunds")
+    missing = sandbox.get("/v1/disputes")
     wrong_method = sandbox.session.delete(f"{sandbox.url}/v1/charges", timeout=10)
 
     assert missing.status_code == 404

@@ -16,6 +16,7 @@ def test_faults_start_from_the_environment_and_change_at_runtime(sandbox):
         "fail_next": 0,
         "fail_after_charge_next": 0,
         "fail_after_shipment_next": 0,
+        "fail_after_refund_next": 0,
     }
 
     updated = sandbox.set_faults(error_rate=0.2, latency_ms=5)

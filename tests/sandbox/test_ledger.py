@@ -101,3 +101,32 @@ def test_a_ledger_file_made_before_payment_methods_gains_the_column_and_keeps_it
     )
     assert created.status == 201
     assert ledger.summarize_ledger()["charges"]["total"] == 2
+
+
+def test_a_ledger_file_made_before_refunds_gains_the_table_and_refunds_its_charges(ledger_file):
+    import sqlite3
+
+    old = sqlite3.connect(ledger_file)
+    old.executescript(
+        "CREATE TABLE charges (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, status TEXT NOT NULL,"
+        " amount_minor INTEGER NOT NULL, currency TEXT NOT NULL, reference TEXT NOT NULL, description TEXT,"
+        " metadata TEXT NOT NULL, idempotency_key TEXT NOT NULL, failure_code TEXT, created INTEGER NOT NULL,"
+        " payment_method TEXT);"
+        "INSERT INTO charges (id, status, amount_minor, currency, reference, metadata, idempotency_key, created)"
+        " VALUES ('ch_old', 'succeeded', 1000, 'EUR', 'order-1', '{}', 'order-1', 1);"
+    )
+    old.commit()
+    old.close()
+
+    assert ledger.get_charge(charge_id="ch_old")["amount_refunded"] == "0.00"
+    params = {"charge": "ch_old", "amount_minor": 400, "currency": "EUR", "reference": "order-1"}
+    ledger.claim_idempotency_key(scope=ledger.REFUNDS, key="r-1", request_fingerprint=ledger.fingerprint(params))
+    created = ledger.create_refund(idempotency_key="r-1", params=params, current_faults=faults.get_faults())
+
+    assert created.status == 201
+    [refund] = ledger.list_refunds(charge_id="ch_old")
+    assert (refund["amount"], refund["status"]) == ("4.00", "succeeded")
+    charge = ledger.get_charge(charge_id="ch_old")
+    assert (charge["amount_refunded"], charge["refunded"]) == ("4.00", False)
+    # No SHOP_WEBHOOK_URL: the event is recorded but not sent.
+    assert ledger.summarize_ledger()["webhooks"]["by_status"]["skipped"] == 1
