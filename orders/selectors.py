@@ -9,13 +9,15 @@ from typing import TYPE_CHECKING
 
 from django.db.models import Q, QuerySet
 
+from payments.models import Payment, Refund
+
 from .models import Order, Product
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
-# What an order's page and its JSON show: its lines, its history and its payment.
-ORDER_DETAIL = ("items", "events", "payments")
+# What an order's page and its JSON show: its lines, its history, its payment and the refunds of it.
+ORDER_DETAIL = ("items", "events", "payments", "payments__refunds")
 
 
 def product_list(*, ordering: str = "name", search: str = "") -> QuerySet[Product]:
@@ -52,6 +54,29 @@ def order_status_for(*, owner: "User", order_id: int) -> str | None:
     return Order.objects.filter(owner=owner, pk=order_id).values_list("status", flat=True).first()
 
 
+def order_was_charged(*, owner: "User", order_id: int) -> bool:
+    """Whether the owner's order has a payment that succeeded (whatever was refunded of it since)."""
+    return Payment.objects.filter(order_id=order_id, order__owner=owner, status=Payment.Status.SUCCEEDED).exists()
+
+
 def order_get_for(*, owner: "User", order_id: int) -> Order | None:
     """The owner's order with its lines, history and payment; None for another owner's or a missing one."""
     return order_list_for(owner=owner).filter(pk=order_id).first()
+
+
+def order_get_visible_to(*, user: "User", order_id: int) -> Order | None:
+    """The order as staff see it (any order) or its owner does; None for anyone else, as for a missing one."""
+    orders = Order.objects.all() if user.is_staff else Order.objects.filter(owner=user)
+    return orders.filter(pk=order_id).first()
+
+
+def order_refunds(order: Order) -> list[Refund]:
+    """The refunds of the order's payment, oldest first, from the prefetched `payments__refunds` when loaded."""
+    return [refund for payment in order.payments.all() for refund in payment.refunds.all()]
+
+
+def refund_list_for(*, user: "User", order_id: int) -> QuerySet[Refund] | None:
+    """The refunds of an order its owner (or staff) may see, oldest first; None when they may not see the order."""
+    if order_get_visible_to(user=user, order_id=order_id) is None:
+        return None
+    return Refund.objects.filter(payment__order_id=order_id).order_by("created_at", "id")

@@ -357,18 +357,23 @@ def refund_order(
     on hand; refunding all that is left before then cancels the order. The refund is claimed in
     this transaction under the order's and the payment's row locks (never more than was
     charged), and given back by `payments.tasks.refund_payment`. The same `submission` refunds once.
-    Raises NotRefundable, RefundTooLarge, InvalidRefundAmount, InvalidRefundLines.
+    Raises NotRefundable, RefundTooLarge, InvalidRefundAmount, InvalidRefundLines, and RefundKeyReused
+    for a `submission` used before with another amount or other lines.
     """
     with transaction.atomic():
         order = _lock_order(order_id)
         payment = Payment.objects.filter(order_id=order_id).first() if order is not None else None
-        if order is None or payment is None or order.status not in REFUNDABLE_STATUSES:
+        # A request made again (its form token, its Idempotency-Key) gets its refund, whatever the order is now.
+        if payment is not None and submission:
+            if done := Refund.objects.filter(payment=payment, submission=submission).first():
+                return _same_request(done, amount=amount, lines=lines)
+        if order is None or payment is None:
             raise payment_refunds.NotRefundable(f"order {order_id} has no payment to refund")
-        if payment.status != Payment.Status.SUCCEEDED:
-            # Before the amount is looked at: nothing taken is a 409 whatever was asked.
-            raise payment_refunds.NotRefundable(f"order {order_id}: its payment is {payment.status}, nothing was taken")
-        if submission and (done := Refund.objects.filter(payment=payment, submission=submission).first()):
-            return done
+        if payment.status != Payment.Status.SUCCEEDED or order.status not in REFUNDABLE_STATUSES:
+            # Before the amount is looked at: nothing to give back is a 409 whatever was asked.
+            raise payment_refunds.NotRefundable(f"order {order_id} is {order.status}, its payment {payment.status}")
+        if payment_refunds.refundable(payment) <= 0:
+            raise payment_refunds.NotRefundable(f"order {order_id}: all of its payment is refunded or being refunded")
         chosen, lines_total = _lines_to_refund(order, lines) if lines else ({}, Decimal("0.00"))
         if chosen and amount is None:
             amount = lines_total
@@ -403,6 +408,24 @@ def refund_order(
                 OrderItem.objects.filter(pk=item.pk).update(refunded_quantity=F("refunded_quantity") + quantity)
             if before_hand_over:
                 stock.release_units(order=order, units={item.product_id: quantity for item, quantity in chosen.items()})
+    return refund
+
+
+class RefundKeyReused(OrderError):
+    code = "idempotency_key_reused"
+    field = "idempotency_key"
+
+    def __init__(self) -> None:
+        super().__init__("this Idempotency-Key was already used for a refund of another amount or other lines")
+
+
+def _same_request(refund: Refund, *, amount: Decimal | str | None, lines: dict[str, int] | None) -> Refund:
+    """The refund a repeated request made; RefundKeyReused when the request names another amount or other lines."""
+    asked_lines = {str(item_id): quantity for item_id, quantity in (lines or {}).items()}
+    if (lines is not None and asked_lines != refund.lines) or (
+        lines is None and amount is not None and payment_refunds.clean_amount(amount) != refund.amount
+    ):
+        raise RefundKeyReused()
     return refund
 
 

@@ -18,7 +18,7 @@ from core.types import AuthenticatedHttpRequest
 from integrations.errors import ProviderRejected, ProviderUnavailable
 from payments import selectors as payment_selectors
 from payments import services as payment_services
-from payments.models import PaymentMethod
+from payments.models import Payment, PaymentMethod, Refund
 
 from . import selectors, services
 from .cart import SKU_MAX_LENGTH, Cart, CartRefused, CartSummary, cart_for
@@ -65,8 +65,9 @@ def product_detail(request: HttpRequest) -> HttpResponse:
 
 # --- Cart -----------------------------------------------------------------------------------
 
-# An order that ended without being paid gives its lines back to the cart; a paid one lets them go.
-UNPAID_ENDINGS = (Order.Status.PAYMENT_FAILED, Order.Status.REJECTED, Order.Status.CANCELLED)
+# An order that ended without being paid gives its lines back to the cart; a paid one lets them go (also when its
+# shopper cancels it after paying: a choice made, not a failure to undo).
+UNPAID_ENDINGS = (Order.Status.PAYMENT_FAILED, Order.Status.REJECTED, Order.Status.CANCELLED, Order.Status.EXPIRED)
 HELD_KEY = "cart_held_for_order"
 
 
@@ -95,7 +96,8 @@ def _take_back_unpaid(request: HttpRequest, cart: Cart) -> None:
     if status in (Order.Status.PENDING, Order.Status.CONFIRMED, Order.Status.ON_HOLD):
         return  # still on its way to being paid
     request.session.pop(HELD_KEY, None)
-    if status in UNPAID_ENDINGS and isinstance(held.get("lines"), dict):
+    unpaid = status in UNPAID_ENDINGS and not selectors.order_was_charged(owner=request.user, order_id=order_id)
+    if unpaid and isinstance(held.get("lines"), dict):
         for note in cart.merge(held["lines"], add_up=False):
             messages.warning(request, note)
         messages.info(request, f"Order #{order_id} was not paid, so its items are back in your cart.")
@@ -395,17 +397,36 @@ def _sold_out(order: Order) -> str:
     return ", ".join(item.name for item in order.items.all() if item.sku in skus)
 
 
+def page_state(order: Order, payment: Payment | None) -> str:
+    """Which of the page's messages the order shows: its status, but a cancelled order that was paid (its money
+    is being given back) has its own. static/js/order_status.js (`stateOf`) decides the same from the API."""
+    if order.status == Order.Status.CANCELLED and payment is not None and payment.status == Payment.Status.SUCCEEDED:
+        return "cancelled_paid"
+    return order.status
+
+
 @login_required
 def order_detail(request: AuthenticatedHttpRequest, order_id: int) -> HttpResponse:
     order = selectors.order_get_for(owner=request.user, order_id=order_id)
     if order is None:
         raise Http404("no such order")
+    payment = order.payment
+    refunds = selectors.order_refunds(order)
+    refunding = any(refund.status == Refund.Status.REQUESTED for refund in refunds)
     context = {
         "order": order,
-        "payment": order.payment,
+        "payment": payment,
+        "refunds": refunds,
+        "state": page_state(order, payment),
+        # The last refund failed: nothing was given back by it, and staff have been told.
+        "refund_failed": bool(refunds) and refunds[-1].status == Refund.Status.FAILED,
         "sold_out": _sold_out(order) if order.status == Order.Status.REJECTED else "",
+        # Work still under way: the page shows a spinner and follows the order until it is done.
+        "busy": order.status in BUSY or refunding,
+        "watching": not order.is_terminal or refunding,
         "slow": order.status in BUSY and timezone.now() - order.updated_at > SLOW_AFTER,
         "slow_after_seconds": int(SLOW_AFTER.total_seconds()),
+        "expiry_minutes": f"{settings.PAYMENT_EXPIRY_SECONDS / 60:g}",
         # Its cart was emptied when it was placed and comes back if it ends unpaid (a declined card).
         "cart_kept": _held_order_id(request) == order.pk,
     }
@@ -416,11 +437,19 @@ def order_detail(request: AuthenticatedHttpRequest, order_id: int) -> HttpRespon
 @require_POST
 def order_cancel(request: AuthenticatedHttpRequest, order_id: int) -> HttpResponse:
     try:
-        services.cancel_order(order_id=order_id, owner=request.user)
+        order = services.cancel_order(order_id=order_id, owner=request.user)
     except Order.DoesNotExist:
         raise Http404("no such order") from None
     except services.OrderNotCancellable as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, f"Order #{order_id} cancelled.")
+        refunds = selectors.order_refunds(order)
+        if page_state(order, order.payment) == "cancelled_paid" and refunds:
+            messages.success(
+                request,
+                f"Order #{order_id} cancelled. €{refunds[-1].amount} is being refunded to your card: "
+                "this page shows when the refund has gone through.",
+            )
+        else:
+            messages.success(request, f"Order #{order_id} cancelled.")
     return redirect("orders:detail", order_id=order_id)

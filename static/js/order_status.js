@@ -1,6 +1,7 @@
-// Polls the order's API resource and updates status, the plain-words message, receipt and history
-// without a reload. The messages are the page's own (orders/order_detail.html, data-when): this
-// script only shows the one that matches the order's status and fills in its details.
+// Polls the order's API resource and updates status, the plain-words message, receipt, refunds and
+// history without a reload. The messages are the page's own (orders/order_detail.html, data-when):
+// this script only shows the one that matches the order's state and fills in its details. It stops
+// once the order's status is final and no refund of it is still on its way.
 (function () {
   "use strict";
   const section = document.getElementById("order");
@@ -14,16 +15,33 @@
   const cancelForm = document.getElementById("cancel-form");
   const receiptEl = document.getElementById("receipt");
   const holdEl = document.getElementById("order-hold");
-  const TERMINAL = ["fulfilled", "rejected", "payment_failed", "cancelled"];
+  const progressEl = document.getElementById("order-progress");
+  const refundsEl = document.getElementById("refunds");
+  const TERMINAL = [
+    "fulfilled", "rejected", "payment_failed", "cancelled", "expired", "refunded", "partially_refunded",
+  ];
   const BUSY = ["pending", "confirmed", "paid"];
   let delay = 1000;
 
-  // Every element that says which statuses it belongs to is shown for those only.
-  function showFor(status) {
+  // The page's state: the status, but a cancelled order that was paid is being refunded
+  // (orders.views.page_state decides the same on the server).
+  function stateOf(order) {
+    if (order.status === "cancelled" && order.payment && order.payment.status === "succeeded") {
+      return "cancelled_paid";
+    }
+    return order.status;
+  }
+
+  function refunding(order) {
+    return order.refunds.some(function (refund) { return refund.status === "requested"; });
+  }
+
+  // Every element that says which states it belongs to is shown for those only.
+  function showFor(state) {
     document.querySelectorAll("#order [data-when], #receipt [data-when]").forEach(function (el) {
-      el.hidden = !el.dataset.when.split(" ").includes(status);
+      el.hidden = !el.dataset.when.split(" ").includes(state);
     });
-    stateEl.dataset.status = status;
+    stateEl.dataset.status = state;
   }
 
   function entry(term, ...nodes) {
@@ -61,8 +79,37 @@
       ...entry("Reference", code(payment.reference)),
       ...entry("Date", window.ShopTime.element(payment.updated_at))
     );
-    receiptEl.replaceChildren(receiptEl.querySelector("h2"), list);
+    receiptEl.replaceChildren(receiptEl.querySelector("h2"), list, refundsEl);
     receiptEl.dataset.final = payment.status !== "processing" ? "1" : "0";
+  }
+
+  function statusBadge(status, text) {
+    const badge = document.createElement("span");
+    badge.className = "status status-" + status;
+    badge.textContent = text;
+    return badge;
+  }
+
+  function cell(label, ...nodes) {
+    const td = document.createElement("td");
+    td.dataset.label = label;
+    td.append(...nodes);
+    return td;
+  }
+
+  // The same table of refunds the server renders, oldest first.
+  function renderRefunds(refunds) {
+    if (!refundsEl) return;
+    refundsEl.hidden = refunds.length === 0;
+    refundsEl.querySelector("tbody").replaceChildren(...refunds.map(function (refund) {
+      const row = document.createElement("tr");
+      row.append(
+        cell("Amount", "€" + refund.amount + " " + refund.currency),
+        cell("Status", statusBadge(refund.status, refund.status_display)),
+        cell("Date", window.ShopTime.element(refund.updated_at))
+      );
+      return row;
+    }));
   }
 
   // The names of the lines a rejection found short, from its event's note ("out of stock: SKU, ...").
@@ -82,6 +129,8 @@
     stateEl.querySelector("[data-role=sold-out]").textContent = soldOut(order) || "some items";
     holdEl.textContent = order.hold_reason || "";
     holdEl.hidden = !order.hold_reason;
+    const last = order.refunds[order.refunds.length - 1];
+    stateEl.querySelector("[data-role=refund-failed]").hidden = !(last && last.status === "failed");
   }
 
   function renderSlow(order, serverNow) {
@@ -93,10 +142,12 @@
     statusEl.textContent = order.status_display;
     statusEl.className = "status status-" + order.status;
     cancelForm.hidden = !order.can_cancel;
-    showFor(order.status);
+    showFor(stateOf(order));
+    progressEl.hidden = !(BUSY.includes(order.status) || refunding(order));
     renderDetails(order);
     renderSlow(order, serverNow);
     renderReceipt(order.payment);
+    renderRefunds(order.refunds);
     eventsEl.replaceChildren(...order.events.map(function (event) {
       const li = document.createElement("li");
       li.append(window.ShopTime.element(event.created_at), " " + event.to_status + (event.note ? " — " + event.note : ""));
@@ -112,9 +163,10 @@
         // The server's clock, not the viewer's, decides whether a step is slow.
         const serverNow = Date.parse(response.headers.get("Date") || "") || Date.now();
         render(order, serverNow);
-        if (TERMINAL.includes(order.status)) return;
-        // A hold ends when staff act or a step resumes by itself: minutes, not seconds.
-        delay = order.status === "on_hold" ? 5000 : 1000;
+        if (TERMINAL.includes(order.status) && !refunding(order)) return;
+        // A hold ends when staff act or a step resumes by itself: minutes, not seconds. A refund takes the
+        // provider a moment; one it cannot answer now is asked again with backoff (payments.tasks).
+        delay = order.status === "on_hold" ? 5000 : TERMINAL.includes(order.status) ? 2000 : 1000;
       } else {
         delay = Math.min(delay * 2, 15000);
       }

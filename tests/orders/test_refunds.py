@@ -452,3 +452,18 @@ def test_a_refund_of_an_order_whose_payment_did_not_succeed_is_not_refundable_wh
     for amount in (None, "0.00", "-1", "5"):
         with pytest.raises(refunds.NotRefundable):
             services.refund_order(order_id=fulfilled.pk, amount=amount)
+
+
+def test_a_request_made_again_gets_its_refund_even_once_the_order_is_refunded_and_another_body_is_refused(
+    fulfilled, django_capture_on_commit_callbacks
+):
+    first = _refund_now(django_capture_on_commit_callbacks, order_id=fulfilled.pk, submission="key-1")
+    fulfilled.refresh_from_db()
+    assert fulfilled.status == S.REFUNDED
+
+    assert services.refund_order(order_id=fulfilled.pk, submission="key-1").pk == first.pk
+    with pytest.raises(services.RefundKeyReused):
+        services.refund_order(order_id=fulfilled.pk, amount="3.00", submission="key-1")
+    with pytest.raises(refunds.NotRefundable, match="all of its payment|is refunded"):
+        services.refund_order(order_id=fulfilled.pk, submission="key-2")
+    assert Refund.objects.count() == 1
