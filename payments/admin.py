@@ -15,14 +15,43 @@ class PlanAdmin(admin.ModelAdmin):
 
 @admin.register(Subscription)
 class SubscriptionAdmin(admin.ModelAdmin):
-    list_display = ("id", "owner", "plan", "status", "current_period_start", "current_period_end")
+    list_display = (
+        "id",
+        "owner",
+        "plan",
+        "status",
+        "current_period_start",
+        "current_period_end",
+        "failed_attempts",
+        "next_retry_at",
+    )
     list_filter = ("status", "plan")
-    readonly_fields = ("owner", "plan", "status", "current_period_start", "current_period_end", "cancelled_at")
+    # Dunning (payments/dunning.py): how many tries of the due period were declined, and when the next one runs.
+    readonly_fields = (
+        "owner",
+        "plan",
+        "status",
+        "current_period_start",
+        "current_period_end",
+        "cancelled_at",
+        "failed_attempts",
+        "next_retry_at",
+    )
 
 
 @admin.register(Payment)
 class PaymentAdmin(admin.ModelAdmin):
-    list_display = ("idempotency_key", "status", "amount", "currency", "provider_charge_id", "attempts", "created_at")
+    list_display = (
+        "idempotency_key",
+        "status",
+        "amount",
+        "currency",
+        "provider_charge_id",
+        "billing_period",
+        "attempt",
+        "attempts",
+        "created_at",
+    )
     list_filter = ("status",)
     search_fields = ("idempotency_key", "provider_charge_id")
     readonly_fields = [field.name for field in Payment._meta.fields]

@@ -485,3 +485,20 @@ def test_the_page_form_answers_404_for_another_owners_card_or_subscription(user,
     assert client.post(f"/subscriptions/{subscription.pk}/card/", {"payment_method": theirs.pk}).status_code == 404
     assert client.post(f"/subscriptions/{someone_elses.pk}/card/", {"payment_method": mine.pk}).status_code == 404
     assert Subscription.objects.filter(payment_method__isnull=False).count() == 0
+
+
+def test_staff_see_the_declined_tries_and_the_next_one_in_the_admin(
+    client, user, plan, sandbox, past_due_clock, django_capture_on_commit_callbacks
+):
+    subscription = due_subscription(user, plan, add_card(user, "4000000000000002"))
+    charge(subscription, capture=django_capture_on_commit_callbacks)
+    subscription.refresh_from_db()
+    assert subscription.failed_attempts == 1 and subscription.next_retry_at is not None
+    client.force_login(UserFactory(is_staff=True, is_superuser=True))
+
+    listing = client.get("/admin/payments/subscription/").content.decode()
+    page = client.get(f"/admin/payments/subscription/{subscription.pk}/change/").content.decode()
+
+    assert "Failed attempts" in listing and "Next retry at" in listing
+    assert "Failed attempts" in page and "Next retry at" in page
+    assert "Past Due" in listing
