@@ -6,10 +6,11 @@ act twice on the provider's side. Connection errors, timeouts, the call deadline
 a refused refund (400, 404) is RefundRefused, and any other 4xx is ProviderRejected, all permanent.
 """
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import TypeVar
 from urllib.parse import quote, urlencode
 
 from django.conf import settings
@@ -98,6 +99,10 @@ class Refund:
     idempotency_key: str = ""
 
 
+# What a list of the provider's yields: its items have an `id`, the cursor to the next page.
+_Item = TypeVar("_Item", Charge, Refund)
+
+
 def _url(path: str) -> str:
     return f"{settings.PAYMENT_PROVIDER_URL.rstrip('/')}{path}"
 
@@ -176,14 +181,45 @@ def tokenize_card(*, number: str, exp_month: int, exp_year: int, cvc: str) -> Ca
     )
 
 
+def _retrieve(path: str, *, name: str) -> dict:
+    """GET one object at `path`; `name` stands for it in the errors.
+
+    Raises ProviderUnavailable when the provider cannot answer now, ProviderRejected for any other non-200.
+    """
+    reply = http.send("GET", _url(path))
+    if is_transient(reply.status_code):
+        raise ProviderUnavailable(f"retrieve {name}: HTTP {reply.status_code}")
+    if reply.status_code != 200:
+        raise ProviderRejected(f"retrieve {name}: HTTP {reply.status_code}")
+    return reply.json()
+
+
+def _list_pages(
+    path: str, parse: Callable[[dict], _Item], *, what: str, params: dict[str, str | int | None]
+) -> Iterator[_Item]:
+    """The items of the list at `path` filtered by the `params` that are not None, page by page, each made by
+    `parse`; `what` names the list in the errors.
+
+    Raises ProviderUnavailable or ProviderRejected from the page that failed; the pages before it were yielded.
+    """
+    query = {name: value for name, value in params.items() if value is not None}
+    while True:
+        reply = http.send("GET", _url(f"{path}?{urlencode(query)}"))
+        if is_transient(reply.status_code):
+            raise ProviderUnavailable(f"list {what}: HTTP {reply.status_code}")
+        if reply.status_code != 200:
+            raise ProviderRejected(f"list {what}: HTTP {reply.status_code} {reply.error()}")
+        page = reply.json()
+        items = [parse(item) for item in page["data"]]
+        yield from items
+        if not page.get("has_more") or not items:
+            return
+        query["starting_after"] = items[-1].id
+
+
 def retrieve_charge(*, charge_id: str) -> Charge:
     """Fetch a charge as the provider has it (webhooks are verified against this)."""
-    reply = http.send("GET", _url(f"/v1/charges/{charge_id}"))
-    if is_transient(reply.status_code):
-        raise ProviderUnavailable(f"retrieve {charge_id}: HTTP {reply.status_code}")
-    if reply.status_code != 200:
-        raise ProviderRejected(f"retrieve {charge_id}: HTTP {reply.status_code}")
-    return _charge_from(reply.json())
+    return _charge_from(_retrieve(f"/v1/charges/{charge_id}", name=charge_id))
 
 
 def list_charges(
@@ -193,24 +229,10 @@ def list_charges(
 
     Raises ProviderUnavailable or ProviderRejected from the page that failed; the pages before it were yielded.
     """
-    params: dict[str, str | int] = {"limit": page_size}
-    if created_gte is not None:
-        # The provider counts whole seconds: rounding down keeps the charges of that second.
-        params["created_gte"] = max(1, int(created_gte.timestamp()))
-    if reference is not None:
-        params["reference"] = reference
-    while True:
-        reply = http.send("GET", _url(f"/v1/charges?{urlencode(params)}"))
-        if is_transient(reply.status_code):
-            raise ProviderUnavailable(f"list charges: HTTP {reply.status_code}")
-        if reply.status_code != 200:
-            raise ProviderRejected(f"list charges: HTTP {reply.status_code} {reply.error()}")
-        page = reply.json()
-        charges = [_charge_from(item) for item in page["data"]]
-        yield from charges
-        if not page.get("has_more") or not charges:
-            return
-        params["starting_after"] = charges[-1].id
+    # The provider counts whole seconds: rounding down keeps the charges of that second.
+    since = None if created_gte is None else max(1, int(created_gte.timestamp()))
+    params = {"limit": page_size, "created_gte": since, "reference": reference}
+    yield from _list_pages("/v1/charges", _charge_from, what="charges", params=params)
 
 
 def refund(*, charge_id: str, amount: Decimal, currency: str, reference: str, idempotency_key: str) -> Refund:
@@ -235,12 +257,7 @@ def refund(*, charge_id: str, amount: Decimal, currency: str, reference: str, id
 
 def retrieve_refund(*, refund_id: str) -> Refund:
     """Fetch a refund as the provider has it."""
-    reply = http.send("GET", _url(f"/v1/refunds/{quote(refund_id, safe='')}"))
-    if is_transient(reply.status_code):
-        raise ProviderUnavailable(f"retrieve {refund_id}: HTTP {reply.status_code}")
-    if reply.status_code != 200:
-        raise ProviderRejected(f"retrieve {refund_id}: HTTP {reply.status_code}")
-    return _refund_from(reply.json())
+    return _refund_from(_retrieve(f"/v1/refunds/{quote(refund_id, safe='')}", name=refund_id))
 
 
 def list_refunds(
@@ -250,20 +267,5 @@ def list_refunds(
 
     Raises ProviderUnavailable or ProviderRejected from the page that failed; the pages before it were yielded.
     """
-    params: dict[str, str | int] = {"limit": page_size}
-    if charge_id is not None:
-        params["charge"] = charge_id
-    if reference is not None:
-        params["reference"] = reference
-    while True:
-        reply = http.send("GET", _url(f"/v1/refunds?{urlencode(params)}"))
-        if is_transient(reply.status_code):
-            raise ProviderUnavailable(f"list refunds: HTTP {reply.status_code}")
-        if reply.status_code != 200:
-            raise ProviderRejected(f"list refunds: HTTP {reply.status_code} {reply.error()}")
-        page = reply.json()
-        refunds = [_refund_from(item) for item in page["data"]]
-        yield from refunds
-        if not page.get("has_more") or not refunds:
-            return
-        params["starting_after"] = refunds[-1].id
+    params = {"limit": page_size, "charge": charge_id, "reference": reference}
+    yield from _list_pages("/v1/refunds", _refund_from, what="refunds", params=params)

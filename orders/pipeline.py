@@ -140,8 +140,8 @@ def payment_settled_elsewhere(sender: Any, payment: Payment, **kwargs: Any) -> N
 
 @receiver(refund_settled, dispatch_uid="orders.pipeline.refund_settled")
 def refund_settled_for_order(sender: Any, refund: Refund, **kwargs: Any) -> None:
-    """A refund of an order's payment succeeded: the order says how much was given back (refunded, partially)."""
-    if refund.status == Refund.Status.SUCCEEDED and refund.payment.order_id:
+    """A refund of an order's payment got its outcome: the order says what was given back (refunded, partially)."""
+    if refund.payment.order_id:
         from . import services
 
         services.apply_refund(refund=refund)

@@ -286,7 +286,15 @@ def _not_handed_over(order: Order) -> bool:
     return not order.fulfillment_key and _awaits_shipment(order)
 
 
-def _cancel_paid(order: Order, *, reason: str, note: str, by: "User | None", submission: str = "") -> Refund | None:
+def _cancel_paid(
+    order: Order,
+    *,
+    reason: str,
+    note: str,
+    by: "User | None",
+    submission: str = "",
+    lines: dict[str, int] | None = None,
+) -> Refund | None:
     """A paid order the warehouse does not have: stock released, cancelled, all that is left of its charge refunded.
 
     None for an order paid without a payment (its total was zero): nothing to give back. Call
@@ -295,8 +303,15 @@ def _cancel_paid(order: Order, *, reason: str, note: str, by: "User | None", sub
     payment = Payment.objects.filter(order=order).first()
     refund = None
     if payment is not None:
+        # `lines`, when every line was named: kept as asked, so the same request made again is recognised.
         refund, _ = payment_refunds.claim_refund(
-            payment_id=payment.pk, amount=None, reason=reason, note=note, requested_by=by, submission=submission
+            payment_id=payment.pk,
+            amount=None,
+            reason=reason,
+            lines=lines,
+            note=note,
+            requested_by=by,
+            submission=submission,
         )
         note = f"{note}; refund {refund.pk} of {refund.amount} requested"
     _release_stock(order)
@@ -391,6 +406,7 @@ def refund_order(
                 note=note or "refunded in full by staff",
                 by=requested_by,
                 submission=submission,
+                lines={str(item.pk): quantity for item, quantity in chosen.items()},
             )
             assert cancelled is not None  # its payment exists: checked above
             return cancelled
@@ -430,24 +446,43 @@ def _same_request(refund: Refund, *, amount: Decimal | str | None, lines: dict[s
 
 
 def apply_refund(*, refund: Refund) -> Order | None:
-    """A refund of an order's payment succeeded: the order says how much of it was given back. Idempotent.
+    """A refund of an order's payment got its outcome: the order says what was given back. Idempotent.
 
-    All of the charge: refunded (from fulfilled, partially refunded or cancelled). Part of it,
-    once the warehouse has the order: partially_refunded. Before the hand-over a partial refund
-    changes the lines shipped, not the status; an expired order stays expired. Call inside the
+    Succeeded: see `_status_after_refunds`. Failed (nothing given back): the units of its lines
+    count as not refunded again, so staff can refund them again (units that went back on hand
+    before the hand-over stay there: `released` movements, not shipped). Call inside the
     refund's transaction.
     """
     payment = refund.payment
     order = _lock_order(payment.order_id) if payment.order_id else None
-    if order is None or refund.status != Refund.Status.SUCCEEDED:
+    if order is None:
+        return None
+    if refund.status == Refund.Status.FAILED:
+        for item_id, quantity in refund.lines.items():
+            OrderItem.objects.filter(pk=item_id, order=order, refunded_quantity__gte=quantity).update(
+                refunded_quantity=F("refunded_quantity") - quantity
+            )
         return order
+    if refund.status == Refund.Status.SUCCEEDED:
+        _status_after_refunds(order, payment, note=f"refund {refund.pk} of {refund.amount} {refund.currency} succeeded")
+    return order
+
+
+def _status_after_refunds(order: Order, payment: Payment, *, note: str) -> None:
+    """Move the order by what its payment's succeeded refunds gave back. Call while holding the order's row lock.
+
+    All of the charge: refunded (from fulfilled, partially refunded or cancelled). Part of it,
+    once the warehouse has the order: partially_refunded. An order still waiting for its
+    hand-over (paid, or held on the way) moves when it is fulfilled: the hand-over calls this
+    again (a line refunded before it is also not shipped). An expired order stays expired.
+    """
     given_back = payment_refunds.refunded(payment, statuses=(Refund.Status.SUCCEEDED,))
-    note = f"refund {refund.pk} of {refund.amount} {refund.currency} succeeded"
+    if not given_back:
+        return
     if given_back >= payment.amount and Order.Status.REFUNDED in pipeline.TRANSITIONS[order.status]:
         pipeline.set_status(order, Order.Status.REFUNDED, note=note)
     elif given_back < payment.amount and order.status in (Order.Status.FULFILLED, Order.Status.PARTIALLY_REFUNDED):
         pipeline.set_status(order, Order.Status.PARTIALLY_REFUNDED, note=note)
-    return order
 
 
 # --- Reservations that expire -------------------------------------------------------------
@@ -498,6 +533,10 @@ def sync_to_fulfillment(*, order_id: int) -> Order | None:
         order = _lock_order(order_id)
         if order is not None and _awaits_shipment(order):
             pipeline.set_status(order, Order.Status.FULFILLED, note=f"shipment {shipment.id}")
+            # Refunds that succeeded while the hand-over was under way move it on now.
+            payment = Payment.objects.filter(order=order).first()
+            if payment is not None:
+                _status_after_refunds(order, payment, note="refunded while it was handed over")
     return order
 
 

@@ -102,6 +102,14 @@ class Subscription(models.Model):
     def can_cancel(self) -> bool:
         return self.status != self.Status.CANCELLED
 
+    @property
+    def retries_on_card_change(self) -> bool:
+        """Past due after a declined try: a new card is tried at once (payments/dunning.py).
+
+        Not after a charge that failed without a decline (needs attention): it may have been taken.
+        """
+        return self.status == self.Status.PAST_DUE and self.failed_attempts >= 1
+
 
 class Payment(models.Model):
     class Status(models.TextChoices):

@@ -237,10 +237,14 @@ def process_refund_event(event: WebhookEvent) -> None:
     refund_id = named.get("id") if isinstance(named, dict) else None
     if not isinstance(refund_id, str) or not refund_id or len(refund_id) > 100:
         raise ApplicationError("event has no data.refund.id")
-    answer = provider.retrieve_refund(refund_id=refund_id)
-    refund = Refund.objects.filter(idempotency_key=answer.reference).first()
-    if refund is None:
-        logger.warning("refund event %s: no refund of ours has reference %r", event.provider_event_id, answer.reference)
+    try:
+        answer = provider.retrieve_refund(refund_id=refund_id)
+    except provider.ProviderRejected as unknown:  # no such refund there (404): never worth a retry
+        raise ApplicationError(f"refund {refund_id[:100]!r} is not the provider's: {unknown}") from unknown
+    # Ours by the key it was made under: anyone may use our reference for a refund of their own.
+    refund = Refund.objects.filter(idempotency_key=answer.idempotency_key or answer.reference).first()
+    if refund is None or (answer.idempotency_key and answer.idempotency_key != refund.idempotency_key):
+        logger.warning("refund event %s: refund %s is not one of ours", event.provider_event_id, answer.id)
         return
     with transaction.atomic():
         record_refund(refund.pk, answer)

@@ -515,7 +515,14 @@ def _apply_to_subscription(subscription_id: int, payment: Payment, period_start:
         subscription.next_retry_at = dunning.next_retry_at(
             first_decline_at=_first_decline_at(subscription, payment), failed_attempts=payment.attempt
         )
-        if subscription.next_retry_at is None:
+        if payment.payment_method_id != subscription.payment_method_id:
+            # The owner changed the card while this try was charging the old one: the new card is
+            # tried at once, also after what would have been the last try (its change found the
+            # try's item still open, so it could not enqueue one of its own).
+            subscription.next_retry_at = timezone.now()
+            subscription.status = Subscription.Status.PAST_DUE
+            _enqueue_next_attempt(subscription)
+        elif subscription.next_retry_at is None:
             gave_up = True
             subscription.status = Subscription.Status.CANCELLED
             subscription.cancelled_at = timezone.now()
@@ -618,7 +625,7 @@ def set_subscription_payment_method(*, owner: "User", subscription_id: int, paym
             raise SubscriptionCancelled("this subscription is cancelled")
         subscription.payment_method = payment_method
         subscription.save(update_fields=["payment_method"])
-        if subscription.status == Subscription.Status.PAST_DUE and subscription.failed_attempts >= 1:
+        if subscription.retries_on_card_change:
             _enqueue_next_attempt(subscription)
     return subscription
 

@@ -158,9 +158,16 @@ def subscription_card(request: AuthenticatedHttpRequest, subscription_id: int) -
     except services.SubscriptionCancelled as exc:
         messages.error(request, str(exc))
     else:
-        if subscription.status == Subscription.Status.PAST_DUE:
+        if subscription.retries_on_card_change:
             messages.success(
                 request, "Card changed. The payment is being tried again with it; this page shows how it went."
+            )
+        elif subscription.status == Subscription.Status.PAST_DUE:
+            # Its charge failed without a decline (needs attention): trying again could charge twice.
+            messages.success(
+                request,
+                "Card changed. Your last payment is with our staff, who will sort it out; "
+                "you will not be charged twice.",
             )
         else:
             messages.success(request, f"Card changed: the next payments of {subscription.plan.name} are taken from it.")

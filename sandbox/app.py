@@ -3,6 +3,7 @@
 Serve with `python -m sandbox` (or `gunicorn sandbox.app:application -k gthread --threads 16 -w 1`).
 """
 
+import functools
 import json
 import logging
 import re
@@ -189,6 +190,22 @@ def _list(data: list[Any]) -> Response:
     return Response(200, {"object": "list", "data": data})
 
 
+def _page(
+    request: Request, fetch: Callable[..., list[dict[str, Any]]], *, unknown_cursor: type[LookupError], noun: str
+) -> Response:
+    """One page of a Stripe-like list: `starting_after` (the last id seen) and `limit` go to `fetch`, `has_more`.
+
+    A `starting_after` that `fetch` does not know (it raises `unknown_cursor`) is a 400 naming the `noun`.
+    """
+    limit = _limit(request)
+    try:
+        # One more than asked for tells whether another page follows.
+        items = fetch(starting_after=request.query("starting_after"), limit=limit + 1)
+    except unknown_cursor as exc:
+        raise ValidationError("starting_after", f"No such {noun}: {exc}", "resource_missing") from None
+    return Response(200, {"object": "list", "data": items[:limit], "has_more": len(items) > limit})
+
+
 def list_charges(request: Request) -> Response:
     """Stripe-like paging: `created_gte` (unix seconds), `starting_after` (the last charge id seen), `has_more`."""
     status = request.query("status")
@@ -196,19 +213,10 @@ def list_charges(request: Request) -> Response:
         raise ValidationError("status", "status must be succeeded or declined", "invalid_value")
     raw_created_gte = request.query("created_gte")
     created_gte = None if raw_created_gte is None else parse_positive_int_query(raw_created_gte, "created_gte")
-    limit = _limit(request)
-    try:
-        # One more than asked for tells whether another page follows.
-        charges = ledger.list_charges(
-            reference=request.query("reference"),
-            status=status,
-            created_gte=created_gte,
-            starting_after=request.query("starting_after"),
-            limit=limit + 1,
-        )
-    except ledger.UnknownCharge as exc:
-        raise ValidationError("starting_after", f"No such charge: {exc}", "resource_missing") from None
-    return Response(200, {"object": "list", "data": charges[:limit], "has_more": len(charges) > limit})
+    fetch = functools.partial(
+        ledger.list_charges, reference=request.query("reference"), status=status, created_gte=created_gte
+    )
+    return _page(request, fetch, unknown_cursor=ledger.UnknownCharge, noun="charge")
 
 
 def get_charge(request: Request) -> Response:
@@ -218,17 +226,10 @@ def get_charge(request: Request) -> Response:
 
 def list_refunds(request: Request) -> Response:
     """Paged as charges are: `starting_after` (the last refund id seen), `has_more`."""
-    limit = _limit(request)
-    try:
-        refunds = ledger.list_refunds(
-            charge_id=request.query("charge"),
-            reference=request.query("reference"),
-            starting_after=request.query("starting_after"),
-            limit=limit + 1,
-        )
-    except ledger.UnknownRefund as exc:
-        raise ValidationError("starting_after", f"No such refund: {exc}", "resource_missing") from None
-    return Response(200, {"object": "list", "data": refunds[:limit], "has_more": len(refunds) > limit})
+    fetch = functools.partial(
+        ledger.list_refunds, charge_id=request.query("charge"), reference=request.query("reference")
+    )
+    return _page(request, fetch, unknown_cursor=ledger.UnknownRefund, noun="refund")
 
 
 def get_refund(request: Request) -> Response:

@@ -415,6 +415,36 @@ class UnknownRefund(LookupError):
     """A list cursor (`starting_after`) that names no refund."""
 
 
+def _page_rows(
+    *,
+    select: str,
+    table: str,
+    conditions: list[tuple[str, Any]],
+    starting_after: str | None,
+    unknown_cursor: type[LookupError],
+    limit: int,
+) -> list[sqlite3.Row]:
+    """Rows of `select` by `seq`, meeting each condition whose value is not None, after the row `starting_after`.
+
+    `select`, `table` and the conditions' clauses are constants. Raises `unknown_cursor` when `starting_after`
+    names no row of `table`.
+    """
+    clauses: list[str] = []
+    args: list[Any] = []
+    for clause, value in conditions:
+        if value is not None:
+            clauses.append(clause)
+            args.append(value)
+    if starting_after is not None:
+        cursor = db.connection().execute(f"SELECT seq FROM {table} WHERE id = ?", (starting_after,)).fetchone()  # noqa: S608 (table is a constant)
+        if cursor is None:
+            raise unknown_cursor(starting_after)
+        clauses.append("seq > ?")
+        args.append(cursor["seq"])
+    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+    return db.connection().execute(f"{select} {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()  # noqa: S608 (clauses are constants)
+
+
 def list_charges(
     *,
     reference: str | None = None,
@@ -427,25 +457,14 @@ def list_charges(
 
     Raises UnknownCharge when `starting_after` names no charge.
     """
-    clauses: list[str] = []
-    args: list[Any] = []
-    if reference is not None:
-        clauses.append("reference = ?")
-        args.append(reference)
-    if status is not None:
-        clauses.append("status = ?")
-        args.append(status)
-    if created_gte is not None:
-        clauses.append("created >= ?")
-        args.append(created_gte)
-    if starting_after is not None:
-        cursor = db.connection().execute("SELECT seq FROM charges WHERE id = ?", (starting_after,)).fetchone()
-        if cursor is None:
-            raise UnknownCharge(starting_after)
-        clauses.append("seq > ?")
-        args.append(cursor["seq"])
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = db.connection().execute(f"{_CHARGE_SELECT} {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()  # noqa: S608 (clauses are constants)
+    rows = _page_rows(
+        select=_CHARGE_SELECT,
+        table="charges",
+        conditions=[("reference = ?", reference), ("status = ?", status), ("created >= ?", created_gte)],
+        starting_after=starting_after,
+        unknown_cursor=UnknownCharge,
+        limit=limit,
+    )
     return [_charge_from_row(row) for row in rows]
 
 
@@ -465,22 +484,14 @@ def list_refunds(
 
     Raises UnknownRefund when `starting_after` names no refund.
     """
-    clauses: list[str] = []
-    args: list[Any] = []
-    if charge_id is not None:
-        clauses.append("charge_id = ?")
-        args.append(charge_id)
-    if reference is not None:
-        clauses.append("reference = ?")
-        args.append(reference)
-    if starting_after is not None:
-        cursor = db.connection().execute("SELECT seq FROM refunds WHERE id = ?", (starting_after,)).fetchone()
-        if cursor is None:
-            raise UnknownRefund(starting_after)
-        clauses.append("seq > ?")
-        args.append(cursor["seq"])
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = db.connection().execute(f"SELECT * FROM refunds {where} ORDER BY seq LIMIT ?", (*args, limit)).fetchall()  # noqa: S608 (clauses are constants)
+    rows = _page_rows(
+        select="SELECT * FROM refunds",
+        table="refunds",
+        conditions=[("charge_id = ?", charge_id), ("reference = ?", reference)],
+        starting_after=starting_after,
+        unknown_cursor=UnknownRefund,
+        limit=limit,
+    )
     return [_refund_from_row(row) for row in rows]
 
 

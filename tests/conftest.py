@@ -23,7 +23,7 @@ from django.test import override_settings
 from accounts.services import issue_api_token
 from tests.factories import ProductFactory, UserFactory
 
-pytest_plugins = ["tests.sandbox_fixtures"]
+pytest_plugins = ["tests.sandbox_fixtures", "tests.after_sale"]
 
 TESTS = Path(__file__).resolve().parent
 # What a test may need beyond PostgreSQL; a test with none of them is a unit test.

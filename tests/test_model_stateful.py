@@ -573,6 +573,38 @@ class ShopModel(RuleBasedStateMachine):
         dispatched = payment_services.bill_due_subscriptions(today=self.today)
         note(f"today {self.today}: billing dispatched {dispatched}")
 
+    @rule(days=st.sampled_from([1, 3, 8]))
+    def days_pass_and_declined_renewals_are_tried_again(self, days):
+        """Dunning: the retry sweep, as if `days` had passed since now (each try its own payment)."""
+        dispatched = payment_services.retry_due_renewals(now=timezone.now() + timedelta(days=days))
+        note(f"+{days} days: retries dispatched {dispatched}")
+        for subscription_id, period, attempt in dispatched:
+            subscription = Subscription.objects.get(pk=subscription_id)
+            assert subscription.status == Subscription.Status.PAST_DUE, subscription.status
+            assert attempt == subscription.failed_attempts + 1 and period == subscription.current_period_end.isoformat()
+
+    @rule(data=st.data())
+    def owner_changes_the_card(self, data):
+        """A new card for a live subscription: a past-due one is tried again at once (its next try, once)."""
+        ids = sorted(Subscription.objects.exclude(status=Subscription.Status.CANCELLED).values_list("pk", flat=True))
+        if not ids:
+            return
+        subscription = Subscription.objects.get(pk=data.draw(st.sampled_from(ids), label="subscription"))
+        card = payment_services.add_card(
+            owner=subscription.owner, number="4242424242424242", exp_month=12, exp_year=2040, cvc="123"
+        )
+        retries = subscription.retries_on_card_change
+        args = [subscription.pk, subscription.current_period_end.isoformat(), subscription.failed_attempts + 1]
+        open_before = OutboxItem.objects.filter(task_name=CHARGE_SUBSCRIPTION, args=args, state__in=OutboxItem.OPEN)
+        was_open = open_before.exists()
+        payment_services.set_subscription_payment_method(
+            owner=subscription.owner, subscription_id=subscription.pk, payment_method_id=card.pk
+        )
+        if retries:
+            assert open_before.count() == 1, (args, was_open)
+        elif not was_open:
+            assert not open_before.exists(), args
+
     # --- The provider's webhooks ------------------------------------------------------
 
     @rule(data=st.data(), event=st.sampled_from(["unrecorded", "any", "another_amount"]), process_now=st.booleans())

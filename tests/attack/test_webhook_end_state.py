@@ -15,7 +15,7 @@ from orders.services import place_order, process_order
 from payments import services
 from payments.models import WebhookEvent
 from tests.factories import ProductFactory, UserFactory
-from tests.payments.support import WEBHOOK_URL
+from tests.payments.support import post_webhook
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.usefixtures("broker")]
 
@@ -34,12 +34,7 @@ def test_a_webhook_whose_processing_failed_during_a_provider_outage_is_processed
     with pytest.raises(ProviderUnavailable):
         services.settle_payment(payment_id=payment.pk)
     [hook] = webhook_receiver.wait_for(lambda event: event["data"]["charge"]["reference"] == payment.idempotency_key)
-    response = client.post(
-        WEBHOOK_URL,
-        data=hook.body,
-        content_type="application/json",
-        HTTP_SANDBOX_SIGNATURE=hook.headers["Sandbox-Signature"],
-    )
+    response = post_webhook(client, hook)
     assert response.status_code == 200
     event = WebhookEvent.objects.get()
     item = OutboxItem.objects.get(task_name=PROCESS_WEBHOOK, args=[event.pk])

@@ -16,7 +16,7 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from tests.stack import Processes, Worker, start_celery_worker
+from tests.stack import MailServer, Processes, Worker, start_celery_worker
 
 WORKERS = pytest.StashKey[list["Worker"]]()
 
@@ -100,3 +100,12 @@ def processes(tmp_path) -> Iterator[Processes]:
     running = Processes(tmp_path)
     yield running
     running.stop_all()
+
+
+@pytest.fixture
+def mail() -> Iterator[MailServer]:
+    """An SMTP server of the test's own (point EMAIL_URL at `mail.url`), stopped at teardown."""
+    server = MailServer()
+    server.start()
+    yield server
+    server.stop()

@@ -18,20 +18,12 @@ from orders.services import place_order
 from payments import refunds
 from payments.models import Payment, Refund
 from tests.factories import ProductFactory, UserFactory
-from tests.stack import MailServer, wait_for
+from tests.stack import wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.timeout(240), pytest.mark.django_db(transaction=True)]
 
 S = Order.Status
 FAST_RELAY = {"OUTBOX_RELAY_SECONDS": "1", "OUTBOX_FAST_PATH_GRACE_SECONDS": "2", "EMAIL_TIMEOUT": "5"}
-
-
-@pytest.fixture
-def mail():
-    server = MailServer()
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ from orders.models import Order, OrderEvent, OrderItem, Product, StockMovement
 from payments.models import Payment
 from tests.factories import ProductFactory, UserFactory
 from tests.sandbox_fixtures import SandboxClient, SandboxProcess
-from tests.stack import MailServer, Processes, RedisServer, free_port, http_ok, wait_for
+from tests.stack import Processes, RedisServer, free_port, http_ok, wait_for
 
 pytestmark = [
     pytest.mark.worker,
@@ -97,13 +97,11 @@ RESUMABLE = ("orders.tasks.sync_to_fulfillment", "notifications.tasks.send_notif
 
 
 @pytest.fixture
-def stack(tmp_path, worker_env, start_worker):
+def stack(tmp_path, worker_env, start_worker, mail):
     redis_dir = tmp_path / "redis"
     redis_dir.mkdir()
     redis_server = RedisServer(redis_dir, aof=True)
     redis_server.start()
-    mail = MailServer()
-    mail.start()
     processes = Processes(tmp_path)
     web_port, sandbox_port = free_port(), free_port()
     sandbox_env = {
@@ -145,7 +143,6 @@ def stack(tmp_path, worker_env, start_worker):
     processes.stop_all()
     state["sandbox"].stop()
     warehouse.stop()
-    mail.stop()
     redis_server.kill()
 
 

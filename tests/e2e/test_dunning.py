@@ -34,14 +34,6 @@ DUNNING = {
 
 
 @pytest.fixture
-def mail():
-    server = MailServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def stack(start_worker, processes, worker_env, mail, broker):
     """A worker on the critical and default queues, and beat, with the fast schedule; emails to `mail`."""
     env = {**worker_env, **DUNNING, "EMAIL_URL": mail.url}

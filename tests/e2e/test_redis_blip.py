@@ -140,6 +140,8 @@ def test_charge_running_during_a_redis_blip_finishes_once_and_is_acknowledged_at
     )
     assert sorted(steps) == [
         ("orders.tasks.charge_order", "done"),
+        # Its payment deadline (PAYMENT_EXPIRY_SECONDS after confirmation) waits in the outbox, unpublished.
+        ("orders.tasks.expire_order", "pending"),
         ("orders.tasks.process_order", "done"),
         ("orders.tasks.sync_to_fulfillment", "done"),
     ]

@@ -1,28 +1,21 @@
 """The dead-letter admin, through the admin client as a staff operator."""
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.urls import reverse
 
 from ops.models import FailedTask
-from tests.factories import FailedTaskFactory, UserFactory
+from tests.factories import FailedTaskFactory
 from tests.ops.support import queued
+from tests.staff import staff_client
 
 pytestmark = pytest.mark.django_db
 
 CHANGELIST = reverse("admin:ops_failedtask_changelist")
 
 
-def operator(client, *permissions: str):
-    staff = UserFactory(is_staff=True)
-    staff.user_permissions.set(Permission.objects.filter(content_type__app_label="ops", codename__in=permissions))
-    client.force_login(staff)
-    return client
-
-
 @pytest.fixture
 def operator_client(client):
-    return operator(client, "view_failedtask", "change_failedtask")
+    return staff_client(client, "ops", "view_failedtask", "change_failedtask")
 
 
 def run_action(client, action: str, rows: list[FailedTask]):
@@ -96,7 +89,7 @@ def test_mark_resolved_resolves_without_sending(operator_client, broker):
 
 
 def test_an_operator_who_may_only_view_cannot_requeue(client, broker):
-    viewer = operator(client, "view_failedtask")
+    viewer = staff_client(client, "ops", "view_failedtask")
     failed = FailedTaskFactory()
 
     run_action(viewer, "requeue_selected", [failed])

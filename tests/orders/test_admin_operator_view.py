@@ -8,7 +8,6 @@ import re
 from decimal import Decimal
 
 import pytest
-from django.contrib.auth.models import Permission
 from django.test import Client
 from django.urls import reverse
 
@@ -28,49 +27,22 @@ from tests.factories import (
     RefundFactory,
     UserFactory,
 )
+from tests.staff import staff_client
 
 pytestmark = pytest.mark.django_db
 
 S = Order.Status
 
 
-def staff_client(client: Client, *codenames: str) -> Client:
-    staff = UserFactory(username="support-ann", is_staff=True)
-    staff.user_permissions.set(Permission.objects.filter(content_type__app_label="orders", codename__in=codenames))
-    client.force_login(staff)
-    return client
+def support_client(client: Client, *codenames: str) -> Client:
+    """`client` signed in as the support agent support-ann, with these orders permissions."""
+    return staff_client(client, "orders", *codenames, username="support-ann")
 
 
 @pytest.fixture
 def support(client):
     """A support agent who may see and act on orders (not a superuser)."""
-    return staff_client(client, "view_order", "change_order")
-
-
-@pytest.fixture
-def products(db):
-    return ProductFactory(sku="MUG", price="10.00", stock=10), ProductFactory(sku="TEE", price="5.00", stock=10)
-
-
-@pytest.fixture
-def fulfilled(user, products, sandbox, django_capture_on_commit_callbacks):
-    """An order of 2 mugs and 1 tee (25.00), charged at the sandbox and handed to the warehouse."""
-    with django_capture_on_commit_callbacks(execute=True):
-        order = place_order(owner=user, items=[("MUG", 2), ("TEE", 1)])
-    order.refresh_from_db()
-    assert order.status == S.FULFILLED
-    return order
-
-
-@pytest.fixture
-def paid(user, products, sandbox):
-    """An order paid at the sandbox whose hand-over to the warehouse has not begun."""
-    order = place_order(owner=user, items=[("MUG", 2), ("TEE", 1)])
-    services.process_order(order_id=order.pk)
-    services.charge_order(order_id=order.pk)
-    order.refresh_from_db()
-    assert order.status == S.PAID and not order.fulfillment_key
-    return order
+    return support_client(client, "view_order", "change_order")
 
 
 def page_url(order: Order) -> str:
@@ -383,7 +355,7 @@ def test_a_shopper_can_neither_see_the_page_nor_refund(client, fulfilled, user):
 
 
 def test_staff_who_may_only_view_orders_see_the_page_without_actions_and_cannot_refund(client, fulfilled):
-    viewer = staff_client(client, "view_order")
+    viewer = support_client(client, "view_order")
 
     page = viewer.get(page_url(fulfilled))
     response = viewer.post(refund_url(fulfilled), {"kind": "all", "note": "", "submission": "c" * 32})
@@ -396,7 +368,7 @@ def test_staff_who_may_only_view_orders_see_the_page_without_actions_and_cannot_
 
 def test_the_refund_action_needs_the_csrf_token(fulfilled):
     guarded = Client(enforce_csrf_checks=True)
-    staff_client(guarded, "view_order", "change_order")
+    support_client(guarded, "view_order", "change_order")
     response = guarded.post(refund_url(fulfilled), {"kind": "all", "note": "", "submission": "d" * 32})
     assert response.status_code == 403
     assert not Refund.objects.exists()

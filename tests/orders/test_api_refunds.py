@@ -4,9 +4,6 @@ Refunds run against the sandbox: the outbox items a request commits are run in t
 (`django_capture_on_commit_callbacks(execute=True)`), so the provider's refund is the sandbox's own.
 """
 
-# The fixtures imported from tests/orders/test_refunds.py are arguments of the tests below.
-# ruff: noqa: F811
-
 import json
 from decimal import Decimal
 
@@ -15,40 +12,22 @@ from django.db import connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
-from accounts.services import issue_api_token
 from core.models import OutboxItem
 from orders.models import Order, OrderItem
 from payments.models import Refund
+from tests.after_sale import bearer, post_refund
 from tests.factories import OrderFactory, PaymentFactory, RefundFactory, UserFactory
-from tests.orders.test_refunds import fulfilled, paid, products  # noqa: F401 (fixtures shared with the service tests)
 
 pytestmark = pytest.mark.django_db
 
 S = Order.Status
 
 
-def bearer(user) -> Client:
-    client = Client()
-    client.defaults["HTTP_AUTHORIZATION"] = f"Bearer {issue_api_token(user=user)}"
-    return client
-
-
-@pytest.fixture
-def staff_client(db) -> Client:
-    return bearer(UserFactory(is_staff=True))
-
-
 def refunds_url(order) -> str:
     return f"/api/orders/{order.pk}/refunds/"
 
 
-def post_refund(client: Client, order, body, key: str | None = None):
-    headers = {"HTTP_IDEMPOTENCY_KEY": key} if key is not None else {}
-    raw = body if isinstance(body, (str, bytes)) else json.dumps(body)
-    return client.post(refunds_url(order), raw, content_type="application/json", **headers)
-
-
-def refund_now(captured, client: Client, order, body, key: str | None = None):
+def api_refund_now(captured, client: Client, order, body, key: str | None = None):
     """Post a refund and run what its commit dispatched (the refund task, at the sandbox)."""
     with captured(execute=True):
         response = post_refund(client, order, body, key)
@@ -73,11 +52,13 @@ def assert_nothing_claimed() -> None:
 
 def test_staff_refund_all_that_is_left_and_the_order_ends_refunded(
     fulfilled,
-    staff_client,
+    staff_api_client,
     sandbox,
     django_capture_on_commit_callbacks,
 ):
-    response = refund_now(django_capture_on_commit_callbacks, staff_client, fulfilled, {"note": "damaged in transit"})
+    response = api_refund_now(
+        django_capture_on_commit_callbacks, staff_api_client, fulfilled, {"note": "damaged in transit"}
+    )
 
     assert response.status_code == 202, response.content
     body = response.json()
@@ -97,17 +78,17 @@ def test_staff_refund_all_that_is_left_and_the_order_ends_refunded(
     assert "note" not in shown["refunds"][0]
 
 
-def test_staff_refund_an_amount_then_the_rest(fulfilled, staff_client, django_capture_on_commit_callbacks):
-    first = refund_now(django_capture_on_commit_callbacks, staff_client, fulfilled, {"amount": "10.00"})
+def test_staff_refund_an_amount_then_the_rest(fulfilled, staff_api_client, django_capture_on_commit_callbacks):
+    first = api_refund_now(django_capture_on_commit_callbacks, staff_api_client, fulfilled, {"amount": "10.00"})
     assert first.status_code == 202, first.content
     assert fulfilled.status == S.PARTIALLY_REFUNDED
 
     # A number is an amount too; more than is left is refused, naming the field.
-    too_much = post_refund(staff_client, fulfilled, {"amount": 15.01})
+    too_much = post_refund(staff_api_client, fulfilled, {"amount": 15.01})
     assert too_much.status_code == 422 and "amount" in error_locs(too_much)
     assert "15.00 EUR left" in too_much.json()["detail"][0]["msg"]
 
-    rest = refund_now(django_capture_on_commit_callbacks, staff_client, fulfilled, {"amount": 15})
+    rest = api_refund_now(django_capture_on_commit_callbacks, staff_api_client, fulfilled, {"amount": 15})
     assert rest.status_code == 202, rest.content
     assert fulfilled.status == S.REFUNDED
     assert sorted(Refund.objects.values_list("amount", "status")) == [
@@ -115,16 +96,16 @@ def test_staff_refund_an_amount_then_the_rest(fulfilled, staff_client, django_ca
         (Decimal("15.00"), "succeeded"),
     ]
     # Nothing is left: the next refund is a conflict, not a new row.
-    again = post_refund(staff_client, fulfilled, {})
+    again = post_refund(staff_api_client, fulfilled, {})
     assert again.status_code == 409 and again.json()["detail"][0]["type"] == "not_refundable"
     assert Refund.objects.count() == 2
 
 
-def test_staff_refund_lines_and_the_order_counts_them(fulfilled, staff_client, django_capture_on_commit_callbacks):
+def test_staff_refund_lines_and_the_order_counts_them(fulfilled, staff_api_client, django_capture_on_commit_callbacks):
     mug = fulfilled.items.get(sku="MUG")
 
-    response = refund_now(
-        django_capture_on_commit_callbacks, staff_client, fulfilled, {"lines": [{"item_id": mug.pk, "quantity": 1}]}
+    response = api_refund_now(
+        django_capture_on_commit_callbacks, staff_api_client, fulfilled, {"lines": [{"item_id": mug.pk, "quantity": 1}]}
     )
 
     assert response.status_code == 202, response.content
@@ -134,26 +115,32 @@ def test_staff_refund_lines_and_the_order_counts_them(fulfilled, staff_client, d
     items = {item["sku"]: item for item in bearer(fulfilled.owner).get(f"/api/orders/{fulfilled.pk}/").json()["items"]}
     assert (items["MUG"]["id"], items["MUG"]["refunded_quantity"], items["TEE"]["refunded_quantity"]) == (mug.pk, 1, 0)
     # The second mug only: one more is more than is left of the line.
-    refused = post_refund(staff_client, fulfilled, {"lines": [{"item_id": mug.pk, "quantity": 2}]})
+    refused = post_refund(staff_api_client, fulfilled, {"lines": [{"item_id": mug.pk, "quantity": 2}]})
     assert refused.status_code == 422 and "lines" in error_locs(refused)
     assert Refund.objects.count() == 1
 
 
 def test_staff_refund_everything_of_a_paid_order_before_hand_over_cancels_it(
     paid,
-    staff_client,
+    staff_api_client,
     django_capture_on_commit_callbacks,
 ):
-    response = refund_now(django_capture_on_commit_callbacks, staff_client, paid, {})
+    response = api_refund_now(django_capture_on_commit_callbacks, staff_api_client, paid, {})
 
     assert response.status_code == 202, response.content
     assert paid.status == S.REFUNDED
     assert [e.to_status for e in paid.events.all()][-2:] == [S.CANCELLED, S.REFUNDED]
 
 
-def test_the_same_idempotency_key_refunds_once(fulfilled, staff_client, sandbox, django_capture_on_commit_callbacks):
-    first = refund_now(django_capture_on_commit_callbacks, staff_client, fulfilled, {"amount": "5.00"}, key="r-1")
-    again = refund_now(django_capture_on_commit_callbacks, staff_client, fulfilled, {"amount": "5.00"}, key="r-1")
+def test_the_same_idempotency_key_refunds_once(
+    fulfilled, staff_api_client, sandbox, django_capture_on_commit_callbacks
+):
+    first = api_refund_now(
+        django_capture_on_commit_callbacks, staff_api_client, fulfilled, {"amount": "5.00"}, key="r-1"
+    )
+    again = api_refund_now(
+        django_capture_on_commit_callbacks, staff_api_client, fulfilled, {"amount": "5.00"}, key="r-1"
+    )
 
     assert first.status_code == again.status_code == 202
     assert again.json()["id"] == first.json()["id"]
@@ -162,20 +149,22 @@ def test_the_same_idempotency_key_refunds_once(fulfilled, staff_client, sandbox,
     payment = fulfilled.payments.get()
     assert len(sandbox.get("/v1/refunds", charge=payment.provider_charge_id).json()["data"]) == 1
     # Another key is another refund.
-    other = refund_now(django_capture_on_commit_callbacks, staff_client, fulfilled, {"amount": "5.00"}, key="r-2")
+    other = api_refund_now(
+        django_capture_on_commit_callbacks, staff_api_client, fulfilled, {"amount": "5.00"}, key="r-2"
+    )
     assert other.status_code == 202 and other.json()["id"] != first.json()["id"]
 
 
 def test_a_retried_full_refund_answers_with_its_refund_after_the_order_is_refunded(
     fulfilled,
-    staff_client,
+    staff_api_client,
     django_capture_on_commit_callbacks,
 ):
-    first = refund_now(django_capture_on_commit_callbacks, staff_client, fulfilled, {}, key="full-1")
+    first = api_refund_now(django_capture_on_commit_callbacks, staff_api_client, fulfilled, {}, key="full-1")
     assert fulfilled.status == S.REFUNDED
 
     # The client lost the first answer and sends the request again.
-    again = post_refund(staff_client, fulfilled, {}, key="full-1")
+    again = post_refund(staff_api_client, fulfilled, {}, key="full-1")
 
     assert again.status_code == 202, again.content
     assert again.json()["id"] == first.json()["id"]
@@ -191,8 +180,8 @@ def test_a_retried_full_refund_answers_with_its_refund_after_the_order_is_refund
         pytest.param("ключ", id="non-ascii"),
     ],
 )
-def test_an_invalid_idempotency_key_is_refused_naming_the_header(fulfilled, staff_client, key):
-    response = post_refund(staff_client, fulfilled, {}, key=key)
+def test_an_invalid_idempotency_key_is_refused_naming_the_header(fulfilled, staff_api_client, key):
+    response = post_refund(staff_api_client, fulfilled, {}, key=key)
 
     assert response.status_code == 422
     assert "Idempotency-Key" in error_locs(response)
@@ -221,23 +210,23 @@ def test_another_shoppers_order_is_404_whether_or_not_it_exists(fulfilled):
     assert_nothing_claimed()
 
 
-def test_refunding_an_order_that_was_not_paid_is_a_conflict(staff_client):
+def test_refunding_an_order_that_was_not_paid_is_a_conflict(staff_api_client):
     order = OrderFactory(status=S.CONFIRMED)
 
-    response = post_refund(staff_client, order, {})
+    response = post_refund(staff_api_client, order, {})
 
     assert response.status_code == 409
     assert response.json()["detail"][0]["type"] == "not_refundable"
     assert_nothing_claimed()
 
 
-def test_the_owner_and_staff_list_an_orders_refunds_oldest_first(staff_client):
+def test_the_owner_and_staff_list_an_orders_refunds_oldest_first(staff_api_client):
     payment = PaymentFactory(order__status=S.FULFILLED)
     first = RefundFactory(payment=payment, amount="5.00", status="succeeded")
     second = RefundFactory(payment=payment, amount="3.00", status="failed", note="internal: card closed")
     RefundFactory()  # another order's
 
-    for client in (bearer(payment.order.owner), staff_client):
+    for client in (bearer(payment.order.owner), staff_api_client):
         response = client.get(refunds_url(payment.order))
         assert response.status_code == 200
         assert [(r["id"], r["status"], r["amount"]) for r in response.json()] == [
@@ -302,7 +291,7 @@ def line(quantity=1, item_id="MUG"):
         pytest.param("5.00", "body", id="body-string"),
     ],
 )
-def test_hostile_refund_bodies_are_422_naming_the_field_and_claim_nothing(fulfilled, staff_client, body, field):
+def test_hostile_refund_bodies_are_422_naming_the_field_and_claim_nothing(fulfilled, staff_api_client, body, field):
     mug = fulfilled.items.get(sku="MUG").pk
     ids = {"MUG": mug, "MUG-as-string": str(mug), "OTHER": OrderFactory(status=S.FULFILLED).items.get().pk}
 
@@ -315,7 +304,7 @@ def test_hostile_refund_bodies_are_422_naming_the_field_and_claim_nothing(fulfil
 
     raw = json.dumps(named(body))
 
-    response = post_refund(staff_client, fulfilled, raw)
+    response = post_refund(staff_api_client, fulfilled, raw)
 
     assert response.status_code == 422, (response.status_code, response.content[:300])
     assert response["Content-Type"].startswith("application/json")
@@ -334,8 +323,8 @@ def test_hostile_refund_bodies_are_422_naming_the_field_and_claim_nothing(fulfil
         pytest.param(b"5.00", "text/plain", 415, id="text"),
     ],
 )
-def test_a_body_that_is_not_json_is_a_4xx_and_claims_nothing(fulfilled, staff_client, raw, content_type, status):
-    response = staff_client.post(refunds_url(fulfilled), raw, content_type=content_type)
+def test_a_body_that_is_not_json_is_a_4xx_and_claims_nothing(fulfilled, staff_api_client, raw, content_type, status):
+    response = staff_api_client.post(refunds_url(fulfilled), raw, content_type=content_type)
 
     assert response.status_code in (status, 422), (response.status_code, response.content[:300])
     assert 400 <= response.status_code < 500

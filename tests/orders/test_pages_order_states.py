@@ -28,7 +28,6 @@ from orders.services import (
 from orders.views import HELD_KEY
 from payments.models import Refund
 from tests.factories import OrderFactory, PaymentFactory
-from tests.orders.test_refunds import fulfilled, paid, products  # noqa: F401 (fixtures shared with the service tests)
 
 pytestmark = pytest.mark.django_db
 
@@ -86,6 +85,12 @@ def order_page(client, order: Order) -> str:
 
 def shown(page: str, element_id: str) -> str:
     return VisibleText.of(page, element_id)
+
+
+def assert_unpaid(page: str, state: str) -> None:
+    """The order's state reads `state`, and its receipt says no payment was taken."""
+    assert shown(page, "order-state") == state
+    assert shown(page, "receipt") == "Receipt No payment was taken for this order."
 
 
 def spinner_shown(page: str) -> bool:
@@ -157,12 +162,14 @@ def test_an_order_out_of_stock_names_the_item_and_never_promises_a_charge(client
 
     page = order_page(client, order)
 
-    assert shown(page, "order-state") == (
-        "Sorry, we could not take this order: Mug ran out of stock. "
-        "You have not been charged and nothing was reserved. See what is in stock and place a new order. "
-        "Place a new order"
+    assert_unpaid(
+        page,
+        (
+            "Sorry, we could not take this order: Mug ran out of stock. "
+            "You have not been charged and nothing was reserved. See what is in stock and place a new order. "
+            "Place a new order"
+        ),
     )
-    assert shown(page, "receipt") == "Receipt No payment was taken for this order."
     assert "charged once its stock is reserved" not in shown(page, "order")
     assert not spinner_shown(page)
 
@@ -190,10 +197,10 @@ def test_a_cancelled_order_says_nothing_was_charged(client, placed, user):
 
     page = order_page(client, order)
 
-    assert shown(page, "order-state") == (
-        "This order is cancelled. You have not been charged, and nothing is reserved for it. Nothing more to do."
+    assert_unpaid(
+        page,
+        "This order is cancelled. You have not been charged, and nothing is reserved for it. Nothing more to do.",
     )
-    assert shown(page, "receipt") == "Receipt No payment was taken for this order."
 
 
 @pytest.mark.parametrize(
@@ -267,12 +274,14 @@ def test_an_expired_order_says_it_was_not_paid_in_time_and_a_late_payment_comes_
 
     page = order_page(client, order)
 
-    assert shown(page, "order-state") == (
-        "This order expired: it was not paid within 30 minutes. The items are no longer reserved for you. "
-        "If a payment for it still goes through, it is refunded to your card automatically. To buy the items, "
-        "place a new order. Place a new order"
+    assert_unpaid(
+        page,
+        (
+            "This order expired: it was not paid within 30 minutes. The items are no longer reserved for you. "
+            "If a payment for it still goes through, it is refunded to your card automatically. To buy the items, "
+            "place a new order. Place a new order"
+        ),
     )
-    assert shown(page, "receipt") == "Receipt No payment was taken for this order."
     assert not spinner_shown(page) and not keeps_polling(page)
     assert shown(page, "order-status") == "Expired"
 

@@ -55,6 +55,14 @@ def charge(subscription: Subscription, attempt: int = 1, *, capture) -> Payment 
         )
 
 
+def declined_once(owner, plan, sandbox, *, capture) -> Subscription:
+    """A subscription due at T0 whose first try the sandbox declined; the sandbox goes on declining."""
+    sandbox.set_faults(decline_rate=1.0)
+    subscription = due_subscription(owner, plan)
+    charge(subscription, capture=capture)
+    return subscription
+
+
 def sweep(capture) -> list[tuple[int, str, int]]:
     """The beat sweep, and the work it enqueues run at once (eager tasks after commit)."""
     with capture(execute=True):
@@ -145,9 +153,7 @@ def test_a_renewal_declined_to_the_end_is_cancelled_and_each_email_is_sent_once(
     user, plan, sandbox, past_due_clock, django_capture_on_commit_callbacks
 ):
     # Given a renewal declined at every try
-    sandbox.set_faults(decline_rate=1.0)
-    subscription = due_subscription(user, plan)
-    charge(subscription, capture=django_capture_on_commit_callbacks)
+    subscription = declined_once(user, plan, sandbox, capture=django_capture_on_commit_callbacks)
 
     # When the sweep runs every few hours for ten days
     dispatched = []
@@ -226,9 +232,7 @@ def test_every_subscription_email_renders_with_the_plan_name(kind, user, plan):
 
 
 def test_a_retry_delivered_twice_charges_once(user, plan, sandbox, past_due_clock, django_capture_on_commit_callbacks):
-    sandbox.set_faults(decline_rate=1.0)
-    subscription = due_subscription(user, plan)
-    charge(subscription, capture=django_capture_on_commit_callbacks)
+    subscription = declined_once(user, plan, sandbox, capture=django_capture_on_commit_callbacks)
 
     first = charge(subscription, 2, capture=django_capture_on_commit_callbacks)
     again = charge(subscription, 2, capture=django_capture_on_commit_callbacks)
@@ -244,9 +248,7 @@ def test_a_retry_delivered_twice_charges_once(user, plan, sandbox, past_due_cloc
 def test_a_retry_that_is_no_longer_the_next_try_charges_nothing(
     user, plan, sandbox, past_due_clock, django_capture_on_commit_callbacks
 ):
-    sandbox.set_faults(decline_rate=1.0)
-    subscription = due_subscription(user, plan)
-    charge(subscription, capture=django_capture_on_commit_callbacks)
+    subscription = declined_once(user, plan, sandbox, capture=django_capture_on_commit_callbacks)
 
     # A try that skips one, or one for an active subscription, claims nothing
     assert charge(subscription, 3, capture=django_capture_on_commit_callbacks) is None
@@ -271,9 +273,7 @@ def test_the_task_still_takes_the_two_argument_messages_already_queued(user, pla
 def test_bill_due_and_the_retry_sweep_never_enqueue_the_same_try(
     user, plan, sandbox, past_due_clock, django_capture_on_commit_callbacks
 ):
-    sandbox.set_faults(decline_rate=1.0)
-    subscription = due_subscription(user, plan)
-    charge(subscription, capture=django_capture_on_commit_callbacks)
+    subscription = declined_once(user, plan, sandbox, capture=django_capture_on_commit_callbacks)
     past_due_clock.move_to(T0 + 2 * DAY)
 
     with django_capture_on_commit_callbacks(execute=False):
@@ -288,11 +288,9 @@ def test_bill_due_and_the_retry_sweep_never_enqueue_the_same_try(
 
 
 def test_a_try_that_ended_without_a_decline_is_left_to_staff_and_not_enqueued_again(
-    user, plan, sandbox, past_due_clock, django_capture_on_commit_callbacks
+    user, plan, sandbox, past_due_clock, django_capture_on_commit_callbacks, dead_letters_forgotten
 ):
-    sandbox.set_faults(decline_rate=1.0)
-    subscription = due_subscription(user, plan)
-    charge(subscription, capture=django_capture_on_commit_callbacks)
+    subscription = declined_once(user, plan, sandbox, capture=django_capture_on_commit_callbacks)
     past_due_clock.move_to(T0 + 2 * DAY)
     with django_capture_on_commit_callbacks(execute=False):
         [(_, period, attempt)] = services.retry_due_renewals()
