@@ -399,7 +399,9 @@ def refund_order(
         else:
             everything = amount is None or payment_refunds.clean_amount(amount) == payment_refunds.refundable(payment)
         if before_hand_over and everything:
-            # Nothing left to ship: the order is cancelled and all that is left is refunded (its shipping too).
+            # Nothing left to ship: the order is cancelled and all that is left is refunded (its shipping too);
+            # lines named are counted as refunded, as any line refund's are (a failure counts them back).
+            _count_refunded(chosen)
             cancelled = _cancel_paid(
                 order,
                 reason=Refund.Reason.STAFF,
@@ -420,11 +422,15 @@ def refund_order(
             submission=submission,
         )
         if created and chosen:
-            for item, quantity in chosen.items():
-                OrderItem.objects.filter(pk=item.pk).update(refunded_quantity=F("refunded_quantity") + quantity)
+            _count_refunded(chosen)
             if before_hand_over:
                 stock.release_units(order=order, units={item.product_id: quantity for item, quantity in chosen.items()})
     return refund
+
+
+def _count_refunded(chosen: dict[OrderItem, int]) -> None:
+    for item, quantity in chosen.items():
+        OrderItem.objects.filter(pk=item.pk).update(refunded_quantity=F("refunded_quantity") + quantity)
 
 
 class RefundKeyReused(OrderError):

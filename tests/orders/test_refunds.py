@@ -288,7 +288,26 @@ def test_refunding_every_line_before_hand_over_cancels_and_refunds_the_shipping_
     paid.refresh_from_db()
     assert (refund.amount, paid.status) == (paid.total, S.REFUNDED)
     assert (stock_of("MUG"), stock_of("TEE")) == (10, 10)
-    assert OrderItem.objects.filter(order=paid, refunded_quantity=0).count() == 2
+    assert all(item.refunded_quantity == item.quantity for item in OrderItem.objects.filter(order=paid))
+
+
+def test_a_failed_refund_of_every_line_counts_back_only_its_own_units(
+    paid, sandbox, django_capture_on_commit_callbacks, dead_letters_forgotten
+):
+    # A mug refunded first (given back), then every unit left, and that refund refused by the provider.
+    mug, tee = paid.items.get(sku="MUG"), paid.items.get(sku="TEE")
+    assert (
+        refund_now(django_capture_on_commit_callbacks, order_id=paid.pk, lines={str(mug.pk): 1}).status == "succeeded"
+    )
+    Payment.objects.filter(order=paid).update(provider_charge_id="ch_not_at_the_provider")
+
+    rest = refund_now(django_capture_on_commit_callbacks, order_id=paid.pk, lines={str(mug.pk): 1, str(tee.pk): 1})
+
+    assert rest.status == Refund.Status.FAILED
+    mug.refresh_from_db()
+    tee.refresh_from_db()
+    # The first mug stays refunded; only the failed refund's units count as not refunded again.
+    assert (mug.refunded_quantity, tee.refunded_quantity) == (1, 0)
 
 
 # --- Reservations that expire -----------------------------------------------------------
