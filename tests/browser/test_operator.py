@@ -70,8 +70,12 @@ def test_staff_refund_a_fulfilled_order_from_the_admin_and_see_it_refunded(page,
         admin.get_by_role("button", name="Refund these lines").click()
         expect(admin.locator(".messagelist")).to_contain_text("of 12.00 EUR requested")
         refunded = admin.locator("#order-refunds")
-        for _ in range(45):  # the refund runs on a worker; the page shows it as it is when loaded
-            if "succeeded" in refunded.inner_text():
+        # The refund runs on a worker; the page shows it as it is when loaded. Its rows and the order's
+        # status are read one after the other, so a reload between the two reads can show the refund
+        # done and the status not yet: wait for both.
+        for _ in range(45):
+            status = admin.locator(".field-status .readonly").inner_text()
+            if "succeeded" in refunded.inner_text() and status == "Partially Refunded":
                 break
             admin.wait_for_timeout(1000)
             admin.reload()
