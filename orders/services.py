@@ -337,11 +337,13 @@ REFUNDABLE_STATUSES = (
 )
 
 
-def _lines_to_refund(order: Order, lines: dict[str, int]) -> tuple[dict[OrderItem, int], Decimal]:
+def _lines_to_refund(
+    order: Order, order_items: list[OrderItem], lines: dict[str, int]
+) -> tuple[dict[OrderItem, int], Decimal]:
     """The order's items and units a line refund names, checked, and what they cost."""
     if not isinstance(lines, dict) or not lines or len(lines) > MAX_ITEMS:
         raise InvalidRefundLines("name at least one line of the order, {item id: quantity}")
-    items = {str(item.pk): item for item in order.items.all()}
+    items = {str(item.pk): item for item in order_items}
     chosen: dict[OrderItem, int] = {}
     for item_id, quantity in lines.items():
         item = items.get(str(item_id))
@@ -389,13 +391,14 @@ def refund_order(
             raise payment_refunds.NotRefundable(f"order {order_id} is {order.status}, its payment {payment.status}")
         if payment_refunds.refundable(payment) <= 0:
             raise payment_refunds.NotRefundable(f"order {order_id}: all of its payment is refunded or being refunded")
-        chosen, lines_total = _lines_to_refund(order, lines) if lines else ({}, Decimal("0.00"))
+        order_items = list(order.items.all())
+        chosen, lines_total = _lines_to_refund(order, order_items, lines) if lines else ({}, Decimal("0.00"))
         if chosen and amount is None:
             amount = lines_total
         before_hand_over = _not_handed_over(order)
         if chosen:
             # Every unit not refunded yet is named: nothing would be left to ship.
-            everything = all(item.quantity_to_ship == chosen.get(item, 0) for item in order.items.all())
+            everything = all(item.quantity_to_ship == chosen.get(item, 0) for item in order_items)
         else:
             everything = amount is None or payment_refunds.clean_amount(amount) == payment_refunds.refundable(payment)
         if before_hand_over and everything:
@@ -539,9 +542,9 @@ def sync_to_fulfillment(*, order_id: int) -> Order | None:
         order = _lock_order(order_id)
         if order is not None and _awaits_shipment(order):
             pipeline.set_status(order, Order.Status.FULFILLED, note=f"shipment {shipment.id}")
-            # Refunds that succeeded while the hand-over was under way move it on now.
-            payment = Payment.objects.filter(order=order).first()
-            if payment is not None:
+            # Refunds that succeeded while the hand-over was under way move it on now (one read when there are none).
+            if Refund.objects.filter(payment__order=order, status=Refund.Status.SUCCEEDED).exists():
+                payment = Payment.objects.get(order=order)
                 _status_after_refunds(order, payment, note="refunded while it was handed over")
     return order
 

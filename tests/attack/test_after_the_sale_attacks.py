@@ -601,3 +601,30 @@ def test_a_subscription_cancel_racing_its_retry_never_charges_silently(sandbox, 
                 assert outcome.voided_charge
         subscription.refresh_from_db()
         assert subscription.status == Subscription.Status.CANCELLED
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_shopper_cancelling_as_the_reservation_runs_out_releases_the_stock_once(user, products):
+    """The shopper presses cancel the moment the order's payment deadline fires: both release stock.
+
+    Whichever takes the order's lock first ends it (cancelled or expired); the other finds it ended
+    and gives nothing back a second time.
+    """
+    for _ in range(5):
+        order = place_order(owner=user, items=[("MUG", 3)])
+        services.process_order(order_id=order.pk)
+        Payment.objects.filter(order=order).delete()  # eager tasks ran the charge: start from confirmed, unpaid
+        Order.objects.filter(pk=order.pk).update(status=S.CONFIRMED)
+
+        def work(i: int, order_id: int = order.pk) -> str:
+            if i == 0:
+                return services.expire_order(order_id=order_id).status
+            try:
+                return services.cancel_order(order_id=order_id, owner=user).status
+            except services.OrderNotCancellable:
+                return "refused"
+
+        outcomes = sorted(run_concurrently(2, work))
+        assert outcomes in (["cancelled", "cancelled"], ["expired", "refused"]), outcomes
+        released = StockMovement.objects.filter(order=order, kind=StockMovement.Kind.RELEASED)
+        assert sum(released.values_list("delta", flat=True)) == 3

@@ -424,8 +424,16 @@ def test_the_list_actions_on_held_orders_still_work(support):
 def test_the_refund_list_filters_by_status_and_reason_and_finds_an_order(client):
     boss = UserFactory(is_staff=True, is_superuser=True)
     client.force_login(boss)
-    failed = RefundFactory(status=Refund.Status.FAILED, reason=Refund.Reason.STAFF, provider_refund_id="re_abc")
-    RefundFactory(status=Refund.Status.SUCCEEDED, reason=Refund.Reason.CANCELLED_BY_SHOPPER)
+    # Keys without digits: a search for the order's id must not also find the other refund by a key.
+    failed = RefundFactory(
+        status=Refund.Status.FAILED, reason=Refund.Reason.STAFF, provider_refund_id="re_abc", idempotency_key="ref_x"
+    )
+    RefundFactory(
+        status=Refund.Status.SUCCEEDED,
+        reason=Refund.Reason.CANCELLED_BY_SHOPPER,
+        idempotency_key="ref_y",
+        payment__idempotency_key="pay_y",
+    )
     changelist = reverse("admin:payments_refund_changelist")
 
     by_status = client.get(changelist, {"status__exact": "failed", "reason__exact": "staff"})
