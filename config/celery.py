@@ -30,6 +30,8 @@ app = Celery("shop", task_cls=BaseTask)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.conf.task_annotations = (QueueTimeLimits(),)
 app.autodiscover_tasks()
+# On RabbitMQ, every worker also drains the dead-letter queue into the ops dead letters (a no-op elsewhere).
+app.steps["consumer"].add("ops.rabbitmq:DeadLetterQueue")
 
 
 @task_prerun.connect(dispatch_uid="config.celery.close_old_connections_before_task")

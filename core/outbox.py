@@ -486,21 +486,28 @@ def _task_succeeded(sender: Any = None, **kwargs: Any) -> None:
         _finish_done(task_id)
 
 
-@signals.task_failure.connect(dispatch_uid="core.outbox.task_failed")
-def _task_failed(
-    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **kwargs: Any
-) -> None:
-    if not task_id or _is_eager(sender):
-        return
-    reason = f"{type(exception).__name__}: {exception}"
+def task_failed_for_good(task_id: str, reason: str) -> None:
+    """A task's final failure, wherever it is learnt: its item ends failed (or parked) and `work_failed` is sent.
+
+    Runs on a connection of its own (see _in_own_connection). Raises what the database raises.
+    """
 
     def work() -> None:
         item, parked = finish_failed(task_id=task_id, reason=reason)
         if item is not None:
             work_failed.send(sender=OutboxItem, item=item, reason=reason, by_relay=False, parked=parked)
 
+    _in_own_connection(work, name=f"outbox-failure-{task_id}")
+
+
+@signals.task_failure.connect(dispatch_uid="core.outbox.task_failed")
+def _task_failed(
+    sender: Any = None, task_id: str | None = None, exception: BaseException | None = None, **kwargs: Any
+) -> None:
+    if not task_id or _is_eager(sender):
+        return
     try:
-        _in_own_connection(work, name=f"outbox-failure-{task_id}")
+        task_failed_for_good(task_id, f"{type(exception).__name__}: {exception}")
     except Exception:
         # The dead letter (ops) is recorded independently; the log line keeps the rest.
         logger.exception("outbox: final failure of %s[%s] not recorded on its item", sender.name, task_id)

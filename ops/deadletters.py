@@ -14,11 +14,14 @@ Where each one fires (Celery 5.7):
   that name), in the parent, after the message is logged and removed from the queue.
 """
 
+import json
 import logging
 import uuid
 from typing import Any
 
+from celery import current_app as app
 from celery import signals
+from django.conf import settings
 from django.dispatch import receiver
 from django.utils import timezone
 from kombu.message import Message
@@ -121,6 +124,70 @@ def record_unknown_task(  # noqa: A002 (signal's name)
     sender: Any = None, message: Any = None, exc: Any = None, name: Any = None, id: Any = None, **extra: Any
 ) -> None:
     _record_refused(message, f"NotRegistered: no task named {name!r}", task_name=name)
+
+
+# --- RabbitMQ's dead-letter queue (ops/rabbitmq.py) ---------------------------------
+
+
+def _death(headers: dict[str, Any]) -> tuple[str, str, int]:
+    """(reason, queue, deliveries) of a dead-lettered message, from RabbitMQ's x-death / x-first-death-* headers."""
+    deaths = headers.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    reason = str(death.get("reason") or headers.get("x-first-death-reason") or "unknown")
+    queue = str(death.get("queue") or headers.get("x-first-death-queue") or "")
+    delivered = headers.get("x-delivery-count")
+    # x-delivery-count counts the deliveries before the last one: the last is the one that hit the limit.
+    deliveries = int(delivered) + 1 if isinstance(delivered, int) and not isinstance(delivered, bool) else 1
+    return reason, queue, deliveries
+
+
+def _call_of(message: Message) -> tuple[list[Any], dict[str, Any]]:
+    """The args and kwargs of a task message's JSON body; empty when it is anything else (never raises)."""
+    if message.content_type != "application/json":
+        return [], {}
+    try:
+        body = json.loads(message.body or b"")
+    except (TypeError, ValueError):
+        return [], {}
+    if isinstance(body, list) and len(body) == 3 and isinstance(body[0], list) and isinstance(body[1], dict):
+        return body[0], body[1]
+    return [], {}
+
+
+def record_dead_lettered(message: Message) -> None:
+    """A message RabbitMQ dead-lettered: a FailedTask, and the task's outbox item ends failed (or parked).
+
+    A message a worker refused (`rejected`) was recorded by that worker; nothing more is done for it.
+    Raises when the dead letter cannot be written (the message is then left on the queue).
+    """
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    reason, queue, deliveries = _death(headers)
+    if reason == "rejected":
+        logger.info("dead-lettered message %s was refused by a worker and recorded there", headers.get("id"))
+        return
+    task_id = str(headers.get("id") or (message.properties or {}).get("correlation_id") or f"dead-{uuid.uuid4()}")
+    claimed = str(headers.get("task") or "")
+    exception = (
+        f"DeliveryLimitExceeded: delivered {deliveries} times without an acknowledgement "
+        f"(RABBITMQ_DELIVERY_LIMIT={settings.RABBITMQ_DELIVERY_LIMIT}; RabbitMQ's reason: {reason})"
+    )
+    if claimed not in app.tasks:
+        # Not a message of ours: kept as refused, under no task name a replay could run.
+        _record_refused(message, exception, task_name=UNDECODABLE)
+        return
+    args, kwargs = _call_of(message)
+    record_failure(
+        task_id=task_id,
+        task_name=claimed,
+        queue=queue,
+        args=args,
+        kwargs=kwargs,
+        exception=exception,
+        attempts=deliveries,
+        worker="rabbitmq",
+    )
+    outbox.task_failed_for_good(task_id, exception)
+    logger.error("task %s[%s] dead-lettered by the broker from %s: %s", claimed, task_id, queue, exception)
 
 
 # --- Failures that are not a task's own: the outbox relay gave up, a payment needs attention ---

@@ -14,7 +14,8 @@
   "Unrecoverable error" (and, requeued at shutdown, again at each restart): a content
   type kombu trusts without decoding (application/data, application/text: kombu's
   `loads` skips the accept list for them), and a body that decodes to anything but
-  [args, kwargs, embed] (Request.__init__ unpacks it unchecked).
+  [args, kwargs, embed] (Request.__init__ unpacks it unchecked). On RabbitMQ it declares the
+  queues, exchanges and dead-letter queue on each (re)connection first (ops/rabbitmq.py).
 """
 
 import logging
@@ -34,6 +35,8 @@ from kombu.exceptions import ContentDisallowed, DecodeError
 from kombu.message import Message
 from kombu.serialization import TRUSTED_CONTENT, prepare_accept_content  # type: ignore[attr-defined]  # not in celery-types
 from kombu.utils.encoding import safe_repr
+
+from . import rabbitmq
 
 logger = logging.getLogger(__name__)
 
@@ -186,6 +189,12 @@ class DeadLetterConsumer(Consumer):
             return handle_task_message(message)
 
         return on_task_received
+
+    def connect(self) -> Any:
+        connection = super().connect()
+        if rabbitmq.enabled():
+            rabbitmq.declare_topology(connection, self.app.amqp.queues.values())
+        return connection
 
     def on_decode_error(self, message: Message, exc: Exception) -> None:
         super().on_decode_error(message, exc)  # logs at CRITICAL and acknowledges

@@ -12,7 +12,43 @@ from .logging import LOGGING
 # https://docs.celeryq.dev/en/stable/userguide/configuration.html
 
 REDIS_URL = env.str("REDIS_URL", default="")
-if REDIS_URL:
+# CELERY_BROKER_URL=amqp://user:password@host:5672/vhost runs the whole service on RabbitMQ (several nodes:
+# their URLs joined by ";", tried in turn). Unset: Redis at REDIS_URL, else the filesystem broker of `make run`.
+BROKER_URL = env.str("CELERY_BROKER_URL", default="")
+if BROKER_URL and not BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://")):
+    raise ImproperlyConfigured("CELERY_BROKER_URL must be an amqp:// URL (RabbitMQ); set REDIS_URL for Redis.")
+# Which broker the service runs on: "rabbitmq", "redis" or "filesystem". Guards that exist for one broker only
+# read it: core/broker.py (Redis), the outbox's search of the broker and its epoch key (Redis), the per-queue
+# arguments below and the dead-letter queue's consumer (RabbitMQ, ops/rabbitmq.py).
+BROKER_KIND = "rabbitmq" if BROKER_URL else "redis" if REDIS_URL else "filesystem"
+
+# The delivery limit of every task queue on RabbitMQ: a message delivered this many times more than once
+# (its worker died, or lost its connection, each time) goes to the dead-letter exchange and from there to the
+# ops dead letters. Above the worker-lost bound of one worker (TASK_MAX_WORKER_LOST) plus room for innocent
+# redeliveries (a node lost, a worker killed while it held the message), so those never dead-letter good work.
+RABBITMQ_DELIVERY_LIMIT = env.int("RABBITMQ_DELIVERY_LIMIT", default=5)
+# RabbitMQ closes the channel of a consumer that holds a message unacknowledged this long (rabbitmq.conf:
+# consumer_timeout, in ms; 1800000 by default). Tasks acknowledge late, so it must exceed the longest hard
+# time limit (checked below). Countdowns do not count: on quorum queues they wait in the broker (Celery's
+# native delayed delivery), not in a worker. The compose override and the test nodes set this value.
+RABBITMQ_CONSUMER_TIMEOUT_SECONDS = env.int("RABBITMQ_CONSUMER_TIMEOUT_SECONDS", default=1800)
+# Where every dead-lettered message goes: a fanout exchange and one quorum queue behind it (ops/rabbitmq.py).
+DEAD_LETTER_EXCHANGE = "shop.dead-letter"
+DEAD_LETTER_QUEUE = "shop.dead-letter"
+
+CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object]
+if BROKER_KIND == "rabbitmq":
+    CELERY_BROKER_URL = BROKER_URL
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        # Publisher confirms: a publish returns once the broker has stored the message (on a quorum queue: on a
+        # majority of its nodes), and raises when it refuses it. The outbox marks an item published only then.
+        "confirm_publish": True,
+    }
+    # Quorum queues hold no global QoS: the worker sets its prefetch per consumer (the default, made explicit).
+    CELERY_WORKER_DETECT_QUORUM_QUEUES = True
+    # Countdowns and retries wait in the broker's delayed-delivery queues, quorum queues too.
+    CELERY_BROKER_NATIVE_DELAYED_DELIVERY_QUEUE_TYPE = "quorum"
+elif BROKER_KIND == "redis":
     CELERY_BROKER_URL = REDIS_URL
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         # A message unacknowledged this long is handed to another worker. It must
@@ -59,9 +95,37 @@ CELERY_RESULT_BACKEND = None
 
 # Queues: critical (orders, payments), bulk (reports), default (everything else).
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_QUEUES = [
-    Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("critical", "bulk", "default")
-]
+QUEUE_NAMES = ("critical", "bulk", "default")
+
+
+def task_queues(kind: str) -> list[Queue]:
+    """The three task queues as declared on a broker of this kind (tests switch brokers with it)."""
+    if kind != "rabbitmq":
+        return [
+            Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("critical", "bulk", "default")
+        ]
+    # Quorum queues: each message is replicated on a majority of the cluster's nodes and survives a node lost.
+    # Topic exchanges (routed like direct ones here), because Celery's native delayed delivery, which keeps
+    # countdowns in the broker, works only for topic and fanout exchanges.
+    return [
+        Queue(
+            name,
+            Exchange(name, type="topic"),
+            routing_key=name,
+            queue_arguments={
+                "x-queue-type": "quorum",
+                "x-delivery-limit": RABBITMQ_DELIVERY_LIMIT,
+                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+                # Dead-lettered messages are kept until the dead-letter queue confirms them (needs reject-publish).
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            },
+        )
+        for name in QUEUE_NAMES
+    ]
+
+
+CELERY_TASK_QUEUES = task_queues(BROKER_KIND)
 CELERY_TASK_ROUTES = {
     "core.tasks.*": {"queue": "default", "routing_key": "default"},
     "orders.tasks.*": {"queue": "critical", "routing_key": "critical"},
@@ -219,3 +283,9 @@ TASK_TIME_LIMITS = {
 for _queue, (_soft, _hard) in TASK_TIME_LIMITS.items():
     if not 0 < _soft < _hard:
         raise ImproperlyConfigured(f"the soft time limit of queue {_queue} must be positive and below its hard limit.")
+if BROKER_KIND == "rabbitmq" and RABBITMQ_CONSUMER_TIMEOUT_SECONDS <= max(
+    hard for _, hard in TASK_TIME_LIMITS.values()
+):
+    raise ImproperlyConfigured(
+        "RABBITMQ_CONSUMER_TIMEOUT_SECONDS (the broker's consumer_timeout) must exceed every queue's hard time limit."
+    )

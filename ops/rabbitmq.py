@@ -1,0 +1,83 @@
+"""What only RabbitMQ needs (settings.BROKER_KIND == "rabbitmq"): its queues declared up front, and its dead letters.
+
+- `declare_topology`: every task queue (quorum, with its delivery limit and dead-letter exchange) and the
+  dead-letter exchange and queue, declared by each worker on each (re)connection (ops.worker's consumer),
+  before Celery binds every queue in `task_queues` to its delayed-delivery exchanges: a worker that consumes
+  only `critical` still binds `bulk`, and a queue whose exchange is not declared yet fails that step.
+- `DeadLetterQueue`, a consumer bootstep in every worker: RabbitMQ moves a message to the dead-letter
+  exchange when it was delivered more than the queue's delivery limit (its worker died, or lost its
+  connection, each time) or was rejected. Each one becomes a FailedTask, and its outbox item ends failed
+  as for any final failure (work_failed: the order goes on hold...). A message a worker refused (reason
+  `rejected`: undecodable, unknown task, disallowed content) was recorded by that worker already
+  (ops.deadletters, task_rejected/task_unknown) and is only acknowledged here.
+
+On Redis, the delivery bound is ops.worker's count of lost workers per task id (kept in Redis); there is no
+dead-letter exchange, so nothing here runs.
+"""
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from celery.worker.consumer import Consumer as CeleryConsumer
+from django.conf import settings
+from kombu import Connection, Consumer, Exchange, Queue
+from kombu.message import Message
+
+logger = logging.getLogger(__name__)
+
+# Dead letters taken from the queue at a time by one worker.
+PREFETCH = 10
+
+
+def enabled() -> bool:
+    return bool(settings.BROKER_KIND == "rabbitmq")
+
+
+def dead_letter_queue() -> Queue:
+    exchange = Exchange(settings.DEAD_LETTER_EXCHANGE, type="fanout", durable=True)
+    return Queue(
+        settings.DEAD_LETTER_QUEUE, exchange, routing_key="#", durable=True, queue_arguments={"x-queue-type": "quorum"}
+    )
+
+
+def declare_topology(connection: Connection, queues: Any) -> None:
+    """Declare the dead-letter exchange and queue, then every task queue with its exchange (idempotent).
+
+    A queue that exists with other arguments (a classic queue of an earlier deployment) fails loudly here
+    (PRECONDITION_FAILED), at the worker's start, instead of in the middle of the work.
+    """
+    channel = connection.default_channel
+    dead_letter_queue()(channel).declare()
+    for queue in queues:
+        queue(channel).declare()
+
+
+class DeadLetterQueue(bootsteps.ConsumerStep):
+    """Consumes the dead-letter queue in the worker's main process (no pool slot) and records each message."""
+
+    def include_if(self, c: CeleryConsumer) -> bool:
+        return enabled()
+
+    def get_consumers(self, channel: Any) -> list[Consumer]:
+        return [
+            Consumer(
+                channel,
+                queues=[dead_letter_queue()],
+                on_message=self.on_dead_letter,
+                prefetch_count=PREFETCH,
+                # Never decoded by kombu: the body is whatever reached the queue, hostile bytes included.
+                accept=[],
+            )
+        ]
+
+    def on_dead_letter(self, message: Message) -> None:
+        from .deadletters import record_dead_lettered
+
+        try:
+            record_dead_lettered(message)
+        except Exception:
+            # Left unacknowledged: the broker delivers it again when this worker's channel closes.
+            logger.exception("dead letter not recorded; left on %s", settings.DEAD_LETTER_QUEUE)
+            return
+        message.ack()
