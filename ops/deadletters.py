@@ -135,9 +135,9 @@ def _death(headers: dict[str, Any]) -> tuple[str, str, int]:
     death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
     reason = str(death.get("reason") or headers.get("x-first-death-reason") or "unknown")
     queue = str(death.get("queue") or headers.get("x-first-death-queue") or "")
-    delivered = headers.get("x-delivery-count")
-    # x-delivery-count counts the deliveries before the last one: the last is the one that hit the limit.
-    deliveries = int(delivered) + 1 if isinstance(delivered, int) and not isinstance(delivered, bool) else 1
+    # The header counting redeliveries (x-delivery-count) does not survive the move to the dead-letter queue:
+    # a message dead-lettered for its delivery limit was delivered that many times more than once.
+    deliveries = settings.RABBITMQ_DELIVERY_LIMIT + 1 if reason == "delivery_limit" else 1
     return reason, queue, deliveries
 
 
@@ -176,6 +176,7 @@ def record_dead_lettered(message: Message) -> None:
         _record_refused(message, exception, task_name=UNDECODABLE)
         return
     args, kwargs = _call_of(message)
+    outbox.task_failed_for_good(task_id, exception)  # first: a dead letter on record means its item is settled
     record_failure(
         task_id=task_id,
         task_name=claimed,
@@ -186,7 +187,6 @@ def record_dead_lettered(message: Message) -> None:
         attempts=deliveries,
         worker="rabbitmq",
     )
-    outbox.task_failed_for_good(task_id, exception)
     logger.error("task %s[%s] dead-lettered by the broker from %s: %s", claimed, task_id, queue, exception)
 
 

@@ -1,6 +1,8 @@
 """What each test needs is said by markers; every test needs the real PostgreSQL.
 
 - `redis`: the real Redis (added to every test that uses the `broker` fixture);
+- `rabbitmq`: the real RabbitMQ (127.0.0.1:5672, a virtual host per test: added to every test whose
+  `broker` is parametrised to "rabbitmq": `@on_both_brokers`);
 - `sandbox_process`: the sandbox as a process (added to every test that uses `sandbox_process` or
   `payment_provider`); the others get it in-process behind a `responses` stub (tests/provider_stub.py);
 - `worker`, `chaos`: real Celery workers (and Redis, and the sandbox process);
@@ -27,7 +29,7 @@ pytest_plugins = ["tests.sandbox_fixtures", "tests.after_sale"]
 
 TESTS = Path(__file__).resolve().parent
 # What a test may need beyond PostgreSQL; a test with none of them is a unit test.
-NEEDS = ("redis", "sandbox_process", "worker", "chaos", "e2e", "browser", "compose")
+NEEDS = ("redis", "rabbitmq", "sandbox_process", "worker", "chaos", "e2e", "browser", "compose")
 # Needs nothing more, but takes long: the schemathesis suite. `make test` runs it, the unit tier does not.
 SLOW = ("fuzz",)
 NEEDS_REDIS = ("redis", "worker", "chaos", "e2e", "browser")
@@ -50,6 +52,8 @@ def pytest_collection_modifyitems(config, items):
         fixtures = set(getattr(item, "fixturenames", ()))
         if "broker" in fixtures:
             item.add_marker("redis")
+            if getattr(item, "callspec", None) and item.callspec.params.get("broker") == "rabbitmq":
+                item.add_marker("rabbitmq")
         if fixtures & {"sandbox_process", "payment_provider"}:
             item.add_marker("sandbox_process")
         if not any(item.get_closest_marker(name) for name in (*NEEDS, *SLOW)):
@@ -58,6 +62,12 @@ def pytest_collection_modifyitems(config, items):
 
 def needs(item, markers) -> bool:
     return any(item.get_closest_marker(name) for name in markers)
+
+
+def pytest_sessionfinish(session):
+    from tests.brokers import wait_for_vhost_deletions
+
+    wait_for_vhost_deletions()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -76,26 +86,44 @@ def redis_is_up():
         client.close()
 
 
+def broker_kind(url: str) -> str:
+    return "rabbitmq" if url.startswith(("amqp://", "pyamqp://")) else "redis" if url.startswith("redis") else "memory"
+
+
 @contextmanager
 def celery_broker(url: str):
     """Settings and the Celery app on another broker URL. The app forgets its pools both ways (kombu keeps them,
-    one per URL, in `kombu.pools`: the next test on Redis gets its connections back)."""
+    one per URL, in `kombu.pools`: the next test on Redis gets its connections back). To or from RabbitMQ it
+    also takes that broker's queues (quorum, topic exchanges: config/settings/celery.py) and transport options."""
     from config.celery import app
+    from config.settings.celery import task_queues
+
+    kind = broker_kind(url)
+    switch_queues = "rabbitmq" in (kind, settings.BROKER_KIND)
+    overrides: dict = {"CELERY_BROKER_URL": url}
+    conf: dict = {"broker_url": url}
+    if switch_queues:
+        options = {"confirm_publish": True} if kind == "rabbitmq" else settings.CELERY_BROKER_TRANSPORT_OPTIONS
+        queues = task_queues(kind)
+        overrides |= {"BROKER_KIND": kind, "CELERY_TASK_QUEUES": queues, "CELERY_BROKER_TRANSPORT_OPTIONS": options}
+        conf |= {"task_queues": queues, "broker_transport_options": options}
 
     def drop_pools():
         app._pool = None
-        if "amqp" in app.__dict__:
+        if switch_queues:
+            app.__dict__.pop("amqp", None)  # rebuilt from the conf: queues, router, producer pool
+        elif "amqp" in app.__dict__:
             app.amqp._producer_pool = None
 
-    previous = app.conf.broker_url
-    with override_settings(CELERY_BROKER_URL=url):
+    previous = {key: app.conf[key] for key in conf}
+    with override_settings(**overrides):
         drop_pools()
-        app.conf.broker_url = url
+        app.conf.update(conf)
         try:
             yield
         finally:
             drop_pools()
-            app.conf.broker_url = previous
+            app.conf.update(previous)
 
 
 @pytest.fixture(autouse=True)
@@ -177,21 +205,34 @@ def payment_provider(sandbox_process):
 
 
 @pytest.fixture
-def broker():
-    """The test broker, emptied, with this process publishing to it for real (eager mode off)."""
+def broker(request):
+    """The test broker, emptied, with this process publishing to it for real (eager mode off).
+
+    Redis by default (the test Redis database, flushed before and after); a test parametrised with
+    `tests.brokers.on_both_brokers` also runs on RabbitMQ, in a virtual host made for it and deleted after it.
+    Either way the fixture is a tests.brokers.TestBroker: `.kind`, `.url`, `.depth(queue)`, `.unacked()`, and on Redis
+    the client's own commands (`broker.llen("critical")`).
+    """
     from config.celery import app
     from core import outbox
+    from tests.brokers import RabbitVhost, TestBroker
 
-    client = redis.Redis.from_url(settings.CELERY_BROKER_URL)
-    client.flushdb()
-    # A flushed broker is a broker that lost its data: this process checks the epoch key again at once.
-    outbox._epoch_checked_at[0] = 0.0
+    kind = getattr(request, "param", "redis")
     was_eager = app.conf.task_always_eager
-    app.conf.task_always_eager = False
-    try:
-        yield client
-    finally:
-        app.conf.task_always_eager = was_eager
-        # Retries and unacknowledged messages the workers put back must not leak into the next test.
-        client.flushdb()
-        client.close()
+    with ExitStack() as stack:
+        if kind == "rabbitmq":
+            vhost = stack.enter_context(RabbitVhost.made())
+            stack.enter_context(celery_broker(vhost.url))
+            handle = TestBroker(kind, vhost.url, vhost=vhost)
+        else:
+            handle = TestBroker(kind, settings.CELERY_BROKER_URL)
+            handle.flush()
+            stack.callback(handle.flush)  # retries and unacknowledged messages must not leak into the next test
+            # A flushed broker is a broker that lost its data: this process checks the epoch key again at once.
+            outbox._epoch_checked_at[0] = 0.0
+        stack.callback(handle.close)
+        app.conf.task_always_eager = False
+        try:
+            yield handle
+        finally:
+            app.conf.task_always_eager = was_eager

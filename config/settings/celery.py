@@ -98,8 +98,13 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 QUEUE_NAMES = ("critical", "bulk", "default")
 
 
-def task_queues(kind: str) -> list[Queue]:
-    """The three task queues as declared on a broker of this kind (tests switch brokers with it)."""
+def task_queues(kind: str, delivery_limit: int | None = None) -> list[Queue]:
+    """The three task queues as declared on a broker of this kind (tests switch brokers with it).
+
+    On RabbitMQ a queue's arguments are fixed when it is first declared: every process must declare it alike
+    (a web process with another delivery limit than the workers' gets PRECONDITION_FAILED). Changing one
+    means deleting the queue, or overriding it with a policy (`rabbitmqctl set_policy`).
+    """
     if kind != "rabbitmq":
         return [
             Queue(name, Exchange(name, type="direct"), routing_key=name) for name in ("critical", "bulk", "default")
@@ -114,7 +119,7 @@ def task_queues(kind: str) -> list[Queue]:
             routing_key=name,
             queue_arguments={
                 "x-queue-type": "quorum",
-                "x-delivery-limit": RABBITMQ_DELIVERY_LIMIT,
+                "x-delivery-limit": RABBITMQ_DELIVERY_LIMIT if delivery_limit is None else delivery_limit,
                 "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
                 # Dead-lettered messages are kept until the dead-letter queue confirms them (needs reject-publish).
                 "x-dead-letter-strategy": "at-least-once",

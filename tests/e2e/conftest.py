@@ -31,8 +31,13 @@ def database_url(settings_dict: Mapping) -> str:
 
 
 @pytest.fixture
-def worker_env(django_db_setup, payment_provider) -> dict[str, str]:
-    """Production settings, pointed at the pytest database, the test broker and the session's sandbox."""
+def worker_env(request, django_db_setup, payment_provider) -> dict[str, str]:
+    """Production settings, pointed at the pytest database, the test broker and the session's sandbox.
+
+    The test broker is the test's `broker` when it has one (Redis, or RabbitMQ under `on_both_brokers`).
+    """
+    if "broker" in request.fixturenames:
+        request.getfixturevalue("broker")  # first: on RabbitMQ it switches the settings read below
     env = dict(os.environ)
     env.update(
         DJANGO_SETTINGS_MODULE="config.settings.base",
@@ -45,6 +50,10 @@ def worker_env(django_db_setup, payment_provider) -> dict[str, str]:
         FULFILLMENT_API_URL=payment_provider.url,
         PYTHONUNBUFFERED="1",
     )
+    if settings.BROKER_KIND == "rabbitmq":
+        env["CELERY_BROKER_URL"] = settings.CELERY_BROKER_URL
+    else:
+        env.pop("CELERY_BROKER_URL", None)
     return env
 
 

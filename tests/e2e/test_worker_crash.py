@@ -10,10 +10,13 @@ from core.models import OutboxItem
 from orders.models import Order
 from orders.services import place_order
 from payments.models import Payment
+from tests.brokers import on_both_brokers
 from tests.factories import ProductFactory, UserFactory
 from tests.stack import wait_for
 
-pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
+# On Redis the message comes back after the visibility timeout (shortened here); on RabbitMQ as soon as the
+# killed worker's connection closes.
+pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True), on_both_brokers]
 
 # Short enough for a test; production keeps an hour (longer than any countdown plus time limit).
 FAST_REDELIVERY = {
@@ -23,7 +26,7 @@ FAST_REDELIVERY = {
 }
 
 
-def test_charge_interrupted_by_killing_the_whole_worker_completes_after_a_worker_returns(start_worker, sandbox):
+def test_charge_interrupted_by_killing_the_whole_worker_completes_after_a_worker_returns(start_worker, broker, sandbox):
     ProductFactory(sku="CRASH", stock=5)
     order = place_order(owner=UserFactory(), items=[("CRASH", 1)])  # queued until a worker starts
     sandbox.set_faults(latency_ms=3000)  # keeps the charge in flight long enough to kill the worker

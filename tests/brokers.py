@@ -1,0 +1,142 @@
+"""The brokers a test runs on: the test Redis database, or a virtual host of its own on the machine's RabbitMQ.
+
+`TestBroker` asks either one the same questions (messages waiting in a queue, messages delivered and not
+acknowledged), so a test of delivery guarantees reads the same on both.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+
+# The machine's RabbitMQ (started before the session, and by .ci/run); tests make virtual hosts on it.
+RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1:5672")
+RABBITMQ_CREDENTIALS = os.environ.get("TEST_RABBITMQ_CREDENTIALS", "guest:guest")
+
+
+# Delivery guarantees are tested on both brokers: `@on_both_brokers` runs a test once on Redis and once on
+# RabbitMQ (a virtual host of its own: the `broker` fixture, tests/conftest.py); the workers it starts follow
+# (tests/e2e/conftest.py: worker_env).
+on_both_brokers = pytest.mark.parametrize("broker", ["redis", "rabbitmq"], indirect=True)
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """`rabbitmqctl ...` against the machine's node; fails the test, loudly, when it does not answer."""
+    try:
+        done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.fail(f"rabbitmqctl {' '.join(args)}: {exc!r} (is RabbitMQ running? .ci/run starts it)")
+    if done.returncode != 0:
+        pytest.fail(f"rabbitmqctl {' '.join(args)} exited {done.returncode}: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+# Virtual hosts are deleted in the background (a second per call); the session waits for them at its end.
+_deletions: list[threading.Thread] = []
+
+
+@dataclass
+class RabbitVhost:
+    name: str
+
+    @property
+    def url(self) -> str:
+        return f"amqp://{RABBITMQ_CREDENTIALS}@{RABBITMQ_HOST}/{self.name}"
+
+    @classmethod
+    @contextlib.contextmanager
+    def made(cls) -> Iterator["RabbitVhost"]:
+        """A new virtual host that guest may use, deleted (with its queues) afterwards."""
+        vhost = cls(f"test-{uuid.uuid4().hex[:12]}")
+        rabbitmqctl("add_vhost", vhost.name)
+        try:
+            user = RABBITMQ_CREDENTIALS.split(":", 1)[0]
+            rabbitmqctl("set_permissions", "-p", vhost.name, user, ".*", ".*", ".*")
+            yield vhost
+        finally:
+            deletion = threading.Thread(
+                target=subprocess.run,
+                args=(["rabbitmqctl", "-q", "delete_vhost", vhost.name],),
+                kwargs={"capture_output": True, "timeout": 60},
+                daemon=True,
+            )
+            deletion.start()
+            _deletions.append(deletion)
+
+
+def wait_for_vhost_deletions() -> None:
+    for deletion in _deletions:
+        deletion.join(60)
+
+
+@dataclass
+class TestBroker:
+    """The broker of one test: `kind` ("redis" or "rabbitmq") and `url`; on Redis, also the client's commands."""
+
+    __test__ = False  # not a test class, whatever its name
+
+    kind: str
+    url: str
+    vhost: RabbitVhost | None = None
+    _client: Any = field(default=None, repr=False)
+
+    @property
+    def client(self) -> redis.Redis:
+        assert self.kind == "redis", "a Redis command on RabbitMQ: ask depth() or unacked() instead"
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.url)
+        return self._client
+
+    def __getattr__(self, name: str) -> Any:
+        # `broker.llen("critical")` and the other Redis commands of the tests written for Redis.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.client, name)
+
+    def flush(self) -> None:
+        self.client.flushdb()
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    def depth(self, queue: str) -> int:
+        """Messages waiting in `queue` (not those delivered to a worker); 0 for a queue not declared yet."""
+        if self.kind == "redis":
+            return int(self.client.llen(queue))
+        with Connection(self.url, connect_timeout=5) as connection:
+            channel = connection.channel()
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except connection.channel_errors:
+                return 0
+
+    def task_names(self, queue: str) -> list[str]:
+        """The task names of the messages waiting in `queue`, oldest first. On RabbitMQ they are taken and given
+        back unacknowledged (each counts one more delivery): for the end of a test."""
+        if self.kind == "redis":
+            # kombu pushes on the left and pops on the right: the oldest is last.
+            return [json.loads(raw)["headers"]["task"] for raw in reversed(self.client.lrange(queue, 0, -1))]
+        names = []
+        with Connection(self.url, connect_timeout=5) as connection:
+            channel = connection.channel()
+            while (message := channel.basic_get(queue, no_ack=False)) is not None:
+                names.append(message.headers["task"])
+        return names
+
+    def unacked(self) -> int:
+        """Messages delivered to a worker and not acknowledged yet, over every queue."""
+        if self.kind == "redis":
+            return int(self.client.hlen("unacked"))
+        assert self.vhost is not None
+        lines = rabbitmqctl("list_queues", "-p", self.vhost.name, "--no-table-headers", "messages_unacknowledged")
+        return sum(int(line) for line in lines.split() if line.strip().isdigit())

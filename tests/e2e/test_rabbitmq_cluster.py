@@ -1,0 +1,232 @@
+"""A RabbitMQ node lost mid-run: a three-node cluster of the test's own, the leader of `critical` killed.
+
+The shop runs on RabbitMQ (CELERY_BROKER_URL: the three nodes' URLs joined by ";", kombu's failover) with
+its quorum queues replicated on every node. Orders are placed while the node leading the `critical` queue is
+killed (SIGKILL: a crash, not a shutdown); the workers, beat and this process lose their connections (they
+all connect to the first URL, and a quorum queue's leader is placed on the node its declaring client is
+connected to) and fail over to another node while the two survivors elect a new leader. Every order must
+end fulfilled, charged and shipped once (the sandbox's ledger is the referee), with no dead letter and no
+outbox item left open; then the node is started again and rejoins: three running nodes, and `critical`
+with a member online on each.
+
+Real processes: three RabbitMQ nodes (tests/rabbitmq.py), a critical and a default worker and beat (the
+Procfile's commands, production settings), the sandbox. The outbox relay runs every second (beat sends it to
+the default queue): it publishes whatever a publish during the election could not.
+"""
+
+import re
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+
+import pytest
+from django.conf import settings
+from django.db import connection
+from django.test import override_settings
+
+from config.celery import app
+from config.settings.celery import task_queues
+from core.models import OutboxItem
+from notifications.models import Notification
+from ops.models import FailedTask
+from orders.models import Order
+from orders.services import place_order
+from payments.models import Payment
+from tests.factories import ProductFactory, UserFactory
+from tests.rabbitmq import RabbitCluster
+from tests.stack import wait_for
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.worker,
+    pytest.mark.django_db(transaction=True),
+    # About a minute on two cores: the cluster ~10 s, the workers ~10 s, the run and the recovery ~40 s.
+    pytest.mark.timeout(170),
+]
+
+VHOST = "shop"
+ORDERS = 60
+SPACING_SECONDS = 0.1  # the run lasts about ORDERS x SPACING_SECONDS plus the time to place each
+KILL_AFTER = ORDERS // 3
+# Work committed while a publish could not be confirmed is published by the relay this soon.
+RELAY_ENV = {"OUTBOX_RELAY_SECONDS": "1", "OUTBOX_FAST_PATH_GRACE_SECONDS": "2"}
+# The order's deadline (PAYMENT_EXPIRY_SECONDS, 30 minutes) is an outbox item that stays pending: not work to wait for.
+DEADLINE_TASK = "orders.tasks.expire_order"
+RELAY_TASK = "core.tasks.relay_outbox"
+
+
+@contextmanager
+def publishing_to_rabbitmq(url: str):
+    """This process's settings and Celery app on RabbitMQ at `url` (its queues and publisher confirms), then back.
+
+    The app read Redis's settings at import; it forgets its `amqp` (queues, router, producer pool) and its
+    connection pool so both are rebuilt from the new conf. A local stand-in for tests/conftest.py's
+    `celery_broker(url)` once that learns amqp:// URLs.
+    """
+    queues = task_queues("rabbitmq")
+    options = {"confirm_publish": True}
+    saved_conf = {key: app.conf[key] for key in ("broker_url", "task_queues", "broker_transport_options")}
+    saved_amqp, saved_pool = app.__dict__.pop("amqp", None), app._pool
+    with override_settings(
+        CELERY_BROKER_URL=url,
+        BROKER_KIND="rabbitmq",
+        CELERY_TASK_QUEUES=queues,
+        CELERY_BROKER_TRANSPORT_OPTIONS=options,
+        # Work whose publish failed is the relay's after this long (as in the workers: RELAY_ENV).
+        OUTBOX_FAST_PATH_GRACE_SECONDS=float(RELAY_ENV["OUTBOX_FAST_PATH_GRACE_SECONDS"]),
+    ):
+        app.conf.update(broker_url=url, task_queues=queues, broker_transport_options=options)
+        app._pool = None
+        try:
+            yield
+        finally:
+            if app._pool is not None:
+                app._pool.force_close_all()
+            app.__dict__.pop("amqp", None)
+            if saved_amqp is not None:
+                app.__dict__["amqp"] = saved_amqp
+            app._pool = saved_pool
+            app.conf.update(saved_conf)
+
+
+@pytest.fixture
+def cluster(tmp_path, request):
+    """Three nodes of the test's own; every node and its epmd stopped at teardown, whatever happened.
+
+    On a failure their logs are printed first (the folder goes with them)."""
+    nodes = RabbitCluster(tmp_path / "rabbitmq", nodes=3)
+    nodes.start()
+    print(f"\n[rabbitmq] 3 nodes up and clustered in {nodes.timings['start']:.1f} s")
+    failed_before = request.session.testsfailed
+    try:
+        nodes.add_vhost(VHOST)
+        yield nodes
+    finally:
+        if request.session.testsfailed > failed_before:
+            print(nodes.logs())
+        nodes.destroy()
+
+
+def place_run(owner, errors: list, placed: list) -> None:
+    """ORDERS orders, one every SPACING_SECONDS, each committed then published (the fast path after commit)."""
+    try:
+        for n in range(ORDERS):
+            try:
+                placed.append((place_order(owner=owner, items=[("RMQ", 1)]).pk, time.monotonic()))
+            except Exception as exc:  # noqa: BLE001 (the run goes on; the test reports each error)
+                errors.append((n, repr(exc)))
+            time.sleep(SPACING_SECONDS)
+    finally:
+        connection.close()
+
+
+def log_lines(text: str, pattern: str) -> list[str]:
+    return [line for line in text.splitlines() if re.search(pattern, line)]
+
+
+def test_losing_the_leader_node_of_critical_mid_run_loses_nothing_and_does_nothing_twice(
+    cluster, start_worker, processes, worker_env, sandbox
+):
+    test_started = time.monotonic()
+    url = cluster.failover_url(VHOST)
+    env = {**worker_env, **RELAY_ENV, "CELERY_BROKER_URL": url}
+    ProductFactory(sku="RMQ", stock=ORDERS + 10)
+    owner = UserFactory()
+
+    with publishing_to_rabbitmq(url):
+        # Each worker declares the quorum queues and the dead-letter queue as it connects.
+        critical = start_worker("critical", concurrency=2, env=env)
+        default = start_worker("default", env=env)  # emails, and the relay beat sends every second
+        processes.beat(env)
+        leader = cluster.quorum_leader("critical", VHOST)
+        assert cluster.quorum_members_online("critical", VHOST) == sorted(cluster.names)
+        workers_ready = time.monotonic()
+
+        errors: list = []
+        placed: list = []
+        placing = threading.Thread(target=place_run, args=(owner, errors, placed), daemon=True)
+        run_started = time.monotonic()
+        placing.start()
+        wait_for(lambda: len(placed) + len(errors) >= KILL_AFTER, 30, f"{KILL_AFTER} orders to be placed")
+        cluster.sample_memory()
+        cluster.stop_node(leader, kill=True)
+        killed_at = time.monotonic()
+        placing.join(60)
+        assert not placing.is_alive(), "placing the orders got stuck"
+        run_ended = time.monotonic()
+        placed_after_kill = sum(1 for _, at in placed if at > killed_at)
+        new_leader = cluster.quorum_leader("critical", VHOST)
+
+        orders = Order.objects.filter(owner=owner)
+        wait_for(
+            lambda: orders.filter(status=Order.Status.FULFILLED).count() == ORDERS,
+            75,
+            f"all {ORDERS} orders to be fulfilled (now: {dict(Counter(orders.values_list('status', flat=True)))})",
+        )
+        fulfilled_at = time.monotonic()
+        # Nothing left open: every step and every email finished (the 30-minute deadlines aside).
+        open_work = OutboxItem.objects.exclude(task_name=DEADLINE_TASK).exclude(state=OutboxItem.State.DONE)
+        wait_for(lambda: not open_work.exists(), 30, "every outbox item but the deadlines to be done")
+        settled_at = time.monotonic()
+        cluster.sample_memory()
+
+        # Placing never failed: a publish the election refused left the order to the relay.
+        assert errors == []
+        assert orders.count() == ORDERS
+        # Charged once and shipped once each: the provider's and the warehouse's ledgers.
+        summary = sandbox.summary()
+        keys = list(Payment.objects.filter(order__owner=owner).values_list("idempotency_key", flat=True))
+        assert len(keys) == ORDERS
+        by_reference = summary["charges"]["by_reference"]
+        assert {key: by_reference.get(key, {}).get("total") for key in keys} == {key: 1 for key in keys}
+        assert summary["charges"]["total"] == ORDERS
+        assert summary["shipments"]["by_order_id"] == {str(pk): 1 for pk in orders.values_list("pk", flat=True)}
+        assert summary["shipments"]["orders_shipped_more_than_once"] == []
+        # Each email once: three per order (confirmed, paid, fulfilled), each sent.
+        notifications = Notification.objects.filter(recipient=owner)
+        assert notifications.count() == 3 * ORDERS
+        assert set(notifications.values_list("status", flat=True)) == {Notification.Status.SENT}
+        # No dead letters of the work, none waiting in the broker. Beat's relay messages expire (`expires`, twice
+        # the interval: Celery makes it the message's TTL on RabbitMQ), and while the workers' delayed-delivery
+        # setup retries the dead node they are not consumed: RabbitMQ dead-letters them (reason `expired`) and
+        # ops/deadletters.py records each as a failure. On Redis the worker drops them silently. Until that is
+        # fixed (an expired message is no failure), those are the only dead letters allowed here.
+        expired_relays = FailedTask.objects.filter(task_name=RELAY_TASK, exception__contains="reason: expired")
+        expired_relay_count = expired_relays.count()
+        assert list(FailedTask.objects.exclude(pk__in=expired_relays).values_list("task_name", "exception")) == []
+        depths = {name: row["messages"] for name, row in cluster.list_queues(VHOST, "messages").items()}
+        assert depths[settings.DEAD_LETTER_QUEUE] == 0, depths
+
+    # The node comes back and rejoins: three running nodes, and `critical` has its three members online.
+    restarted = cluster.start_node(leader)
+    assert cluster.running_nodes(0) == sorted(cluster.names)
+    wait_for(
+        lambda: cluster.quorum_members_online("critical", VHOST) == sorted(cluster.names),
+        30,
+        "the restarted node's member of critical to be online",
+    )
+    cluster.sample_memory()
+
+    # What the run looked like, for the README.
+    logs = critical.log() + default.log()
+    received = Counter(re.findall(r"Task (\S+\[[0-9a-f-]+\]) received", logs))
+    again = {task: count for task, count in received.items() if count > 1}
+    republished = OutboxItem.objects.filter(attempts__gt=1).count()
+    delayed_failures = log_lines(logs, r"Failed to setup delayed delivery|Retrying delayed delivery setup")
+    lost = log_lines(logs, r"[Cc]onnection to broker lost|Connected to amqp|Couldn't ack")
+    print(
+        f"\n[rabbitmq] cluster start {cluster.timings['start']:.1f} s; workers and beat ready "
+        f"{workers_ready - test_started:.1f} s into the test; node {leader} (leader of critical) killed "
+        f"{killed_at - run_started:.1f} s into a {run_ended - run_started:.1f} s run of {ORDERS} orders "
+        f"({placed_after_kill} placed after the kill); new leader: node {new_leader}\n"
+        f"[rabbitmq] all fulfilled {fulfilled_at - killed_at:.1f} s after the kill, every step and email done after "
+        f"{settled_at - killed_at:.1f} s; node restarted and rejoined in {restarted:.1f} s; "
+        f"test {time.monotonic() - test_started:.1f} s\n"
+        f"[rabbitmq] peak RSS per node {[kb // 1024 for kb in cluster.peak_rss_kb]} MB; tasks received more than once: "
+        f"{len(again)}; outbox items published more than once: {republished}; "
+        f"relay messages expired into dead letters: {expired_relay_count}; connection-loss lines: {len(lost)}; "
+        f"delayed-delivery setup failures: {len(delayed_failures)}"
+    )
+    for line in delayed_failures + lost:
+        print(f"[rabbitmq]   {line[:220]}")
