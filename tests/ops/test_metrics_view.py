@@ -60,6 +60,27 @@ def test_queue_depth_counts_each_queue_with_its_priority_lists(client, broker):
 
 
 @override_settings(METRICS_TOKEN="")
+@pytest.mark.parametrize("broker", ["rabbitmq"], indirect=True)
+def test_queue_depth_on_rabbitmq_counts_waiting_messages_and_zero_for_queues_not_declared_yet(client, broker):
+    # A new virtual host: no queue exists yet. Each missing one (a 404 that closes its channel) reads 0.
+    assert samples(client.get("/metrics").content.decode(), "celery_queue_depth") == {
+        (("queue", "critical"),): 0,
+        (("queue", "bulk"),): 0,
+        (("queue", "default"),): 0,
+    }
+    for number in range(3):
+        app.send_task("orders.tasks.process_order", args=[number])  # declares critical (quorum) on the way
+    app.send_task("reports.tasks.generate_report", args=[4])
+
+    depth = samples(client.get("/metrics").content.decode(), "celery_queue_depth")
+
+    assert depth == {(("queue", "critical"),): 3, (("queue", "bulk"),): 1, (("queue", "default"),): 0}
+    assert broker.depth("critical") == 3
+    ready = client.get("/readyz")
+    assert (ready.status_code, ready.json()["checks"]["broker"]) == (200, "ok")
+
+
+@override_settings(METRICS_TOKEN="")
 def test_dead_letters_count_unresolved_failures_by_task(client):
     for number, (name, resolved) in enumerate(
         [
