@@ -22,7 +22,14 @@ A broker outage costs no attempts: an unreachable broker is not the item's fault
 Costs on the fast path: one INSERT (with the business change), and one UPDATE when its task
 finishes (done). Each publish also makes sure the broker's epoch key exists (one SET NX on
 Redis, at most once a second per process). On a broker that cannot be searched (the filesystem
-broker of `make run`), the fast path marks the item published itself: one more UPDATE.
+broker of `make run`, and RabbitMQ), the fast path marks the item published itself: one more UPDATE.
+
+Redis only: the search of the broker (`_held_by_broker`) and the epoch key, because Redis can lose a
+message it took (its data, without persistence; a worker killed between two steps of kombu's transport).
+On RabbitMQ a publish waits for the broker's confirm (publisher confirms), so an item is published only
+once its message is stored on a majority of the queue's nodes; a nack leaves it pending for the relay.
+The broker gives an unacknowledged message back when its consumer's connection closes, so nothing there
+needs the relay to publish a message again.
 """
 
 import functools
@@ -146,11 +153,15 @@ def _publish(item_id: int, task_id: str, task_name: str, args: Any, kwargs: Any,
         # Celery takes any sequence of args; celery-types says tuple.
         task.apply_async(args=list(args), kwargs=dict(kwargs or {}), task_id=task_id)  # type: ignore[arg-type]
     except BrokerUnreachable as exc:
-        logger.warning("broker unreachable: outbox item %s (%s) stays pending: %s", item_id, task_name, exc)
+        # Also a message the broker refused (RabbitMQ's nack under publisher confirms: kombu raises it as the
+        # same OperationalError), which is not confirmed, so not published.
+        logger.warning(
+            "broker unreachable or refused the message: outbox item %s (%s) stays pending: %r", item_id, task_name, exc
+        )
         # An unreachable broker costs the item no attempt: the fast path gives back the one it counted.
         uncount = {"attempts": F("attempts") - 1} if fast_path else {}
         OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
-            next_attempt_at=timezone.now() + _backoff(0), last_error=f"broker unreachable: {exc}"[:500], **uncount
+            next_attempt_at=timezone.now() + _backoff(0), last_error=f"broker unreachable or refused the message: {exc!r}"[:500], **uncount
         )
         return False
     if fast_path and _epoch_client() is not None:

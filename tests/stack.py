@@ -289,13 +289,13 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def unreachable_broker():
-    """Publishing from this process goes to a port where nothing listens, as when Redis is down."""
+def unreachable_broker(url: str = "redis://127.0.0.1:9/15"):
+    """Publishing from this process goes to a port where nothing listens, as when the broker is down."""
     from config.celery import app
 
     saved_conf = {key: app.conf[key] for key in ("task_always_eager", "broker_url")}
     saved_pools = (app._pool, app.amqp._producer_pool)
-    app.conf.update(task_always_eager=False, broker_url="redis://127.0.0.1:9/15")
+    app.conf.update(task_always_eager=False, broker_url=url)
     # Drop the cached connection pools so the next publish connects to that URL.
     app._pool = app.amqp._producer_pool = None
     try:
