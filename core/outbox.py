@@ -161,7 +161,9 @@ def _publish(item_id: int, task_id: str, task_name: str, args: Any, kwargs: Any,
         # An unreachable broker costs the item no attempt: the fast path gives back the one it counted.
         uncount = {"attempts": F("attempts") - 1} if fast_path else {}
         OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
-            next_attempt_at=timezone.now() + _backoff(0), last_error=f"broker unreachable or refused the message: {exc!r}"[:500], **uncount
+            next_attempt_at=timezone.now() + _backoff(0),
+            last_error=f"broker unreachable or refused the message: {exc!r}"[:500],
+            **uncount,
         )
         return False
     if fast_path and _epoch_client() is not None:
