@@ -20,6 +20,11 @@ retry's countdown) when the connection went (celery.worker.consumer.Consumer.on_
 Those are put back on their queues as soon as the worker consumes again over the new
 connection, instead of waiting for the visibility timeout.
 
+Redis only. On RabbitMQ (CELERY_BROKER_URL=amqp://...) none of this is needed: the broker itself gives a
+consumer's unacknowledged messages back to their queues the moment its connection closes, there is no
+visibility timeout, and an ack over a dead connection is simply redone by the next delivery (tasks are
+idempotent). Its guards are in the queues' arguments instead (config/settings/celery.py: task_queues).
+
 The filesystem transport (`make run` without REDIS_URL) gets one fix too: kombu writes a
 message file under its final name and a consumer polling the folder can take it before the
 bytes are in (an empty or partial read: a JSON error, the message lost). Here the file is

@@ -58,8 +58,10 @@ class WorkerLostTooOften(Exception):
 class LossCounter:
     """Worker losses per task id, shared by every worker on the broker's Redis.
 
-    Without Redis (the filesystem broker of `make run`) the count lives in this worker's
-    parent process, which outlives its pool processes: still a bound, per worker.
+    Without Redis (the filesystem broker of `make run`, and RabbitMQ) the count lives in this
+    worker's parent process, which outlives its pool processes: still a bound, per worker. On
+    RabbitMQ the bound shared by every worker is the broker's: the queues' delivery limit
+    (RABBITMQ_DELIVERY_LIMIT), whose dead-lettered messages ops/rabbitmq.py records.
     """
 
     def __init__(self) -> None:
