@@ -30,6 +30,7 @@ SANDBOX_PORT ?= 8100
 # Runs web, three workers, beat, Flower and the sandbox provider (config/procfile.py, one line of the
 # Procfile each); Ctrl-C stops them all with a warm shutdown.
 # Without DATABASE_URL/REDIS_URL: SQLite in var/ and the filesystem broker in var/broker (wiped here).
+# CELERY_BROKER_URL=amqp://... runs it on RabbitMQ instead (config/settings/celery.py).
 # Emails are files in var/emails/. Flower starts once the workers listen, so its first inspection
 # reaches them (on Redis a broadcast sent before a worker subscribes is lost).
 # Metrics: every process starts with PROMETHEUS_MULTIPROC_DIR set (ops/metrics.py); var/metrics is wiped here.
@@ -52,7 +53,8 @@ run: $(VENV)/.runtime
 	  ( umask 077 && printf '%s\n' "# Written by make run; read by config/settings/env.py for what the environment leaves unset." \
 	      "DEBUG=$$DEBUG" "DATABASE_URL=$$DATABASE_URL" "REDIS_URL=$$REDIS_URL" "EMAIL_URL=$$EMAIL_URL" \
 	      "PAYMENT_PROVIDER_URL=$$PAYMENT_PROVIDER_URL" "VAR_DIR=$$VAR_DIR" "SHOP_WEBHOOK_URL=$$SHOP_WEBHOOK_URL" \
-	      "SANDBOX_DB=$$SANDBOX_DB" $${SECRET_KEY:+"SECRET_KEY=$$SECRET_KEY"} \
+	      "SANDBOX_DB=$$SANDBOX_DB" $${CELERY_BROKER_URL:+"CELERY_BROKER_URL=$$CELERY_BROKER_URL"} \
+	      $${SECRET_KEY:+"SECRET_KEY=$$SECRET_KEY"} \
 	      $${WEBHOOK_SECRET:+"WEBHOOK_SECRET=$$WEBHOOK_SECRET"} >$(VAR_DIR)/run.env ) && \
 	  python manage.py migrate --noinput && \
 	  python manage.py collectstatic --noinput -v 0 && \
