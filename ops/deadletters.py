@@ -157,13 +157,19 @@ def _call_of(message: Message) -> tuple[list[Any], dict[str, Any]]:
 def record_dead_lettered(message: Message) -> None:
     """A message RabbitMQ dead-lettered: a FailedTask, and the task's outbox item ends failed (or parked).
 
-    A message a worker refused (`rejected`) was recorded by that worker; nothing more is done for it.
+    A message a worker refused (`rejected`) was recorded by that worker, and one that `expired` was sent to
+    expire: nothing more is done for either.
     Raises when the dead letter cannot be written (the message is then left on the queue).
     """
     headers = message.headers if isinstance(message.headers, dict) else {}
     reason, queue, deliveries = _death(headers)
     if reason == "rejected":
         logger.info("dead-lettered message %s was refused by a worker and recorded there", headers.get("id"))
+        return
+    if reason == "expired":
+        # Celery turns a task's `expires` into the message's TTL on RabbitMQ: it expired as its sender asked
+        # (beat's relay messages; no outbox message expires), as a Redis worker discards it unrun.
+        logger.info("message %s[%s] expired unrun, as its sender asked", headers.get("task"), headers.get("id"))
         return
     task_id = str(headers.get("id") or (message.properties or {}).get("correlation_id") or f"dead-{uuid.uuid4()}")
     claimed = str(headers.get("task") or "")

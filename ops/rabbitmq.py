@@ -9,7 +9,8 @@
   connection, each time) or was rejected. Each one becomes a FailedTask, and its outbox item ends failed
   as for any final failure (work_failed: the order goes on hold...). A message a worker refused (reason
   `rejected`: undecodable, unknown task, disallowed content) was recorded by that worker already
-  (ops.deadletters, task_rejected/task_unknown) and is only acknowledged here.
+  (ops.deadletters, task_rejected/task_unknown) and is only acknowledged here, as is one whose TTL ran out
+  (reason `expired`: Celery sets a task's `expires` as the message's TTL on RabbitMQ).
 
 On Redis, the delivery bound is ops.worker's count of lost workers per task id (kept in Redis); there is no
 dead-letter exchange, so nothing here runs.

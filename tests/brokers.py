@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,12 @@ from typing import Any
 
 import pytest
 import redis
+from amqp.exceptions import AMQPError
 from kombu import Connection
+from kombu.exceptions import KombuError
+
+from tests.rabbitmq import RabbitCluster
+from tests.stack import RedisServer
 
 # The machine's RabbitMQ (started before the session, and by .ci/run); tests make virtual hosts on it.
 RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1:5672")
@@ -140,3 +146,89 @@ class TestBroker:
         assert self.vhost is not None
         lines = rabbitmqctl("list_queues", "-p", self.vhost.name, "--no-table-headers", "messages_unacknowledged")
         return sum(int(line) for line in lines.split() if line.strip().isdigit())
+
+
+# kombu's Redis transport keeps a list per priority step next to the queue's own.
+REDIS_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+
+
+class PrivateBroker:
+    """A broker process of the test's own, Redis (AOF on, as in compose) or a one-node RabbitMQ (tests/rabbitmq.py),
+    so stopping it disturbs nothing else: for the outage and chaos tests, on either broker."""
+
+    # What asking a broker that is down raises.
+    ERRORS = (redis.RedisError, OSError, KombuError, AMQPError)
+
+    def __init__(self, kind: str, directory):
+        self.kind = kind
+        directory.mkdir()
+        if kind == "redis":
+            self.redis = RedisServer(directory, aof=True)
+            self.redis.start()
+            self.url = self.redis.url
+        else:
+            self.rabbit = RabbitCluster(directory, nodes=1).start()
+            self.url = self.rabbit.url("/")
+        self._connection: Connection | None = None
+
+    def env(self) -> dict[str, str]:
+        """What points every process at this broker (settings: REDIS_URL, or CELERY_BROKER_URL for RabbitMQ)."""
+        return {"REDIS_URL": self.url} if self.kind == "redis" else {"CELERY_BROKER_URL": self.url}
+
+    def kill(self) -> None:
+        if self.kind == "redis":
+            self.redis.kill()
+        else:
+            self.rabbit.stop_node(0, kill=True)
+
+    def start(self) -> None:
+        """Start it again, with the data it had (AOF; RabbitMQ's quorum queues on disk)."""
+        if self.kind == "redis":
+            self.redis.start()
+        else:
+            self.rabbit.start_node(0)
+
+    def blip(self) -> None:
+        self.kill()
+        time.sleep(1)
+        self.start()
+
+    def heal(self) -> None:
+        if self.kind == "redis":
+            if not self.redis.answers():
+                self.redis.start()
+        elif not self.rabbit.node_running(0):
+            self.rabbit.stop_node(0, kill=True)  # reaps what is left of it
+            self.rabbit.start_node(0)
+
+    def depth(self, queue: str) -> int:
+        """Messages waiting in `queue`, its priority lists included on Redis. Raises ERRORS while it is down."""
+        if self.kind == "redis":
+            return sum(self.client.llen(queue + suffix) for suffix in REDIS_PRIORITY_SUFFIXES)
+        if self._connection is None:
+            self._connection = Connection(self.url, connect_timeout=2)
+        try:
+            channel = self._connection.channel()
+            try:
+                return channel.queue_declare(queue=queue, passive=True).message_count
+            finally:
+                channel.close()
+        except BaseException:
+            self._connection.release()
+            self._connection = None
+            raise
+
+    @property
+    def client(self) -> redis.Redis:
+        if not hasattr(self, "_client"):
+            self._client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+        return self._client
+
+    def stop(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.release()
+        if self.kind == "redis":
+            self.redis.kill()
+        else:
+            self.rabbit.destroy()

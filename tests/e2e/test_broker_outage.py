@@ -1,6 +1,8 @@
-"""A broker outage with real processes: orders placed while Redis is down are kept and processed once it is back.
+"""A broker outage with real processes: orders placed while the broker is down are kept and processed once it is
+back. On Redis and on RabbitMQ.
 
-The test runs its own redis-server on a free port, so stopping it disturbs nothing else.
+The test runs its own broker (a redis-server, or a one-node RabbitMQ: tests.brokers.PrivateBroker) on a
+free port, so stopping it disturbs nothing else.
 gunicorn, a critical and a default worker and beat run with the Procfile's commands against it.
 The outbox relay (core.tasks.relay_outbox, sent by beat to the default queue) publishes what
 the fast path after commit could not.
@@ -16,6 +18,7 @@ from config.celery import app
 from core.models import OutboxItem
 from orders.models import Order
 from orders.services import place_order
+from tests.brokers import PrivateBroker
 from tests.factories import ProductFactory, UserFactory
 from tests.stack import RedisServer, wait_for
 
@@ -33,27 +36,26 @@ def first_step_states(orders) -> list[str]:
     return [item.state for item in items if item.args[0] in ids]
 
 
-@pytest.fixture
-def private_redis(tmp_path):
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.kill()
+@pytest.fixture(params=["redis", "rabbitmq"])
+def private_broker(request, tmp_path):
+    broker = PrivateBroker(request.param, tmp_path / request.param)
+    yield broker
+    broker.stop()
 
 
-def test_orders_placed_while_redis_is_down_are_kept_and_processed_when_it_returns(
-    private_redis, processes, start_worker, worker_env
+def test_orders_placed_while_the_broker_is_down_are_kept_and_processed_when_it_returns(
+    private_broker, processes, start_worker, worker_env
 ):
     ProductFactory(sku="OUTAGE", stock=50)
     shopper = UserFactory()
     token = issue_api_token(user=shopper)
-    env = {**worker_env, **RELAY_ENV, "REDIS_URL": private_redis.url}
+    env = {**worker_env, **RELAY_ENV, **private_broker.env()}
     base = processes.web(env)
     processes.beat(env)
     start_worker("critical", concurrency=2, env=env)
     start_worker("default", env=env)  # runs the relay
 
-    private_redis.kill()
+    private_broker.kill()
     assert requests.get(f"{base}/readyz", timeout=10).status_code == 503
 
     answers = []
@@ -75,7 +77,9 @@ def test_orders_placed_while_redis_is_down_are_kept_and_processed_when_it_return
     # Each order's first step is a committed outbox item that no broker has accepted yet.
     assert first_step_states(placed) == ["pending"] * 5
 
-    private_redis.start()  # an empty Redis: the messages that failed to publish are gone for good
+    # Back with its data (Redis's AOF, RabbitMQ's queues on disk): neither holds the orders' messages, which
+    # were never published. Only the relay can send them.
+    private_broker.start()
     wait_for(
         lambda: set(placed.values_list("status", flat=True)) == {"fulfilled"},
         60,
