@@ -12,6 +12,9 @@
   (ops.deadletters, task_rejected/task_unknown) and is only acknowledged here, as is one whose TTL ran out
   (reason `expired`: Celery sets a task's `expires` as the message's TTL on RabbitMQ).
 
+- `DelayedDeliveryOnThisNode`: Celery's delayed-delivery step, set up over the worker's own connection only
+  (ops.worker's consumer puts it in place of Celery's).
+
 On Redis, the delivery bound is ops.worker's count of lost workers per task id (kept in Redis); there is no
 dead-letter exchange, so nothing here runs.
 """
@@ -21,6 +24,7 @@ from typing import Any
 
 from celery import bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
+from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from django.conf import settings
 from kombu import Connection, Consumer, Exchange, Queue
 from kombu.message import Message
@@ -52,6 +56,28 @@ def declare_topology(connection: Connection, queues: Any) -> None:
     dead_letter_queue()(channel).declare()
     for queue in queues:
         queue(channel).declare()
+
+
+class DelayedDeliveryOnThisNode(DelayedDelivery):
+    """Celery's native delayed delivery, set up once, over the connection the worker consumes on.
+
+    Celery's step sets it up for every URL of a failover list (`amqp://a;amqp://b;...`), each with three
+    tries and sleeps of 1, 3 and 5 s, before the worker consumes again: with one node of the list down,
+    every reconnect and every worker start waited 18 s (tests/e2e/test_rabbitmq_cluster.py). Its exchanges,
+    queues and bindings belong to the cluster, not to a node, so the node the worker is connected to is
+    enough.
+    """
+
+    def start(self, c: CeleryConsumer) -> None:
+        connection = c.connection
+        assert connection is not None  # this step runs after the Connection step
+        try:
+            # Not in celery-types (Celery 5.5+).
+            self._setup_delayed_delivery(c, connection.as_uri(include_password=True))  # type: ignore[attr-defined]
+        except connection.connection_errors:
+            raise  # the consumer reconnects (to the next node of the list) and starts its steps again
+        except Exception as exc:  # noqa: BLE001 (as Celery's own step: logged, and the worker consumes all the same)
+            logger.critical("native delayed delivery not set up on %s: %r", connection.as_uri(), exc)
 
 
 class DeadLetterQueue(bootsteps.ConsumerStep):

@@ -179,6 +179,13 @@ def malformed_task_message(message: Message, accept: set[str]) -> Exception | No
 
 
 class DeadLetterConsumer(Consumer):
+    class Blueprint(Consumer.Blueprint):  # type: ignore[valid-type,misc]  # celery-types has it as a variable
+        # Celery's delayed-delivery step waits for every node of a failover URL list (ops/rabbitmq.py).
+        default_steps = [
+            "ops.rabbitmq:DelayedDeliveryOnThisNode" if step.endswith(":DelayedDelivery") else step
+            for step in Consumer.Blueprint.default_steps
+        ]
+
     def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Message], Any]:
         handle_task_message = super().create_task_handler(*args, **kwargs)
         accept = prepare_accept_content(self.app.conf.accept_content)

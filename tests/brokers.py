@@ -12,12 +12,15 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 import redis
 from amqp.exceptions import AMQPError
+from django.conf import settings
+from django.test import override_settings
 from kombu import Connection
 from kombu.exceptions import KombuError
 
@@ -27,6 +30,48 @@ from tests.stack import RedisServer
 # The machine's RabbitMQ (started before the session, and by .ci/run); tests make virtual hosts on it.
 RABBITMQ_HOST = os.environ.get("TEST_RABBITMQ_HOST", "127.0.0.1:5672")
 RABBITMQ_CREDENTIALS = os.environ.get("TEST_RABBITMQ_CREDENTIALS", "guest:guest")
+
+
+def broker_kind(url: str) -> str:
+    return "rabbitmq" if url.startswith(("amqp://", "pyamqp://")) else "redis" if url.startswith("redis") else "memory"
+
+
+@contextmanager
+def celery_broker(url: str):
+    """Settings and the Celery app on another broker URL. The app forgets its pools both ways (kombu keeps them,
+    one per URL, in `kombu.pools`: the next test on Redis gets its connections back). To or from RabbitMQ it
+    also takes that broker's queues (quorum, topic exchanges: config/settings/celery.py) and transport options."""
+    from config.celery import app
+    from config.settings.celery import task_queues
+
+    kind = broker_kind(url)
+    switch_queues = "rabbitmq" in (kind, settings.BROKER_KIND)
+    overrides: dict = {"CELERY_BROKER_URL": url}
+    conf: dict = {"broker_url": url}
+    if switch_queues:
+        options = {"confirm_publish": True} if kind == "rabbitmq" else settings.CELERY_BROKER_TRANSPORT_OPTIONS
+        queues = task_queues(kind)
+        overrides |= {"BROKER_KIND": kind, "CELERY_TASK_QUEUES": queues, "CELERY_BROKER_TRANSPORT_OPTIONS": options}
+        conf |= {"task_queues": queues, "broker_transport_options": options}
+
+    def drop_pools():
+        if switch_queues and app._pool is not None:
+            app._pool.force_close_all()  # RabbitMQ connections are real sockets: not left open for the next test
+        app._pool = None
+        if switch_queues:
+            app.__dict__.pop("amqp", None)  # rebuilt from the conf: queues, router, producer pool
+        elif "amqp" in app.__dict__:
+            app.amqp._producer_pool = None
+
+    previous = {key: app.conf[key] for key in conf}
+    with override_settings(**overrides):
+        drop_pools()
+        app.conf.update(conf)
+        try:
+            yield
+        finally:
+            drop_pools()
+            app.conf.update(previous)
 
 
 # Delivery guarantees are tested on both brokers: `@on_both_brokers` runs a test once on Redis and once on

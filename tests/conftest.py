@@ -13,7 +13,7 @@ A test with none of these is marked `unit`: it runs on PostgreSQL alone, with Ce
 broker (eager tasks never reach it) and the stubbed sandbox. `pytest -m unit` is the unit tier.
 """
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from django.db import connection
 from django.test import override_settings
 
 from accounts.services import issue_api_token
+from tests.brokers import celery_broker
 from tests.factories import ProductFactory, UserFactory
 
 pytest_plugins = ["tests.sandbox_fixtures", "tests.after_sale"]
@@ -84,46 +85,6 @@ def redis_is_up():
         client.ping()
     finally:
         client.close()
-
-
-def broker_kind(url: str) -> str:
-    return "rabbitmq" if url.startswith(("amqp://", "pyamqp://")) else "redis" if url.startswith("redis") else "memory"
-
-
-@contextmanager
-def celery_broker(url: str):
-    """Settings and the Celery app on another broker URL. The app forgets its pools both ways (kombu keeps them,
-    one per URL, in `kombu.pools`: the next test on Redis gets its connections back). To or from RabbitMQ it
-    also takes that broker's queues (quorum, topic exchanges: config/settings/celery.py) and transport options."""
-    from config.celery import app
-    from config.settings.celery import task_queues
-
-    kind = broker_kind(url)
-    switch_queues = "rabbitmq" in (kind, settings.BROKER_KIND)
-    overrides: dict = {"CELERY_BROKER_URL": url}
-    conf: dict = {"broker_url": url}
-    if switch_queues:
-        options = {"confirm_publish": True} if kind == "rabbitmq" else settings.CELERY_BROKER_TRANSPORT_OPTIONS
-        queues = task_queues(kind)
-        overrides |= {"BROKER_KIND": kind, "CELERY_TASK_QUEUES": queues, "CELERY_BROKER_TRANSPORT_OPTIONS": options}
-        conf |= {"task_queues": queues, "broker_transport_options": options}
-
-    def drop_pools():
-        app._pool = None
-        if switch_queues:
-            app.__dict__.pop("amqp", None)  # rebuilt from the conf: queues, router, producer pool
-        elif "amqp" in app.__dict__:
-            app.amqp._producer_pool = None
-
-    previous = {key: app.conf[key] for key in conf}
-    with override_settings(**overrides):
-        drop_pools()
-        app.conf.update(conf)
-        try:
-            yield
-        finally:
-            drop_pools()
-            app.conf.update(previous)
 
 
 @pytest.fixture(autouse=True)

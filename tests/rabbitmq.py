@@ -58,6 +58,9 @@ class RabbitCluster:
 
     Node i is `<prefix><i>@localhost`, its AMQP listener on `ports[i]`. The guest user works (from loopback
     only, RabbitMQ's default). Use it as a context manager, or call `start()` and, always, `destroy()`.
+
+    A node takes 125-150 MB resident (three: about 400 MB); above `memory_mb` it raises RabbitMQ's memory alarm
+    and blocks publishers. `consumer_timeout` is the settings' default, made explicit.
     """
 
     def __init__(self, directory: Path, *, nodes: int = 3, prefix: str = "rabbit-test-", memory_mb: int = 256):
@@ -189,7 +192,7 @@ class RabbitCluster:
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # its group: the shell's exec chain ends in beam.smp, with erl_child_setup
+                start_new_session=True,  # its group: the script, its beam.smp, erl_child_setup, inet_gethost
             )
 
     def start(self, timeout: float = 90) -> "RabbitCluster":
@@ -212,7 +215,11 @@ class RabbitCluster:
             self.destroy()
             raise
         self.timings["start"] = time.monotonic() - started
-        self.sample_memory()
+        rss = self.sample_memory()
+        print(
+            f"[rabbitmq] {self.size} node(s) booted in {self.timings['boot']:.1f} s, clustered in "
+            f"{self.timings['start']:.1f} s; RSS {[kb // 1024 for kb in rss]} MB"
+        )
         return self
 
     def _booted(self, i: int) -> bool:
@@ -242,7 +249,9 @@ class RabbitCluster:
                 kill = True
         if kill or process.poll() is None:
             self._kill(process)
-        return time.monotonic() - started
+        seconds = self.timings[f"stop {i}"] = time.monotonic() - started
+        print(f"[rabbitmq] node {self.names[i]} {'killed' if kill else 'stopped'} in {seconds:.1f} s")
+        return seconds
 
     def start_node(self, i: int, timeout: float = 60) -> float:
         """Start node i again (with its data: it rejoins its cluster); returns seconds until it answers and is running
@@ -264,13 +273,26 @@ class RabbitCluster:
         except BaseException:
             self._kill(self.processes[i])
             raise
-        return time.monotonic() - started
+        seconds = self.timings[f"start {i}"] = time.monotonic() - started
+        print(f"[rabbitmq] node {self.names[i]} started again and running in its cluster in {seconds:.1f} s")
+        return seconds
 
     def _kill(self, process: subprocess.Popen | None) -> None:
+        """SIGKILL a node's beam.smp, then what is left of its process group; reaps them (no zombie left behind).
+
+        The server script waits for its beam.smp (it traps signals): killing the beam first lets the script reap
+        it and exit; killing both at once would leave the beam a zombie of no one's.
+        """
         if process is None:
             return
+        if process.poll() is None:
+            for pid in self._group_beams(process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(5)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)  # beam.smp, erl_child_setup, inet_gethost
+            os.killpg(process.pid, signal.SIGKILL)  # the script if still there, erl_child_setup, inet_gethost
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(10)
 
@@ -288,17 +310,21 @@ class RabbitCluster:
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def _our_beams(self) -> list[int]:
-        """Pids of any beam.smp or epmd whose command line names this cluster's folder or epmd port."""
-        marks = [str(self.directory).encode(), f"-port\x00{self.epmd_port}".encode()]
+        """Pids of any beam.smp or epmd of this cluster left over (their parent gone): a beam names the cluster's
+        folder on its command line; an epmd started by a beam (`epmd -daemon`) has the cluster's ERL_EPMD_PORT."""
+        folder, port = str(self.directory).encode(), f"ERL_EPMD_PORT={self.epmd_port}\x00".encode()
         found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
             try:
                 cmdline = (proc / "cmdline").read_bytes()
+                ours = (b"beam" in cmdline and folder in cmdline) or (
+                    b"epmd" in cmdline and port in (proc / "environ").read_bytes()
+                )
             except OSError:
                 continue
-            if any(mark in cmdline for mark in marks) and (b"beam" in cmdline or b"epmd" in cmdline):
+            if ours:
                 found.append(int(proc.name))
         return found
 
@@ -354,6 +380,14 @@ class RabbitCluster:
     def quorum_members_online(self, queue: str, vhost: str = "/") -> list[str]:
         return sorted(self.list_queues(vhost, "online")[queue]["online"])
 
+    def depth(self, queue: str, vhost: str = "/") -> int:
+        """Messages ready in `queue` now, asked over AMQP of a running node (list_queues' counts lag by seconds)."""
+        from kombu import Connection
+
+        node = next(n for n in range(self.size) if self.node_running(n))
+        with Connection(self.url(vhost, node=node), connect_timeout=5) as connection:
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+
     # --- Measures -----------------------------------------------------------------------------------
 
     def beam_pid(self, i: int) -> int | None:
@@ -361,6 +395,11 @@ class RabbitCluster:
         process = self.processes[i]
         if process is None or process.poll() is not None:
             return None
+        return next(iter(self._group_beams(process.pid)), None)
+
+    @staticmethod
+    def _group_beams(pgid: int) -> list[int]:
+        found = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit():
                 continue
@@ -371,9 +410,9 @@ class RabbitCluster:
             # pid (comm) state ppid pgrp ...: comm may hold spaces, so split after its closing parenthesis.
             comm = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()
-            if comm.startswith("beam") and int(fields[2]) == process.pid:
-                return int(proc.name)
-        return None
+            if comm.startswith("beam") and int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(proc.name))
+        return found
 
     def sample_memory(self) -> list[int]:
         """Each running node's resident memory now (KiB); keeps each node's peak (VmHWM) in `peak_rss_kb`."""
