@@ -63,7 +63,15 @@ class RabbitCluster:
     and blocks publishers. `consumer_timeout` is the settings' default, made explicit.
     """
 
-    def __init__(self, directory: Path, *, nodes: int = 3, prefix: str = "rabbit-test-", memory_mb: int = 256):
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        nodes: int = 3,
+        prefix: str = "rabbit-test-",
+        memory_mb: int = 256,
+        management: bool = False,
+    ):
         assert nodes >= 1
         self.directory = Path(directory)
         self.size = nodes
@@ -72,6 +80,8 @@ class RabbitCluster:
         self.ports = [free_port() for _ in range(nodes)]
         self.dist_ports = [free_port() for _ in range(nodes)]
         self.memory_mb = memory_mb
+        # The management plugin's HTTP API (Flower's broker tab reads queue lengths from it), one port per node.
+        self.management_ports = [free_port() for _ in range(nodes)] if management else []
         self.home = self.directory / "home"
         self.epmd: subprocess.Popen | None = None
         self.processes: list[subprocess.Popen | None] = [None] * nodes
@@ -87,6 +97,10 @@ class RabbitCluster:
     @property
     def urls(self) -> list[str]:
         return [self.url(node=i) for i in range(self.size)]
+
+    def management_api(self, node: int = 0) -> str:
+        """The management plugin's HTTP API of a node (with management=True), as Flower's --broker-api takes it."""
+        return f"http://guest:guest@127.0.0.1:{self.management_ports[node]}/api/"
 
     def failover_url(self, vhost: str = "/") -> str:
         """Every node's URL joined by ";": kombu tries them in turn (the settings' CELERY_BROKER_URL form)."""
@@ -113,9 +127,15 @@ class RabbitCluster:
             node = self._node_dir(i)
             for sub in ("mnesia", "log"):
                 (node / sub).mkdir(parents=True, exist_ok=True)
-            (node / "enabled_plugins").write_text("[].\n")
+            plugins = "[rabbitmq_management]" if self.management_ports else "[]"
+            (node / "enabled_plugins").write_text(f"{plugins}.\n")
+            management = (
+                f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_ports[i]}\n"
+                if self.management_ports
+                else ""
+            )
             (node / "rabbitmq.conf").write_text(
-                f"listeners.tcp.1 = 127.0.0.1:{self.ports[i]}\n"
+                management + f"listeners.tcp.1 = 127.0.0.1:{self.ports[i]}\n"
                 # Tasks acknowledge late: the channel of a consumer holding a message longer is closed.
                 f"consumer_timeout = {CONSUMER_TIMEOUT_MS}\n"
                 f"vm_memory_high_watermark.absolute = {self.memory_mb}MB\n"

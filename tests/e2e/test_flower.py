@@ -8,7 +8,9 @@ import requests
 
 from config.celery import app
 from orders.services import place_order
+from tests.brokers import celery_broker
 from tests.factories import ProductFactory, UserFactory
+from tests.rabbitmq import RabbitCluster
 from tests.stack import free_port, http_ok, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -68,3 +70,40 @@ def _up(base: str) -> bool:
         return True
     except requests.ConnectionError:
         return False
+
+
+def test_flower_shows_queue_lengths_on_rabbitmq_through_its_management_api(processes, worker_env, tmp_path):
+    """On RabbitMQ Flower reads queue lengths from the management plugin's HTTP API (FLOWER_BROKER_API).
+
+    On a named virtual host: Flower 2.2 encodes the default one ("/", %2F in the URL) twice and gets a 404.
+    Flower asks for the queues its workers consume, or with no worker online every queue of the settings.
+    """
+    with RabbitCluster(tmp_path / "rabbitmq", nodes=1, management=True) as cluster:
+        cluster.add_vhost("shop")
+        url = cluster.url("shop")
+        with celery_broker(url):
+            for number in range(2):
+                app.send_task("reports.tasks.generate_report", args=[number])  # declares bulk; no worker takes them
+        port = free_port()
+        processes.spawn(
+            "flower",
+            [sys.executable, "-m", "celery", "-A", "config", "flower", "--address=127.0.0.1", f"--port={port}"],
+            {
+                **worker_env,
+                "CELERY_BROKER_URL": url,
+                "FLOWER_BASIC_AUTH": ":".join(AUTH),
+                "FLOWER_BROKER_API": cluster.management_api(),
+            },
+        )
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _up(base), 30, "Flower to answer")
+
+        def bulk_length() -> int | None:
+            response = requests.get(f"{base}/api/queues/length", auth=AUTH, timeout=10)
+            if response.status_code != 200:
+                return None
+            # The management API's own queue objects: "messages" appears once its statistics are collected
+            # (every few seconds).
+            return {queue["name"]: queue.get("messages") for queue in response.json()["active_queues"]}.get("bulk")
+
+        wait_for(lambda: bulk_length() == 2, 45, "Flower to show bulk's 2 messages")
