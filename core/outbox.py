@@ -49,6 +49,7 @@ from django.db import DatabaseError, connection, connections, transaction
 from django.db.models import F, Q
 from django.dispatch import Signal
 from django.utils import timezone
+from kombu.exceptions import ChannelError
 from kombu.exceptions import OperationalError as BrokerUnreachable
 
 from .models import OutboxItem
@@ -152,12 +153,13 @@ def _publish(item_id: int, task_id: str, task_name: str, args: Any, kwargs: Any,
         _ensure_epoch()  # before the message: the key is never younger than a message it covers
         # Celery takes any sequence of args; celery-types says tuple.
         task.apply_async(args=list(args), kwargs=dict(kwargs or {}), task_id=task_id)  # type: ignore[arg-type]
-    except BrokerUnreachable as exc:
+    except (BrokerUnreachable, ChannelError) as exc:
         # Also a message the broker refused (RabbitMQ's nack under publisher confirms: kombu raises it as the
-        # same OperationalError), which is not confirmed, so not published.
-        logger.warning(
-            "broker unreachable or refused the message: outbox item %s (%s) stays pending: %r", item_id, task_name, exc
-        )
+        # same OperationalError), which is not confirmed, so not published; and a channel error, such as a queue
+        # declared elsewhere with other arguments (PRECONDITION_FAILED: processes whose settings differ), which
+        # is a deployment's fault, not the item's: it waits, costing no attempt, and the request still answers.
+        log = logger.error if isinstance(exc, ChannelError) else logger.warning
+        log("broker unreachable or refused the message: outbox item %s (%s) stays pending: %r", item_id, task_name, exc)
         # An unreachable broker costs the item no attempt: the fast path gives back the one it counted.
         uncount = {"attempts": F("attempts") - 1} if fast_path else {}
         OutboxItem.objects.filter(pk=item_id, state=OutboxItem.State.PENDING).update(
@@ -437,6 +439,11 @@ def finish_failed(*, task_id: str, reason: str) -> tuple[OutboxItem | None, bool
         return item, False
 
 
+# How a final failure by the broker's delivery limit begins (ops.deadletters.record_dead_lettered): the one failure
+# a later success of the same task undoes, since the delivery that was counted may still have been running.
+DELIVERY_LIMIT_EXCEEDED = "DeliveryLimitExceeded"
+
+
 def _finish_done(task_id: str) -> None:
     # One statement; RETURNING tells whether the item had failed before (a dead letter to resolve).
     try:
@@ -450,10 +457,13 @@ def _finish_done(task_id: str) -> None:
         fields.get_field("task_id").get_db_prep_value(key, connection),
         *OutboxItem.OPEN,
     ]
+    params += [OutboxItem.State.FAILED, f"{DELIVERY_LIMIT_EXCEEDED}%"]
     with connection.cursor() as cursor:
+        # Also an item the broker's delivery limit failed while a delivery of it was still running (a worker that
+        # lost its connection finishes its task; RabbitMQ counted the lost connection as a delivery): done, after all.
         cursor.execute(
             f"UPDATE {fields.db_table} SET state = %s, finished_at = %s "  # noqa: S608 (table name)
-            "WHERE task_id = %s AND state IN (%s, %s) RETURNING last_error",
+            "WHERE task_id = %s AND (state IN (%s, %s) OR (state = %s AND last_error LIKE %s)) RETURNING last_error",
             params,
         )
         row = cursor.fetchone()

@@ -48,6 +48,10 @@ PAYMENT_NEEDS_ATTENTION = "payments.needs_attention"
 REFUND_FAILED = "payments.refund_failed"
 
 
+def _known_queue(name: Any) -> str | None:
+    return name if isinstance(name, str) and name in app.amqp.queues else None
+
+
 def describe(exc: BaseException) -> str:
     """`Type: message`, without repeating a type that the message already names (TimeLimitExceeded(360,))."""
     name, text = type(exc).__name__, str(exc)
@@ -76,7 +80,8 @@ def record_task_failure(
         record_failure(
             task_id=task_id,
             task_name=sender.name,
-            queue=delivery_info.get("routing_key") or queue_for(sender.name),
+            # A retry's routing key is the delayed-delivery one on RabbitMQ (`0.0...1.0.default`): the route's queue.
+            queue=_known_queue(delivery_info.get("routing_key")) or queue_for(sender.name),
             args=args or (),
             kwargs=kwargs or {},
             exception=describe(exception),
@@ -174,15 +179,16 @@ def record_dead_lettered(message: Message) -> None:
     task_id = str(headers.get("id") or (message.properties or {}).get("correlation_id") or f"dead-{uuid.uuid4()}")
     claimed = str(headers.get("task") or "")
     exception = (
-        f"DeliveryLimitExceeded: delivered {deliveries} times without an acknowledgement "
+        f"{outbox.DELIVERY_LIMIT_EXCEEDED}: delivered {deliveries} times without an acknowledgement "
         f"(RABBITMQ_DELIVERY_LIMIT={settings.RABBITMQ_DELIVERY_LIMIT}; RabbitMQ's reason: {reason})"
     )
-    if claimed not in app.tasks:
-        # Not a message of ours: kept as refused, under no task name a replay could run.
+    if claimed not in app.tasks or reason != "delivery_limit" or queue not in app.amqp.queues:
+        # Not the broker's verdict on a message of ours (anything else reached the dead-letter exchange: a
+        # producer with access to it can publish there): kept as refused, under no name a replay could run,
+        # and no work of ours is failed by it.
         _record_refused(message, exception, task_name=UNDECODABLE)
         return
     args, kwargs = _call_of(message)
-    outbox.task_failed_for_good(task_id, exception)  # first: a dead letter on record means its item is settled
     record_failure(
         task_id=task_id,
         task_name=claimed,
@@ -193,7 +199,19 @@ def record_dead_lettered(message: Message) -> None:
         attempts=deliveries,
         worker="rabbitmq",
     )
+    if _is_uuid(task_id):  # an outbox item's task id; any other id names no item
+        # A success of the same task afterwards (a delivery still running when the broker counted it) settles
+        # the item `done` and resolves this dead letter (core.outbox._finish_done).
+        outbox.task_failed_for_good(task_id, exception)
     logger.error("task %s[%s] dead-lettered by the broker from %s: %s", claimed, task_id, queue, exception)
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 # --- Failures that are not a task's own: the outbox relay gave up, a payment needs attention ---

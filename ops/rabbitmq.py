@@ -28,6 +28,7 @@ from celery.worker.consumer.delayed_delivery import DelayedDelivery
 from django.conf import settings
 from kombu import Connection, Consumer, Exchange, Queue
 from kombu.message import Message
+from kombu.utils.encoding import safe_repr
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,12 @@ class DeadLetterQueue(bootsteps.ConsumerStep):
         try:
             record_dead_lettered(message)
         except Exception:
-            # Left unacknowledged: the broker delivers it again when this worker's channel closes.
-            logger.exception("dead letter not recorded; left on %s", settings.DEAD_LETTER_QUEUE)
-            return
+            # Acknowledged all the same: left on the queue it would come back each time this worker's channel
+            # closes and jam the next one (a body the database refuses fails every time). The log line is its
+            # record, as for a dead letter the database could not take (ops.deadletters.record_task_failure).
+            logger.exception(
+                "dead letter not recorded: headers=%r body=%s",
+                message.headers,
+                safe_repr(message.body)[:1024],
+            )
         message.ack()

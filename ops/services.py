@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from datetime import datetime
@@ -35,6 +36,8 @@ def _scrub(value: Any) -> Any:
         return {_scrub(str(key)): _scrub(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [_scrub(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return repr(value)  # NaN and infinities: JSON's parsers take them, PostgreSQL's jsonb does not
     if value is None or isinstance(value, bool | int | float):
         return value
     # Whatever a transport or a hostile producer put there: keep its JSON form, or its repr.

@@ -55,8 +55,6 @@ def celery_broker(url: str):
         conf |= {"task_queues": queues, "broker_transport_options": options}
 
     def drop_pools():
-        if switch_queues and app._pool is not None:
-            app._pool.force_close_all()  # RabbitMQ connections are real sockets: not left open for the next test
         app._pool = None
         if switch_queues:
             app.__dict__.pop("amqp", None)  # rebuilt from the conf: queues, router, producer pool

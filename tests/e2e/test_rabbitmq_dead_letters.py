@@ -56,7 +56,8 @@ def test_a_message_that_kills_every_worker_taking_it_is_dead_lettered_by_the_bro
     with transaction.atomic():
         item = outbox.enqueue(tasks.kill_own_process.name, str(runs))
 
-    dead = wait_for(lambda: FailedTask.objects.filter(task_id=str(item.task_id)).first(), 60, "the dead letter")
+    wait_for(lambda: OutboxItem.objects.get(pk=item.pk).state == OutboxItem.State.FAILED, 60, "the item to end failed")
+    dead = FailedTask.objects.get(task_id=str(item.task_id))  # recorded first
     assert dead.exception.startswith(f"DeliveryLimitExceeded: delivered {DELIVERY_LIMIT + 1} times")
     assert "RabbitMQ's reason: delivery_limit" in dead.exception
     assert (dead.task_name, dead.queue, dead.kind, dead.attempts) == (
