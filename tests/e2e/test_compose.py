@@ -265,7 +265,52 @@ def test_the_base_images_folder_builds_every_image_the_stack_names(compose):
     }
     named = {service["image"] for service in compose["services"].values()} - {"shop:latest"}
     named |= set(re.findall(r"^FROM (\S+)", (REPO_ROOT / "Dockerfile").read_text(), re.MULTILINE))
+    named |= {service["image"] for service in on_rabbitmq(compose)["services"].values() if "image" in service}
     assert named == built
+
+
+def on_rabbitmq(compose: dict) -> dict:
+    """docker-compose.rabbitmq.yml as written (the override's own services and settings)."""
+    return yaml.safe_load((REPO_ROOT / "docker-compose.rabbitmq.yml").read_text())
+
+
+def test_the_rabbitmq_override_puts_every_celery_process_on_one_healthy_rabbitmq(checkout):
+    resolved = subprocess.run(
+        [str(compose_binary()), "-f", "docker-compose.yml", "-f", "docker-compose.rabbitmq.yml", "config", "--format"]
+        + ["json"],
+        cwd=checkout,
+        env={"PATH": os.environ["PATH"], "HOME": str(checkout), "RABBITMQ_PASSWORD": "rabbit-pass-1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert resolved.returncode == 0, resolved.stderr
+    services = json.loads(resolved.stdout)["services"]
+    celery_services = APP_SERVICES - {"sandbox"}
+    urls = {name: services[name]["environment"].get("CELERY_BROKER_URL") for name in celery_services}
+    # One URL everywhere: every process declares the quorum queues with the same arguments.
+    assert set(urls.values()) == {"amqp://shop:rabbit-pass-1@rabbitmq:5672/shop"}, urls
+    for name in celery_services:
+        assert services[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+    assert services["flower"]["environment"]["FLOWER_BROKER_API"] == "http://rabbitmq:15672/api/"
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["healthcheck"]["test"][:2] == ["CMD", "rabbitmq-diagnostics"]
+    assert [port["host_ip"] for port in rabbitmq["ports"]] == ["127.0.0.1"]
+    assert any(volume["target"] == "/var/lib/rabbitmq" for volume in rabbitmq["volumes"])
+    # The broker's consumer_timeout matches the settings' default (RABBITMQ_CONSUMER_TIMEOUT_SECONDS).
+    conf = (REPO_ROOT / "docker" / "rabbitmq" / "rabbitmq.conf").read_text()
+    assert re.search(rf"^consumer_timeout = {settings.RABBITMQ_CONSUMER_TIMEOUT_SECONDS * 1000}$", conf, re.M)
+
+    # Without the password the override refuses to resolve: no default secret.
+    missing = subprocess.run(
+        [str(compose_binary()), "-f", "docker-compose.yml", "-f", "docker-compose.rabbitmq.yml", "config"],
+        cwd=checkout,
+        env={"PATH": os.environ["PATH"], "HOME": str(checkout)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode != 0 and "RABBITMQ_PASSWORD" in missing.stderr
 
 
 def test_no_command_line_takes_a_path_from_the_callers_shell(compose):
