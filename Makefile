@@ -89,7 +89,8 @@ test-compose: $(VENV)/.dev
 	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io mmdebstrap; }
 	$(BIN)/pytest -m compose tests/compose
 
-# Performance harness; results go to bench/results/. Needs PostgreSQL and Redis (see each script's docstring).
+# Performance harness; results go to bench/results/. Needs PostgreSQL, Redis and RabbitMQ with rabbitmqctl
+# (bench/pipeline.py runs on both brokers; see each script's docstring).
 bench: bench-pipeline bench-reports
 
 # The order pipeline against ceilings from the same run (a bare INSERT view, no-op tasks) on the

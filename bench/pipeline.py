@@ -1,38 +1,51 @@
 """The order pipeline's speed, as ratios against ceilings measured in the same run on the same machine.
 
-    python -m bench.pipeline [--quick] [--max-wait SECONDS] [--results DIR]
+    python -m bench.pipeline [--broker redis|rabbitmq|both] [--quick] [--max-wait SECONDS] [--results DIR]
 
-Starts the Procfile's processes (gunicorn with config/gunicorn.conf.py, the critical, bulk
-and default workers, the sandbox without faults; no beat) on a PostgreSQL database of its
-own (`bench_shop`, created, migrated and dropped here) and a private redis-server, then:
+On each broker (`both`, the default, runs Redis then RabbitMQ, each in a process of its own so each
+loads the settings of its broker), starts the Procfile's processes (gunicorn with
+config/gunicorn.conf.py, the critical, bulk and default workers, the sandbox without faults; no beat)
+on a PostgreSQL database of its own (`bench_shop`, created, migrated and dropped here) and the broker
+(bench/brokers.py: a private redis-server, or a virtual host of its own on the machine's RabbitMQ,
+deleted at the end; quorum queues and publisher confirms as in production), then:
 
 1. ceiling: `gunicorn bench.ceiling_wsgi` (the same config; one bare view, one INSERT) under
    16 client threads, then the order API (`POST /api/orders/`, two lines, an Idempotency-Key)
    under the same client, with no worker running: throughput, p50/p95/p99, their ratio;
 2. the Celery ceiling on the critical worker: the round trip of sequential no-op tasks
-   (bench.tasks.noop, publish to the client seeing it finished) and no-op tasks per second;
+   (bench.tasks.noop, publish to the client seeing it finished, its reply over the same broker),
+   the time one publish takes (as the service publishes, and over a plain connection: on RabbitMQ
+   the difference is the publisher confirm), and no-op tasks per second (a burst queued while the
+   worker does not consume, then drained);
 3. queue isolation: the queue wait (publish to start) of critical no-ops, idle and with
    5,000 bulk tasks queued (bench.tasks.hold, 50 ms each) while the bulk worker runs them,
-   in alternating blocks so both conditions see the same machine;
+   in alternating blocks so both conditions see the same machine (the bulk worker stops and
+   resumes consuming between blocks: Celery's remote control, the same on both brokers);
 4. the pipeline's maximum: a burst of orders, timed from the first POST to the last order
    fulfilled, and the critical worker's tasks per second over it (its metrics endpoint);
 5. half that load, paced (open loop): created -> paid and created -> fulfilled from the
-   orders' OrderEvent rows.
+   orders' OrderEvent rows;
+6. the critical worker's scaling: phase 4 again with it restarted at 1 and 2 pool processes
+   (`-c N`; the Procfile's 4 is phase 4).
 
 Each worker's pool processes are sampled from /proc throughout (VmRSS, VmHWM). Writes
-bench/results/<date>.json and .png and prints a table (Markdown, as in the README).
+bench/results/<date>.json (each broker's figures under `brokers`) and .png and prints a table
+(Markdown, as in the README: the brokers side by side).
 Targets are reported, never asserted: order API >= 0.5 x the bare INSERT, isolation ratio
 <= 1.2, created -> paid p95 <= 6 x the no-op round trip p95.
 
 Environment: BENCH_DATABASE_URL (default postgres://postgres@127.0.0.1:5432/bench_shop; the
-database is dropped and re-created). Before measuring, it waits (up to --max-wait seconds)
-for the 1-minute load average to fall below 1.5, and records the load either way.
+database is dropped and re-created), BENCH_RABBITMQ_HOST and BENCH_RABBITMQ_CREDENTIALS (default
+127.0.0.1:5672, guest:guest; `rabbitmqctl` must reach that node). Before measuring on each broker, it
+waits (up to --max-wait seconds) for the 1-minute load average to fall below 1.5, and records the load
+either way.
 """
 
 import argparse
 import datetime
 import json
 import os
+import pickle
 import platform
 import random
 import re
@@ -48,6 +61,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.brokers import BROKERS, LABELS, BenchBroker
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 CLIENT_THREADS = 16
@@ -58,6 +73,9 @@ ISOLATION_BLOCKS = 10
 # The table bench/ceiling_wsgi.py inserts into.
 CEILING_TABLE = "CREATE TABLE bench_ceiling_insert (id bigserial PRIMARY KEY, body text NOT NULL)"
 WORKERS = ("worker-critical", "worker-bulk", "worker-default")
+# Pool processes of the critical worker in the scaling phase (the Procfile's own is measured in phase 4).
+CRITICAL_SCALING = (1, 2, 4)
+REPLIES = "bench.replies"
 TARGETS = {
     "order_api_vs_bare_insert": (">=", 0.5),
     "isolation_queue_wait_p95_bulk_vs_idle": ("<=", 1.2),
@@ -70,6 +88,7 @@ class Sizes:
     http_seconds: float = 15.0
     http_warmup_seconds: float = 2.0
     round_trips: int = 300
+    publishes: int = 300
     noop_burst: int = 4000
     bulk_queued: int = 5000
     bulk_task_seconds: float = 0.05
@@ -82,6 +101,7 @@ QUICK = Sizes(
     http_seconds=4.0,
     http_warmup_seconds=1.0,
     round_trips=60,
+    publishes=100,
     noop_burst=600,
     bulk_queued=5000,
     isolation_probes=100,
@@ -208,22 +228,24 @@ class MemorySampler(threading.Thread):
 class Stack:
     """The bench's processes, started with the Procfile's commands and this run's environment."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]):
-        from tests.stack import Processes, RedisServer, free_port
+    def __init__(self, workdir: Path, env: dict[str, str], broker: BenchBroker):
+        from tests.stack import Processes, free_port
 
         self.workdir = workdir
         self.processes = Processes(workdir)
-        self.redis = RedisServer(workdir)
+        self.broker = broker
         self.free_port = free_port
         self.env = env
         self.web_port = free_port()
         self.web_url = f"http://127.0.0.1:{self.web_port}"
         self.workers: dict[str, subprocess.Popen] = {}
+        self.handles: dict = {}  # worker name -> tests.stack.Worker
         self.metrics_ports: dict[str, int] = {}
 
-    def start_redis(self) -> str:
-        self.redis.start()
-        return self.redis.url
+    def start_broker(self) -> dict[str, str]:
+        """Start the broker; returns the environment that selects it."""
+        self.broker.start()
+        return self.broker.environment()
 
     def start_sandbox(self) -> str:
         port = self.free_port()
@@ -260,19 +282,43 @@ class Stack:
             process.kill()
             process.wait(5)
 
+    def _spawn_worker(self, name: str, extra_env: dict[str, str] | None = None):
+        self.metrics_ports[name] = self.free_port()
+        env = {**self.env, "CELERY_METRICS_PORT": str(self.metrics_ports[name]), **(extra_env or {})}
+        worker = self.processes.spawn_worker(name, procfile_command(name, env), env, node=name.removeprefix("worker-"))
+        self.workers[name] = worker.process
+        self.handles[name] = worker
+        return worker
+
     def start_workers(self) -> dict[str, int]:
-        started = []
-        for name in WORKERS:
-            self.metrics_ports[name] = self.free_port()
-            env = {**self.env, "CELERY_METRICS_PORT": str(self.metrics_ports[name])}
-            worker = self.processes.spawn_worker(
-                name, procfile_command(name, env), env, node=name.removeprefix("worker-")
-            )
-            self.workers[name] = worker.process
-            started.append(worker)
+        started = [self._spawn_worker(name) for name in WORKERS]
         for worker in started:
             worker.wait_ready(90)
         return {name: process.pid for name, process in self.workers.items()}
+
+    def restart_worker(self, name: str, concurrency: int) -> int:
+        """Warm shutdown of the worker, then its Procfile line again with `-c concurrency`; returns its pid."""
+        self.handles[name].stop(60)
+        variable = name.removeprefix("worker-").upper() + "_CONCURRENCY"
+        worker = self._spawn_worker(name, {variable: str(concurrency)})
+        worker.wait_ready(90)
+        return worker.process.pid
+
+    def node(self, name: str) -> str:
+        """The worker's node name (`critical@host`), for Celery's remote control."""
+        return self.handles[name].nodename
+
+    def consume(self, name: str, queue: str, *, on: bool) -> None:
+        """Make the worker start (on) or stop consuming `queue`, by remote control; returns once it answered.
+
+        Tasks it has already taken (its prefetch) still run.
+        """
+        from config.celery import app
+
+        command = app.control.add_consumer if on else app.control.cancel_consumer
+        answers = command(queue, destination=[self.node(name)], reply=True, timeout=15, limit=1)
+        if not answers:
+            raise TimeoutError(f"{self.node(name)} did not answer {command.__name__}({queue!r})")
 
     def _wait_http(self, url: str, what: str, timeout: float = 60) -> None:
         from tests.stack import http_ok
@@ -301,7 +347,7 @@ class Stack:
 
     def shutdown(self) -> None:
         self.processes.stop_all()
-        self.redis.kill()
+        self.broker.stop()
 
 
 # --- Database -------------------------------------------------------------------------
@@ -428,81 +474,122 @@ def http_phase(url: str, path: str, make_request, sizes: Sizes) -> dict:
     }
 
 
-def publish_noop(queue: str, reply_to: str) -> float:
+def publish_noop(queue: str, reply_to: str, **options) -> float:
     from bench.tasks import noop
 
     sent_at = time.time()
-    noop.apply_async((sent_at, reply_to), queue=queue)
+    noop.apply_async((sent_at, reply_to), queue=queue, **options)
     return sent_at
 
 
-def sequential_probes(broker, count: int, reply_to: str) -> dict[str, list[float]]:
-    """No-ops on the critical queue, one at a time: round trip (publish to seen finished) and queue wait."""
-    round_trips, queue_waits = [], []
+def sequential_probes(replies, count: int) -> dict[str, list[float]]:
+    """No-ops on the critical queue, one at a time: round trip (publish to seen finished), queue wait, publish."""
+    round_trips, queue_waits, publishes = [], [], []
     for _ in range(count):
         began = time.perf_counter()
-        publish_noop("critical", reply_to)
-        answer = broker.blpop([reply_to], timeout=30)
-        if answer is None:
-            raise TimeoutError("a no-op task did not finish within 30 s")
+        publish_noop("critical", replies.queue.name)
+        published = time.perf_counter()
+        sent_at, started_at, _finished = replies.next(timeout=30)
         round_trips.append(time.perf_counter() - began)
-        sent_at, started_at, _finished = json.loads(answer[1])
+        publishes.append(published - began)
         queue_waits.append(started_at - sent_at)
-    return {"round_trips": round_trips, "queue_waits": queue_waits}
+    return {"round_trips": round_trips, "queue_waits": queue_waits, "publishes": publishes}
 
 
-def celery_ceiling(broker, sizes: Sizes) -> dict:
+def publish_costs(broker: BenchBroker, count: int) -> dict:
+    """Sequential publishes of a no-op to the critical queue, nothing consuming it: as the service publishes
+    (its transport options: publisher confirms on RabbitMQ), then over a plain connection; then purged."""
+    from kombu import Connection
+
+    from bench import load
+    from config.celery import app
+
+    def timed(**options) -> list[float]:
+        publish_noop("critical", "bench.void", **options)  # the first declares the queue on this connection
+        times = []
+        for _ in range(count):
+            began = time.perf_counter()
+            publish_noop("critical", "bench.void", **options)
+            times.append(time.perf_counter() - began)
+        return times
+
+    service = timed()
+    with Connection(broker.url, connect_timeout=5) as plain:
+        bare = timed(producer=app.amqp.Producer(plain))
+    broker.purge("critical")
+    broker.purge("bench.void")
+    return {
+        "publishes": count,
+        "service_ms": load.percentiles_ms(service, (50, 95)),
+        "plain_connection_ms": load.percentiles_ms(bare, (50, 95)),
+    }
+
+
+def celery_ceiling(stack: Stack, replies, sizes: Sizes) -> dict:
     from bench import load
 
-    sequential_probes(broker, 50, "bench:warmup")
-    probes = sequential_probes(broker, sizes.round_trips, "bench:round-trip")
-    reply_to = "bench:burst"
+    sequential_probes(replies, 50)  # warm-up
+    probes = sequential_probes(replies, sizes.round_trips)
+    # The burst is queued while the worker does not consume, then drained: the rate is the worker's, not the
+    # single publishing thread's (slower than the worker with RabbitMQ's publisher confirms).
+    stack.consume("worker-critical", "critical", on=False)
+    time.sleep(0.5)
+    publishing = publish_costs(stack.broker, sizes.publishes)
+    began = time.perf_counter()
     for _ in range(sizes.noop_burst):
-        publish_noop("critical", reply_to)
-    deadline = time.monotonic() + 300
-    while broker.llen(reply_to) < sizes.noop_burst:
-        if time.monotonic() > deadline:
-            raise TimeoutError("no-op burst did not finish")
-        time.sleep(0.1)
-    records = [json.loads(item) for item in broker.lrange(reply_to, 0, -1)]
+        publish_noop("critical", replies.queue.name)
+    publish_seconds = time.perf_counter() - began
+    queued = stack.broker.depth("critical")
+    stack.consume("worker-critical", "critical", on=True)
+    records = replies.collect(sizes.noop_burst, timeout=300)
     first_start = min(started for _, started, _ in records)
     last_finish = max(finished for _, _, finished in records)
     return {
         "noop_round_trip_ms": load.percentiles_ms(probes["round_trips"], (50, 95)),
+        "noop_queue_wait_ms": load.percentiles_ms(probes["queue_waits"], (50, 95)),
+        "noop_publish_ms": load.percentiles_ms(probes["publishes"], (50, 95)),
+        "publish": publishing,
         "noop_tasks_per_second": round(len(records) / (last_finish - first_start), 1),
         "noop_burst": len(records),
+        "noop_burst_queued": queued,
+        "noop_burst_publishes_per_second": round(sizes.noop_burst / publish_seconds, 1),
         "_round_trips": probes["round_trips"],
     }
 
 
-def isolation(broker, sizes: Sizes) -> dict:
-    """Critical no-ops' queue wait, idle and with the bulk backlog queued, in alternating blocks.
+def isolation(stack: Stack, replies, sizes: Sizes) -> dict:
+    """Critical no-ops' queue wait, idle and with the bulk backlog queued and being worked, in alternating blocks.
 
-    Between blocks the backlog is parked under another key (RENAME, O(1)) and put back, so
-    both conditions share the same moments of the run and whatever else the machine does.
+    The backlog stays queued throughout; between blocks the bulk worker stops and resumes consuming it (Celery's
+    remote control), so both conditions share the same moments of the run and whatever else the machine does.
     """
     from bench import load
     from bench.tasks import hold
 
-    parked = "bench:bulk-parked"
+    stack.consume("worker-bulk", "bulk", on=False)
+    time.sleep(0.5)
+    began = time.perf_counter()
     for _ in range(sizes.bulk_queued):
         hold.apply_async((sizes.bulk_task_seconds,), queue="bulk")
-    broker.rename("bulk", parked)
+    publish_seconds = time.perf_counter() - began
     idle, loaded, depths = [], [], []
     per_block = max(1, sizes.isolation_probes // ISOLATION_BLOCKS)
     for _ in range(ISOLATION_BLOCKS):
         # The bulk worker finishes the tasks it had reserved before the idle block starts.
         time.sleep(0.5)
-        idle += sequential_probes(broker, per_block, "bench:isolation")["queue_waits"]
-        broker.rename(parked, "bulk")
+        idle += sequential_probes(replies, per_block)["queue_waits"]
+        stack.consume("worker-bulk", "bulk", on=True)
         time.sleep(0.5)
-        depths.append(broker.llen("bulk"))
-        loaded += sequential_probes(broker, per_block, "bench:isolation")["queue_waits"]
-        broker.rename("bulk", parked)
-    broker.delete(parked)
+        depths.append(stack.broker.depth("bulk"))
+        loaded += sequential_probes(replies, per_block)["queue_waits"]
+        stack.consume("worker-bulk", "bulk", on=False)
+    time.sleep(0.5)
+    stack.broker.purge("bulk")
+    stack.consume("worker-bulk", "bulk", on=True)
     return {
         "bulk_tasks_queued": sizes.bulk_queued,
         "bulk_task_seconds": sizes.bulk_task_seconds,
+        "bulk_publishes_per_second": round(sizes.bulk_queued / publish_seconds, 1),
         "bulk_queue_depth_min": min(depths),
         "probes_per_condition": len(idle),
         "critical_queue_wait_idle_ms": load.percentiles_ms(idle, (50, 95)),
@@ -567,6 +654,24 @@ def pipeline_half(stack: Stack, make_request, rate: float, sizes: Sizes) -> dict
     }
 
 
+def critical_scaling(stack: Stack, make_request, sizes: Sizes, sampler: "MemorySampler", max_load: dict) -> list:
+    """Phase 4 with the critical worker at each of CRITICAL_SCALING pool processes (the Procfile's: phase 4)."""
+    procfile = procfile_concurrency("worker-critical")
+    rows = {procfile: max_load}
+    for concurrency in CRITICAL_SCALING:
+        if concurrency == procfile:
+            continue
+        print(f"  critical worker -c {concurrency}: {sizes.max_load_orders} orders at once", flush=True)
+        sampler.workers["worker-critical"] = stack.restart_worker("worker-critical", concurrency)
+        rows[concurrency] = pipeline_max(stack, make_request, sizes)
+    return [{"concurrency": n, **public(rows[n])} for n in sorted(rows)]
+
+
+def procfile_concurrency(name: str) -> int:
+    argv = procfile_command(name, {})
+    return int(argv[argv.index("-c") + 1])
+
+
 # --- Results --------------------------------------------------------------------------------
 
 
@@ -583,79 +688,116 @@ def verdicts(ratios: dict[str, float | None]) -> dict[str, dict]:
     return result
 
 
-def markdown_table(results: dict) -> str:
-    ceilings, ratios, targets = results["ceilings"], results["ratios"], results["targets"]
-    api, half, iso = results["order_api"], results["pipeline"]["half_load"], results["isolation"]
-    top = results["pipeline"]["max_load"]
+def markdown_table(by_broker: dict[str, dict]) -> str:
+    """The README's table: one column per broker, each broker's ratios against its own ceilings."""
+    kinds = list(by_broker)
 
     def lat(values: dict) -> str:
-        return " / ".join(f"{value:g}" for value in values.values()) + " ms"
+        return " / ".join("-" if value is None else f"{value:g}" for value in values.values()) + " ms"
 
-    def verdict(name: str) -> str:
-        return f"{targets[name]['target']}: {'met' if targets[name]['met'] else 'MISSED'}"
+    def judged(name: str):
+        def cell(r: dict) -> str:
+            target = r["targets"][name]
+            return f"{target['value']} ({'met' if target['met'] else 'MISSED'})"
 
-    memory = "; ".join(
-        f"{name.removeprefix('worker-')} {max((c['peak_hwm_mb'] for c in children), default=0):g}"
-        f" ({len(children)} processes)"
-        for name, children in results["memory_mb"].items()
-    )
-    rows = [
-        ("figure", "measured", "ceiling (same run)", "ratio", "target"),
+        return cell
+
+    def memory(r: dict) -> str:
+        return "; ".join(
+            f"{name.removeprefix('worker-')} {max((c['peak_hwm_mb'] for c in children), default=0):g} ({len(children)})"
+            for name, children in r["memory_mb"].items()
+        )
+
+    def scaling(key: str, unit: str):
+        return lambda r: " / ".join(f"{row[key]:g}" for row in r["critical_scaling"]) + f" {unit}"
+
+    def server(r: dict) -> str:
+        b = r["broker"]
+        return f"{b['label']} {b['server_version']}" + (
+            ", quorum queues, publisher confirms" if b["kind"] == "rabbitmq" else ""
+        )
+
+    first = by_broker[kinds[0]]
+    concurrencies = " / ".join(str(row["concurrency"]) for row in first["critical_scaling"])
+    critical_c = procfile_concurrency("worker-critical")
+    bulk = first["isolation"]["bulk_tasks_queued"]
+    rows: list[tuple] = [
+        ("broker", server, ""),
+        ("1-minute load average at start", lambda r: f"{r['load']['load_average_at_start'][0]:g}", ""),
+        (f"order API, {CLIENT_THREADS} clients", lambda r: f"{r['order_api']['requests_per_second']:g} req/s", ""),
         (
-            f"order API, {CLIENT_THREADS} clients",
-            f"{api['requests_per_second']:g} req/s",
-            f"bare INSERT view: {ceilings['bare_insert_requests_per_second']:g} req/s",
-            f"{ratios['order_api_vs_bare_insert']}",
-            verdict("order_api_vs_bare_insert"),
-        ),
-        (
-            "order API latency p50 / p95 / p99",
-            lat(api["latency_ms"]),
-            f"bare INSERT view: {lat(ceilings['bare_insert_latency_ms'])}",
-            "",
-            "",
-        ),
-        (
-            "pipeline max (POST -> fulfilled)",
-            f"{top['orders_per_second']:g} orders/s",
-            "",
-            "",
-            "",
-        ),
-        (
-            "critical worker tasks/s at pipeline max",
-            f"{top['critical_tasks_per_second']:g} tasks/s",
-            f"no-op tasks: {ceilings['noop_tasks_per_second']:g} tasks/s",
-            f"{ratios['pipeline_tasks_vs_noop_tasks']}",
+            "ceiling: bare INSERT view, same clients",
+            lambda r: f"{r['ceilings']['bare_insert_requests_per_second']:g} req/s",
             "",
         ),
+        ("**order API / bare INSERT**", judged("order_api_vs_bare_insert"), ">= 0.5"),
+        ("order API latency p50 / p95 / p99", lambda r: lat(r["order_api"]["latency_ms"]), ""),
+        ("bare INSERT latency p50 / p95 / p99", lambda r: lat(r["ceilings"]["bare_insert_latency_ms"]), ""),
+        ("ceiling: no-op task round trip p50 / p95", lambda r: lat(r["ceilings"]["noop_round_trip_ms"]), ""),
         (
-            f"created -> paid p50 / p95 at {half['target_orders_per_second']:g} orders/s (half max)",
-            lat(half["created_to_paid_ms"]),
-            f"no-op round trip p50 / p95: {lat(ceilings['noop_round_trip_ms'])}",
-            f"{ratios['created_to_paid_p95_vs_noop_round_trip_p95']} (p95)",
-            verdict("created_to_paid_p95_vs_noop_round_trip_p95"),
-        ),
-        ("of which created -> confirmed p50 / p95", lat(half["created_to_confirmed_ms"]), "", "", ""),
-        (
-            "of which the provider call p50 / p95 (payment claimed -> recorded)",
-            lat(half["payment_claimed_to_recorded_ms"]),
-            "",
-            "",
+            "one publish p50 / p95, as the service publishes",
+            lambda r: lat(r["celery"]["publish"]["service_ms"]),
             "",
         ),
-        ("created -> fulfilled p50 / p95 (half max)", lat(half["created_to_fulfilled_ms"]), "", "", ""),
         (
-            f"critical queue wait p50 / p95, {iso['bulk_tasks_queued']:,} bulk queued",
-            lat(iso["critical_queue_wait_bulk_ms"]),
-            f"idle: {lat(iso['critical_queue_wait_idle_ms'])}",
-            f"{ratios['isolation_queue_wait_p95_bulk_vs_idle']} (p95)",
-            verdict("isolation_queue_wait_p95_bulk_vs_idle"),
+            "one publish p50 / p95, plain connection (no confirms)",
+            lambda r: lat(r["celery"]["publish"]["plain_connection_ms"]),
+            "",
         ),
-        ("peak RSS of a worker's pool process (MB)", memory, "limit: 200 MB per process", "", ""),
+        (
+            f"ceiling: no-op tasks/s, critical worker -c {critical_c}",
+            lambda r: f"{r['ceilings']['noop_tasks_per_second']:g} tasks/s",
+            "",
+        ),
+        (
+            f"pipeline max (first POST -> last fulfilled), critical -c {concurrencies}",
+            scaling("orders_per_second", "orders/s"),
+            "",
+        ),
+        (f"critical tasks/s at pipeline max, -c {concurrencies}", scaling("critical_tasks_per_second", "tasks/s"), ""),
+        (
+            f"critical tasks/s at max (-c {critical_c}) / no-op tasks/s",
+            lambda r: f"{r['ratios']['pipeline_tasks_vs_noop_tasks']}",
+            "",
+        ),
+        (
+            "created -> paid p50 / p95 at half the max",
+            lambda r: (
+                f"{lat(r['pipeline']['half_load']['created_to_paid_ms'])}"
+                f" at {r['pipeline']['half_load']['target_orders_per_second']:g} orders/s"
+            ),
+            "",
+        ),
+        (
+            "**created -> paid p95 / no-op round trip p95**",
+            judged("created_to_paid_p95_vs_noop_round_trip_p95"),
+            "<= 6.0",
+        ),
+        (
+            "of which created -> confirmed p50 / p95",
+            lambda r: lat(r["pipeline"]["half_load"]["created_to_confirmed_ms"]),
+            "",
+        ),
+        (
+            "of which the provider call p50 / p95",
+            lambda r: lat(r["pipeline"]["half_load"]["payment_claimed_to_recorded_ms"]),
+            "",
+        ),
+        ("created -> fulfilled p50 / p95", lambda r: lat(r["pipeline"]["half_load"]["created_to_fulfilled_ms"]), ""),
+        ("critical queue wait p50 / p95, idle", lambda r: lat(r["isolation"]["critical_queue_wait_idle_ms"]), ""),
+        (
+            f"critical queue wait p50 / p95, {bulk:,} bulk queued and running",
+            lambda r: lat(r["isolation"]["critical_queue_wait_bulk_ms"]),
+            "",
+        ),
+        ("**queue isolation: bulk / idle (p95)**", judged("isolation_queue_wait_p95_bulk_vs_idle"), "<= 1.2"),
+        ("peak RSS of a pool process, MB (processes)", memory, "200 MB"),
+        ("run took", lambda r: f"{r['wall_seconds']} s", ""),
     ]
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    header = ("figure", *(LABELS[kind] for kind in kinds), "target")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for figure, cell, target in rows:
+        lines.append("| " + " | ".join((figure, *(cell(by_broker[kind]) for kind in kinds), target)) + " |")
     return "\n".join(lines)
 
 
@@ -669,7 +811,7 @@ def configure(workdir: Path) -> dict[str, str]:
     inherited = {
         name: value
         for name, value in os.environ.items()
-        if not name.startswith(("SANDBOX_", "CELERY_", "REPORT_", "GUNICORN_", "DJANGO_"))
+        if not name.startswith(("SANDBOX_", "CELERY_", "REPORT_", "GUNICORN_", "DJANGO_", "RABBITMQ_"))
         and name not in ("SHOP_WEBHOOK_URL", "WEB_CONCURRENCY", "DATABASE_URL", "REDIS_URL", "EMAIL_URL")
         and not name.endswith("_CONCURRENCY")
     }
@@ -690,60 +832,92 @@ def configure(workdir: Path) -> dict[str, str]:
     return env
 
 
-def run(sizes: Sizes, max_wait: float) -> dict:
+def run(kind: str, sizes: Sizes, max_wait: float) -> dict:
+    """Every phase on one broker, in this process (its settings load for that broker)."""
+    began = time.monotonic()
     quiet = wait_for_quiet_machine(max_wait)
-    print(f"load average at start: {quiet['load_average_at_start']}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+    print(f"[{kind}] load average at start: {quiet['load_average_at_start']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix=f"bench-pipeline-{kind}-") as tmp:
         workdir = Path(tmp)
         env = configure(workdir)
         sys.path.insert(0, str(REPO_ROOT))
-        stack = Stack(workdir, env)
+        broker = BenchBroker(kind, workdir)
+        stack = Stack(workdir, env, broker)
+        replies = None
         try:
-            env["REDIS_URL"] = stack.start_redis()
+            env.update(stack.start_broker())
             recreate_database(env["DATABASE_URL"])
+            # Before the settings load: this process publishes as the service does on this broker (RabbitMQ: the
+            # same queue arguments as every other process, publisher confirms).
+            for name in ("CELERY_BROKER_URL", "REDIS_URL"):
+                os.environ.pop(name, None)
             os.environ.update({k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
             import django
 
             django.setup()
-            import redis
+            from django.conf import settings
 
+            assert settings.BROKER_KIND == kind, f"settings loaded for {settings.BROKER_KIND}, not {kind}"
             skus, tokens = prepare_database()
-            broker = redis.Redis.from_url(env["REDIS_URL"])
+            replies = broker.replies(REPLIES)
             env["PAYMENT_PROVIDER_URL"] = env["FULFILLMENT_API_URL"] = stack.start_sandbox()
             make_order = order_request(skus, tokens)
-            return measure(stack, broker, make_order, sizes, quiet)
+            # The broker, the database (migrated) and the sandbox, after the wait for a quiet machine.
+            setup_seconds = round(time.monotonic() - began - quiet["waited_seconds"], 1)
+            outcome = measure(stack, replies, make_order, sizes, quiet)
+            outcome["results"]["phase_seconds"] = {"setup": setup_seconds, **outcome["results"]["phase_seconds"]}
+            outcome["results"]["wall_seconds"] = round(time.monotonic() - began)
+            return outcome
         except BaseException:
             print(stack.processes.logs()[-6000:], file=sys.stderr)
             raise
         finally:
+            if replies is not None:
+                replies.close()
             stack.shutdown()
             if "django.db" in sys.modules:
                 sys.modules["django.db"].connections.close_all()
             recreate_database(env["DATABASE_URL"], drop_only=True)
 
 
-def measure(stack: Stack, broker, make_order, sizes: Sizes, quiet: dict) -> dict:
+def measure(stack: Stack, replies, make_order, sizes: Sizes, quiet: dict) -> dict:
     phases: dict[str, dict] = {}
-    print("1/5 HTTP: bare INSERT ceiling, then the order API (no workers running)", flush=True)
+    kind = stack.broker.kind
+    seconds: dict[str, float] = {}  # each phase's wall time, the workers' start and restarts included
+    clock = {"phase": "", "at": time.monotonic()}
+
+    def step(phase: str, text: str = "") -> None:
+        now = time.monotonic()
+        if clock["phase"]:
+            seconds[str(clock["phase"])] = round(now - float(clock["at"]), 1)
+        clock.update(phase=phase, at=now)
+        if text:
+            print(f"[{kind}] {text}", flush=True)
+
+    step("http", "1/6 HTTP: bare INSERT ceiling, then the order API (no workers running)")
     ceiling_url, ceiling = stack.start_web(app="bench.ceiling_wsgi", port=stack.free_port())
     phases["ceiling"] = http_phase(ceiling_url, "/insert/", make_order, sizes)
     stack.stop(ceiling)
     stack.start_web()
     phases["api"] = http_phase(stack.web_url, "/api/orders/", make_order, sizes)
     # Those orders stay pending: the pipeline phases start from an empty queue.
-    broker.delete("critical")
+    stack.broker.purge("critical")
+    step("workers_start")
     sampler = MemorySampler(stack.start_workers())
     sampler.start()
-    print("2/5 Celery ceiling: no-op round trips and a no-op burst on the critical worker", flush=True)
-    phases["celery"] = celery_ceiling(broker, sizes)
-    print(f"3/5 isolation: critical no-ops with {sizes.bulk_queued:,} bulk tasks queued", flush=True)
-    phases["isolation"] = isolation(broker, sizes)
-    print(f"4/5 pipeline max: {sizes.max_load_orders} orders at once", flush=True)
+    step("celery", "2/6 Celery ceiling: no-op round trips, publishes and a no-op burst on the critical worker")
+    phases["celery"] = celery_ceiling(stack, replies, sizes)
+    step("isolation", f"3/6 isolation: critical no-ops with {sizes.bulk_queued:,} bulk tasks queued")
+    phases["isolation"] = isolation(stack, replies, sizes)
+    step("max", f"4/6 pipeline max: {sizes.max_load_orders} orders at once")
     phases["max"] = pipeline_max(stack, make_order, sizes)
     rate = phases["max"]["orders_per_second"] / 2
-    print(f"5/5 pipeline at half the max: {rate:.1f} orders/s for {sizes.half_load_seconds:g} s", flush=True)
+    step("half", f"5/6 pipeline at half the max: {rate:.1f} orders/s for {sizes.half_load_seconds:g} s")
     phases["half"] = pipeline_half(stack, make_order, rate, sizes)
+    step("scaling", f"6/6 critical worker scaling: -c {', '.join(map(str, CRITICAL_SCALING))}")
+    scaling = critical_scaling(stack, make_order, sizes, sampler, phases["max"])
     memory = sampler.stop()
+    step("")
 
     ceilings = {
         "bare_insert_requests_per_second": phases["ceiling"]["requests_per_second"],
@@ -767,15 +941,8 @@ def measure(stack: Stack, broker, make_order, sizes: Sizes, quiet: dict) -> dict
         ),
     }
     results = {
-        "benchmark": "pipeline",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {**machine(), **quiet},
-        "setup": {
-            "client_threads": CLIENT_THREADS,
-            "web": "gunicorn config.wsgi -c config/gunicorn.conf.py (ceiling: bench.ceiling_wsgi)",
-            "workers": {name: " ".join(procfile_command(name, {})[2:]) for name in WORKERS},
-            "sizes": sizes.__dict__,
-        },
+        "broker": {"kind": kind, "label": stack.broker.label, "server_version": stack.broker.server_version()},
+        "load": quiet,
         "ceilings": ceilings,
         "ratios": ratios,
         "p95s": {
@@ -790,45 +957,91 @@ def measure(stack: Stack, broker, make_order, sizes: Sizes, quiet: dict) -> dict
         "targets": verdicts(ratios),
         "order_api": public(phases["api"]),
         "pipeline": {"max_load": public(phases["max"]), "half_load": public(phases["half"])},
+        "critical_scaling": scaling,
         "celery": public(phases["celery"]),
         "isolation": public(phases["isolation"]),
         "memory_mb": memory,
+        "phase_seconds": seconds,
     }
     return {"results": results, "phases": phases}
 
 
+def run_each(kinds: list[str], sizes: Sizes, args: argparse.Namespace) -> dict[str, dict]:
+    """Each broker's run in a process of its own (a process loads the settings of one broker), one after the other.
+
+    A broker whose run fails is reported and left out; the others still run.
+    """
+    outcomes: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        for kind in kinds:
+            raw = Path(tmp) / f"{kind}.pickle"
+            command = [sys.executable, "-m", "bench.pipeline", "--broker", kind, "--raw-out", str(raw)]
+            command += ["--max-wait", str(args.max_wait)] + (["--quick"] if args.quick else [])
+            done = subprocess.run(command, cwd=REPO_ROOT)  # noqa: S603 (this interpreter, this module)
+            if done.returncode != 0 or not raw.exists():
+                print(f"the run on {LABELS[kind]} failed (exit {done.returncode})", file=sys.stderr)
+                continue
+            outcomes[kind] = pickle.loads(raw.read_bytes())  # noqa: S301 (written by our own child just now)
+    return outcomes
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--broker", choices=[*BROKERS, "both"], default="both", help="the broker(s) to measure (default both)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, for working on the bench itself")
     parser.add_argument(
         "--max-wait", type=float, default=60, help=f"seconds to wait for load < {QUIET_LOAD} first (default 60)"
     )
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder for the JSON, PNG and table")
+    # One broker's run for a `both` run: its figures and raw series, pickled to this file; nothing else written.
+    parser.add_argument("--raw-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
+    kinds = list(BROKERS) if args.broker == "both" else [args.broker]
     began = time.monotonic()
-    outcome = run(sizes, args.max_wait)
-    results = outcome["results"]
-    results["wall_seconds"] = round(time.monotonic() - began)
+    if args.raw_out:
+        args.raw_out.write_bytes(pickle.dumps(run(kinds[0], sizes, args.max_wait)))
+        return 0
+    outcomes = {kinds[0]: run(kinds[0], sizes, args.max_wait)} if len(kinds) == 1 else run_each(kinds, sizes, args)
+    if not outcomes:
+        return 1
+    by_broker = {kind: outcome["results"] for kind, outcome in outcomes.items()}
+    results = {
+        "benchmark": "pipeline",
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "setup": {
+            "client_threads": CLIENT_THREADS,
+            "web": "gunicorn config.wsgi -c config/gunicorn.conf.py (ceiling: bench.ceiling_wsgi)",
+            "workers": {name: " ".join(procfile_command(name, {})[2:]) for name in WORKERS},
+            "critical_scaling": list(CRITICAL_SCALING),
+            "sizes": sizes.__dict__,
+        },
+        "brokers": by_broker,
+        "wall_seconds": round(time.monotonic() - began),
+    }
 
     from bench.plot import plot
 
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results.resolve() / datetime.date.today().isoformat()
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(outcome["phases"], results, stem.with_suffix(".png"))
-    table = markdown_table(results)
+    plot({kind: outcome["phases"] for kind, outcome in outcomes.items()}, results, stem.with_suffix(".png"))
+    table = markdown_table(by_broker)
     stem.with_suffix(".md").write_text(table + "\n")
     m = results["machine"]
     print()
     print(table)
     print()
     print(
-        f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB RAM,"
-        f" load average at start {m['load_average_at_start']}; run took {results['wall_seconds']} s"
+        f"machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB RAM; load average at start"
+        + "".join(f", {LABELS[k]} {r['load']['load_average_at_start']}" for k, r in by_broker.items())
+        + f"; run took {results['wall_seconds']} s"
     )
     print(f"results: {stem.with_suffix('.json')}, plot: {stem.with_suffix('.png').name}")
-    return 0
+    return 0 if len(outcomes) == len(kinds) else 1
 
 
 if __name__ == "__main__":

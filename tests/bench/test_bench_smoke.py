@@ -1,0 +1,117 @@
+"""`make bench` stays runnable: its broker-neutral pieces on both brokers, and its report from both brokers' figures.
+
+The bench itself (`python -m bench.pipeline --quick`, a few minutes a broker) is not run here, nor its figure,
+which needs the bench's extras (requirements-bench.txt: numpy, matplotlib) that `make test` does not install.
+"""
+
+import json
+from collections import namedtuple
+
+import pytest
+
+from bench import pipeline
+from bench.brokers import BenchBroker
+from tests.brokers import on_both_brokers
+
+# The fields of bench.load.Sample (that module needs numpy, one of the bench's extras).
+Sample = namedtuple("Sample", "sent_at seconds status body")
+
+
+@pytest.fixture
+def bench_broker(broker, tmp_path):
+    """The test's broker as the bench sees it (bench/brokers.py), its no-op tasks replying over it."""
+    from bench import tasks
+
+    handle = BenchBroker(broker.kind, tmp_path)
+    handle.url = broker.url  # the test's own Redis or virtual host: nothing to start or delete
+    tasks._producer.cache_clear()
+    try:
+        yield handle
+    finally:
+        tasks._producer.cache_clear()
+        handle.stop()
+
+
+@on_both_brokers
+def test_the_bench_hears_its_no_ops_and_reads_queue_depth_alike_on_both_brokers(bench_broker):
+    from bench.tasks import hold, noop
+
+    replies = bench_broker.replies("bench.replies")
+    try:
+        noop.run(1.5, "bench.replies")  # the task's body, as a pool process runs it
+        sent_at, started_at, finished_at = replies.next(timeout=10)
+        assert sent_at == 1.5 and sent_at < started_at <= finished_at
+        for _ in range(3):
+            hold.apply_async((0,), queue="bulk")
+        assert bench_broker.depth("bulk") == 3
+        assert bench_broker.purge("bulk") == 3
+        assert bench_broker.depth("bulk") == 0
+        # On RabbitMQ a passive declare of a missing queue closes its channel: each question has its own.
+        assert bench_broker.depth("no-such-queue") == 0
+        assert bench_broker.depth("no-such-queue") == 0
+        assert bench_broker.purge("no-such-queue") == 0
+    finally:
+        replies.close()
+
+
+def fake_outcome(kind: str, scale: float) -> dict:
+    """One broker's figures and raw series, shaped as pipeline.measure returns them."""
+    ms = {"p50": 2.0 * scale, "p95": 4.0 * scale}
+    latency = {**ms, "p99": 6.0 * scale}
+    samples = [Sample(100.0 + n / 10, 0.01 * scale, 201, json.dumps({"id": n}).encode()) for n in range(20)]
+    top = {"orders": 20, "orders_per_second": 10.0 / scale, "critical_tasks_per_second": 40.0 / scale}
+    ratios = {
+        "order_api_vs_bare_insert": 0.3,
+        "pipeline_tasks_vs_noop_tasks": 0.1,
+        "isolation_queue_wait_p95_bulk_vs_idle": 1.1,
+        "created_to_paid_p95_vs_noop_round_trip_p95": 7.0,
+    }
+    half = {
+        "target_orders_per_second": 5.0,
+        "created_to_confirmed_ms": ms,
+        "created_to_paid_ms": ms,
+        "created_to_fulfilled_ms": ms,
+        "payment_claimed_to_recorded_ms": ms,
+    }
+    results = {
+        "broker": {"kind": kind, "label": kind, "server_version": "1.0"},
+        "load": {"load_average_at_start": [0.5, 0.4, 0.3], "waited_seconds": 0, "quiet": True},
+        "ceilings": {
+            "bare_insert_requests_per_second": 300.0,
+            "bare_insert_latency_ms": latency,
+            "noop_tasks_per_second": 400.0,
+            "noop_round_trip_ms": ms,
+        },
+        "ratios": ratios,
+        "targets": pipeline.verdicts(ratios),
+        "order_api": {"requests_per_second": 90.0, "latency_ms": latency},
+        "pipeline": {"max_load": top, "half_load": half},
+        "critical_scaling": [{"concurrency": n, **top} for n in pipeline.CRITICAL_SCALING],
+        "celery": {"publish": {"service_ms": ms, "plain_connection_ms": ms}},
+        "isolation": {"bulk_tasks_queued": 5000, "critical_queue_wait_idle_ms": ms, "critical_queue_wait_bulk_ms": ms},
+        "memory_mb": {"worker-critical": [{"pid": 1, "peak_rss_mb": 90.0, "peak_hwm_mb": 95.0}]},
+        "wall_seconds": 100,
+    }
+    phases = {
+        "ceiling": {"_samples": samples},
+        "api": {"_samples": samples},
+        "celery": {"_round_trips": [0.002, 0.003]},
+        "half": {"_samples": samples, "_to_paid": [0.02, 0.03], "_to_fulfilled": [0.04], "_fulfilled_at": [101.0]},
+        "max": {"_samples": samples, "_fulfilled_at": [101.0, 102.5]},
+        "isolation": {"_idle_queue_waits": [0.001, 0.002], "_bulk_queue_waits": [0.001, 0.003]},
+    }
+    return {"results": results, "phases": phases}
+
+
+def outcomes() -> dict[str, dict]:
+    return {"redis": fake_outcome("redis", 1.0), "rabbitmq": fake_outcome("rabbitmq", 2.0)}
+
+
+def test_the_table_puts_both_brokers_side_by_side():
+    table = pipeline.markdown_table({kind: outcome["results"] for kind, outcome in outcomes().items()})
+    lines = table.splitlines()
+    assert lines[0] == "| figure | Redis | RabbitMQ | target |"
+    assert all(line.count("|") == 5 for line in lines), table
+    scaling = next(line for line in lines if line.startswith("| pipeline max"))
+    assert "-c 1 / 2 / 4" in scaling and "| 10 / 10 / 10 orders/s | 5 / 5 / 5 orders/s |" in scaling
+    assert "| 0.3 (MISSED) | 0.3 (MISSED) | >= 0.5 |" in table
