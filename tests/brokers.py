@@ -72,6 +72,23 @@ def celery_broker(url: str):
             app.conf.update(previous)
 
 
+@contextmanager
+def rabbitmq_queues_with_delivery_limit(limit: int):
+    """This process declares the task queues with another delivery limit, as workers started with
+    RABBITMQ_DELIVERY_LIMIT=<limit> do (a queue's arguments must be the same in every process that declares it)."""
+    from config.celery import app
+    from config.settings.celery import task_queues
+
+    saved = app.conf.task_queues
+    app.conf.task_queues = task_queues("rabbitmq", delivery_limit=limit)
+    app.__dict__.pop("amqp", None)
+    try:
+        yield
+    finally:
+        app.conf.task_queues = saved
+        app.__dict__.pop("amqp", None)
+
+
 # Delivery guarantees are tested on both brokers: `@on_both_brokers` runs a test once on Redis and once on
 # RabbitMQ (a virtual host of its own: the `broker` fixture, tests/conftest.py); the workers it starts follow
 # (tests/e2e/conftest.py: worker_env).

@@ -14,13 +14,15 @@ from .logging import LOGGING
 REDIS_URL = env.str("REDIS_URL", default="")
 # CELERY_BROKER_URL=amqp://user:password@host:5672/vhost runs the whole service on RabbitMQ (several nodes:
 # their URLs joined by ";", tried in turn). Unset: Redis at REDIS_URL, else the filesystem broker of `make run`.
-BROKER_URL = env.str("CELERY_BROKER_URL", default="")
-if BROKER_URL and not BROKER_URL.startswith(("amqp://", "amqps://", "pyamqp://")):
+# Lower case: not a setting of its own. (Named BROKER_URL, Celery's `conf` remote command, which Flower sends,
+# read it as a broker URL: an empty one logged "No hostname was supplied" in every worker.)
+_amqp_url = env.str("CELERY_BROKER_URL", default="")
+if _amqp_url and not _amqp_url.startswith(("amqp://", "amqps://", "pyamqp://")):
     raise ImproperlyConfigured("CELERY_BROKER_URL must be an amqp:// URL (RabbitMQ); set REDIS_URL for Redis.")
 # Which broker the service runs on: "rabbitmq", "redis" or "filesystem". Guards that exist for one broker only
 # read it: core/broker.py (Redis), the outbox's search of the broker and its epoch key (Redis), the per-queue
 # arguments below and the dead-letter queue's consumer (RabbitMQ, ops/rabbitmq.py).
-BROKER_KIND = "rabbitmq" if BROKER_URL else "redis" if REDIS_URL else "filesystem"
+BROKER_KIND = "rabbitmq" if _amqp_url else "redis" if REDIS_URL else "filesystem"
 
 # The delivery limit of every task queue on RabbitMQ: a message delivered this many times more than once
 # (its worker died, or lost its connection, each time) goes to the dead-letter exchange and from there to the
@@ -38,7 +40,7 @@ DEAD_LETTER_QUEUE = "shop.dead-letter"
 
 CELERY_BROKER_TRANSPORT_OPTIONS: dict[str, object]
 if BROKER_KIND == "rabbitmq":
-    CELERY_BROKER_URL = BROKER_URL
+    CELERY_BROKER_URL = _amqp_url
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         # Publisher confirms: a publish returns once the broker has stored the message (on a quorum queue: on a
         # majority of its nodes), and raises when it refuses it. The outbox marks an item published only then.

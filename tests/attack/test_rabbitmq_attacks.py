@@ -27,6 +27,7 @@ from core.models import OutboxItem
 from ops.deadletters import record_dead_lettered
 from ops.models import FailedTask
 from tests.attack import rabbitmq_tasks as tasks
+from tests.brokers import rabbitmq_queues_with_delivery_limit
 from tests.e2e.conftest import start_worker, worker_env  # noqa: F401 (the e2e fixtures, for the worker tests)
 from tests.factories import OutboxItemFactory
 from tests.stack import wait_for
@@ -299,12 +300,8 @@ LIMIT = 2
 
 @pytest.fixture
 def queues_with_limit(broker):
-    saved = app.conf.task_queues
-    app.conf.task_queues = task_queues("rabbitmq", delivery_limit=LIMIT)
-    app.__dict__.pop("amqp", None)
-    yield
-    app.conf.task_queues = saved
-    app.__dict__.pop("amqp", None)
+    with rabbitmq_queues_with_delivery_limit(LIMIT):
+        yield
 
 
 def close_worker_connections(vhost: str) -> int:

@@ -12,11 +12,10 @@ import pytest
 from django.conf import settings
 from django.db import transaction
 
-from config.celery import app
-from config.settings.celery import task_queues
 from core import outbox
 from core.models import OutboxItem
 from ops.models import FailedTask
+from tests.brokers import rabbitmq_queues_with_delivery_limit
 from tests.e2e import deadletter_tasks as tasks
 from tests.stack import wait_for
 
@@ -39,12 +38,8 @@ WORKER_ENV = {
 @pytest.fixture(autouse=True)
 def queues_with_the_test_limit(broker):
     """This process declares the queues as the workers do (a queue's arguments must match everywhere)."""
-    saved = app.conf.task_queues
-    app.conf.task_queues = task_queues("rabbitmq", delivery_limit=DELIVERY_LIMIT)
-    app.__dict__.pop("amqp", None)
-    yield
-    app.conf.task_queues = saved
-    app.__dict__.pop("amqp", None)
+    with rabbitmq_queues_with_delivery_limit(DELIVERY_LIMIT):
+        yield
 
 
 def test_a_message_that_kills_every_worker_taking_it_is_dead_lettered_by_the_broker_once(
