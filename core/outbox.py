@@ -444,12 +444,19 @@ def finish_failed(*, task_id: str, reason: str) -> tuple[OutboxItem | None, bool
 DELIVERY_LIMIT_EXCEEDED = "DeliveryLimitExceeded"
 
 
+def _item_task_id(task_id: str) -> uuid.UUID | None:
+    """The task id as an outbox item's (a UUID); None for any other (beat's tasks, a manual send, a forged id)."""
+    try:
+        return uuid.UUID(task_id)
+    except ValueError:
+        return None
+
+
 def _finish_done(task_id: str) -> None:
     # One statement; RETURNING tells whether the item had failed before (a dead letter to resolve).
-    try:
-        key = uuid.UUID(task_id)
-    except ValueError:
-        return  # not an outbox task id (beat's tasks, a manual send)
+    key = _item_task_id(task_id)
+    if key is None:
+        return
     fields = OutboxItem._meta
     params = [
         OutboxItem.State.DONE,
@@ -512,13 +519,19 @@ def _task_succeeded(sender: Any = None, **kwargs: Any) -> None:
 def task_failed_for_good(task_id: str, reason: str) -> None:
     """A task's final failure, wherever it is learnt: its item ends failed (or parked) and `work_failed` is sent.
 
+    An item that finished already (a broker's verdict read after the delivery it counted succeeded) stays done,
+    and `work_recovered` resolves what was recorded for it. An id that is no outbox task id names no item.
     Runs on a connection of its own (see _in_own_connection). Raises what the database raises.
     """
+    if _item_task_id(task_id) is None:
+        return
 
     def work() -> None:
         item, parked = finish_failed(task_id=task_id, reason=reason)
         if item is not None:
             work_failed.send(sender=OutboxItem, item=item, reason=reason, by_relay=False, parked=parked)
+        elif OutboxItem.objects.filter(task_id=task_id, state=OutboxItem.State.DONE).exists():
+            work_recovered.send(sender=OutboxItem, item_task_id=task_id)
 
     _in_own_connection(work, name=f"outbox-failure-{task_id}")
 

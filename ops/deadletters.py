@@ -163,8 +163,8 @@ def record_dead_lettered(message: Message) -> None:
     """A message RabbitMQ dead-lettered: a FailedTask, and the task's outbox item ends failed (or parked).
 
     A message a worker refused (`rejected`) was recorded by that worker, and one that `expired` was sent to
-    expire: nothing more is done for either.
-    Raises when the dead letter cannot be written (the message is then left on the queue).
+    expire: nothing more is done for either. Raises when the dead letter cannot be written (the consumer logs
+    the message and acknowledges it: ops/rabbitmq.py).
     """
     headers = message.headers if isinstance(message.headers, dict) else {}
     reason, queue, deliveries = _death(headers)
@@ -199,19 +199,10 @@ def record_dead_lettered(message: Message) -> None:
         attempts=deliveries,
         worker="rabbitmq",
     )
-    if _is_uuid(task_id):  # an outbox item's task id; any other id names no item
-        # A success of the same task afterwards (a delivery still running when the broker counted it) settles
-        # the item `done` and resolves this dead letter (core.outbox._finish_done).
-        outbox.task_failed_for_good(task_id, exception)
+    # After the record, so that whichever comes first, this verdict or the success of a delivery it counted
+    # that was still running, the item ends done and this dead letter resolved (core.outbox._finish_done).
+    outbox.task_failed_for_good(task_id, exception)
     logger.error("task %s[%s] dead-lettered by the broker from %s: %s", claimed, task_id, queue, exception)
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 # --- Failures that are not a task's own: the outbox relay gave up, a payment needs attention ---

@@ -11,7 +11,6 @@
   `rejected`: undecodable, unknown task, disallowed content) was recorded by that worker already
   (ops.deadletters, task_rejected/task_unknown) and is only acknowledged here, as is one whose TTL ran out
   (reason `expired`: Celery sets a task's `expires` as the message's TTL on RabbitMQ).
-
 - `DelayedDeliveryOnThisNode`: Celery's delayed-delivery step, set up over the worker's own connection only
   (ops.worker's consumer puts it in place of Celery's).
 

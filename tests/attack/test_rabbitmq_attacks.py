@@ -155,6 +155,26 @@ def test_work_that_succeeds_after_its_message_was_dead_lettered_ends_done():
     assert not FailedTask.objects.filter(task_id=task_id, resolved=False).exists()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_dead_letter_drained_after_its_work_finished_is_resolved_at_once():
+    """The other order: the delivery that was still running finishes first (the item is done), and the dead-letter
+    consumer, behind on its queue, reads the broker's verdict afterwards. Found in the final review: it recorded an
+    unresolved dead letter for work that was done."""
+    step = "orders.tasks.process_order"
+    item = OutboxItemFactory(task_name=step, args=[434343], state=OutboxItem.State.DONE)
+    task_id = str(item.task_id)
+
+    record_dead_lettered(
+        dead_letter(
+            {"task": step, "id": task_id, "x-death": x_death("delivery_limit", "critical")}, task_body([434343])
+        )
+    )
+
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.DONE
+    assert not FailedTask.objects.filter(task_id=task_id, resolved=False).exists()
+
+
 # --- Queue arguments that differ between processes ------------------------------------------------------------
 
 
