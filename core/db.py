@@ -1,8 +1,9 @@
 """Database statements the ORM does not offer."""
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
-from django.db import connection, models
+from django.db import connection, models, transaction
 from django.db.models import Field
 
 
@@ -46,3 +47,23 @@ def insert_unless_exists(instance: models.Model, *, unique: Sequence[str], parti
     instance._state.adding = False
     instance._state.db = connection.alias
     return True
+
+
+@contextmanager
+def one_snapshot() -> Iterator[None]:
+    """The reads inside see the database as of one moment: a row and the rows read after it agree.
+
+    PostgreSQL's default isolation (READ COMMITTED) gives each statement a snapshot of its own, so a row read
+    and its relations read a moment later (prefetch_related) can straddle another transaction's commit. Here
+    they share one: a READ ONLY, REPEATABLE READ transaction (two statements more). SQLite's read
+    transaction is one snapshot already. Inside a transaction already begun it adds nothing: that
+    transaction's isolation holds.
+    """
+    if connection.in_atomic_block:
+        yield
+        return
+    with transaction.atomic():
+        if connection.vendor == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from django.db.models import Q, QuerySet
 
+from core.db import one_snapshot
 from payments.models import Payment, Refund
 
 from .models import Order, Product
@@ -60,8 +61,11 @@ def order_was_charged(*, owner: "User", order_id: int) -> bool:
 
 
 def order_get_for(*, owner: "User", order_id: int) -> Order | None:
-    """The owner's order with its lines, history and payment; None for another owner's or a missing one."""
-    return order_list_for(owner=owner).filter(pk=order_id).first()
+    """The owner's order with its lines, history, payment and refunds, all as of one moment (a refund that
+    succeeds meanwhile is not read as done beside the order's status from before it); None for another
+    owner's or a missing one."""
+    with one_snapshot():
+        return order_list_for(owner=owner).filter(pk=order_id).first()
 
 
 def order_get_visible_to(*, user: "User", order_id: int) -> Order | None:
