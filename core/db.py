@@ -1,6 +1,6 @@
 """Database statements the ORM does not offer."""
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 
 from django.db import connection, models, transaction
@@ -67,3 +67,15 @@ def one_snapshot() -> Iterator[None]:
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         yield
+
+
+def set_prefetched(instance: models.Model, **relations: Iterable[models.Model]) -> None:
+    """Give `instance` its related rows as prefetch_related would have loaded them, from objects in hand (rows
+    just written), so that nothing reads them back; prefetching such a relation later queries nothing."""
+    cache = instance.__dict__.setdefault("_prefetched_objects_cache", {})
+    for name, objects in relations.items():
+        loaded = getattr(instance, name).all()
+        # What Django's prefetch_related does with the rows it read (django.db.models.query.prefetch_one_level).
+        loaded._result_cache = list(objects)
+        loaded._prefetch_done = True
+        cache[name] = loaded

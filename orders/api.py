@@ -255,6 +255,7 @@ def create_order(
             idempotency_key=idempotency_key,
             payment_method_id=payload.payment_method_id,
             shipping_address=address,
+            answer_now=True,
         )
     except services.UnknownProduct as exc:
         raise ValidationError(
@@ -268,7 +269,8 @@ def create_order(
                 if item.sku in exc.skus
             ]
         ) from exc
-    # The order in hand, with what OrderOut shows of it loaded: not read again by owner and id.
+    # The order in hand, with what OrderOut shows of it loaded: a new one's from the rows just written (nothing is
+    # read back), the one an Idempotency-Key sent again names from the database.
     prefetch_related_objects([order], *selectors.ORDER_DETAIL)
     return Status(201, order)
 

@@ -76,10 +76,12 @@ class IllegalTransition(Exception):
         super().__init__(f"order {order.pk}: {order.status} -> {to_status} is not allowed")
 
 
-def start(order: Order) -> None:
-    """Record a new order's first event and dispatch its first step. Call in the transaction that created it."""
-    OrderEvent.objects.create(order=order, to_status=order.status, note="placed")
+def start(order: Order) -> OrderEvent:
+    """Record a new order's first event (returned) and dispatch its first step. Call in the transaction that
+    created it."""
+    event = OrderEvent.objects.create(order=order, to_status=order.status, note="placed")
     dispatch_next(order)
+    return event
 
 
 def set_status(order: Order, to_status: str, *, note: str = "", hold_reason: str = "") -> Order:

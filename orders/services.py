@@ -15,6 +15,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 
 from accounts.services import clean_address
+from core.db import set_prefetched
 from core.errors import ApplicationError
 from integrations import warehouse
 from integrations.errors import ProviderUnavailable
@@ -107,6 +108,7 @@ def place_order(
     idempotency_key: str = "",
     payment_method_id: int | None = None,
     shipping_address: dict[str, object] | None = None,
+    answer_now: bool = False,
 ) -> Order:
     """Create a pending order with prices copied from the catalogue; its processing is an outbox item of its commit.
 
@@ -115,7 +117,9 @@ def place_order(
     `payment_method_id` must name one of the owner's cards (else UnknownPaymentMethod, 404);
     the order is charged to it. `shipping_address` (accounts.services.clean_address's fields,
     else InvalidAddress) is copied onto the order, which then pays the flat SHIPPING_FEE on top
-    of its lines.
+    of its lines. `answer_now`: a new order comes with its lines, first event and (no) payment loaded from the
+    rows just written, as selectors.ORDER_DETAIL would read them, for an answer built at once (loaded, they are
+    not read again, so they go stale as the order moves on).
     """
     wanted = _check_items(items)
     address = clean_address(shipping_address) if shipping_address is not None else None
@@ -143,7 +147,7 @@ def place_order(
                 shipping_address=address or {},
                 shipping_fee=shipping_fee,
             )
-            OrderItem.objects.bulk_create(
+            lines = OrderItem.objects.bulk_create(
                 OrderItem(
                     order=order,
                     product=products[sku],
@@ -154,7 +158,7 @@ def place_order(
                 )
                 for sku, qty in wanted
             )
-            pipeline.start(order)
+            event = pipeline.start(order)
     except IntegrityError:
         # A concurrent request with the same key won the unique constraint.
         if not idempotency_key:
@@ -163,6 +167,8 @@ def place_order(
         if existing is None:
             raise
         return existing
+    if answer_now:
+        set_prefetched(order, items=lines, events=[event], payments=[])
     return order
 
 

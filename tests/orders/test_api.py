@@ -3,7 +3,9 @@
 from decimal import Decimal
 
 import pytest
+from django.db import connection
 from django.test import Client
+from django.test.utils import CaptureQueriesContext
 
 from accounts.services import issue_api_token
 from orders.models import Order
@@ -101,6 +103,34 @@ def test_same_idempotency_key_with_other_items_is_refused_naming_the_header(api_
     assert "Idempotency-Key" in error_locs(response)
     assert Order.objects.count() == 1
     assert Order.objects.get().items.get().quantity == 1
+
+
+def test_a_new_orders_answer_is_built_from_the_rows_just_written_not_read_back(api_client, product):
+    # The answer shows the order's lines, its first event and no payment: what place_order has in hand (issue 18:
+    # the three SELECTs after COMMIT were a quarter of the order API's round trips).
+    with CaptureQueriesContext(connection) as captured:
+        response = place(api_client, [("MUG-001", 2)], key="k-fresh")
+
+    assert response.status_code == 201, response.content
+    read_back = [
+        query["sql"]
+        for query in captured.captured_queries
+        if query["sql"].startswith("SELECT")
+        and any(
+            f'FROM "{table}"' in query["sql"] for table in ("orders_orderitem", "orders_orderevent", "payments_payment")
+        )
+    ]
+    assert read_back == []
+    body = response.json()
+    order = Order.objects.get()
+    assert [(item["id"], item["sku"], item["quantity"]) for item in body["items"]] == [
+        (item.pk, "MUG-001", 2) for item in order.items.all()
+    ]
+    assert [(event["to_status"], event["note"]) for event in body["events"]] == [("pending", "placed")]
+    assert body["payment"] is None and body["refunds"] == []
+
+    # The same key again answers the first order, read from the database: the same body.
+    assert place(api_client, [("MUG-001", 2)], key="k-fresh").json() == body
 
 
 def test_same_idempotency_key_from_two_users_places_two_orders(api_client, other_client, product):
