@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: run test test-unit test-compose fuzz lint lock format clean bench bench-pipeline bench-reports
+.PHONY: run test test-unit test-compose fuzz lint lock format clean bench bench-pipeline bench-hops bench-reports
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -91,12 +91,17 @@ test-compose: $(VENV)/.dev
 
 # Performance harness; results go to bench/results/. Needs PostgreSQL, Redis and RabbitMQ with rabbitmqctl
 # (bench/pipeline.py runs on both brokers; see each script's docstring).
-bench: bench-pipeline bench-reports
+bench: bench-pipeline bench-hops bench-reports
 
 # The order pipeline against ceilings from the same run (a bare INSERT view, no-op tasks) on the
 # Procfile's processes: bench/results/<date>.json and .png, and the table in the README.
 bench-pipeline: $(VENV)/.bench
 	$(BIN)/python -m bench.pipeline
+
+# Each hop of an order on its own (the API, then each task in-process): queries, DB, CPU and wall ms per hop,
+# and the SQL of one order: bench/results/<date>-hops.json and .md.
+bench-hops: $(VENV)/.dev
+	$(BIN)/python -m bench.hops
 
 # A sales report over 250,000 order lines on a real bulk worker (-c 2): time and each pool process's peak memory.
 bench-reports: $(VENV)/.runtime

@@ -5,12 +5,16 @@ which needs the bench's extras (requirements-bench.txt: numpy, matplotlib) that 
 """
 
 import json
+import os
+import subprocess
+import sys
 from collections import namedtuple
 
 import pytest
 
 from bench import pipeline
 from bench.brokers import BenchBroker
+from bench.pipeline import REPO_ROOT
 from tests.brokers import on_both_brokers
 
 # The fields of bench.load.Sample (that module needs numpy, one of the bench's extras).
@@ -115,3 +119,34 @@ def test_the_table_puts_both_brokers_side_by_side():
     scaling = next(line for line in lines if line.startswith("| pipeline max"))
     assert "-c 1 / 2 / 4" in scaling and "| 10 / 10 / 10 orders/s | 5 / 5 / 5 orders/s |" in scaling
     assert "| 0.3 (MISSED) | 0.3 (MISSED) | >= 0.5 |" in table
+
+
+def test_the_per_hop_bench_runs_every_hop_of_an_order_and_writes_its_table(tmp_path):
+    database = "postgres://postgres@127.0.0.1:5432/bench_hops_smoke"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.hops", "--orders", "2", "--results", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env={**os.environ, "BENCH_HOPS_DATABASE_URL": database},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    [written] = tmp_path.glob("*-hops.json")
+    results = json.loads(written.read_text())
+    hops = results["hops"]
+    # An order's whole way: the API, reserving, charging, the hand-over and its three emails; not the expiry
+    # (delayed 30 minutes, left to the relay).
+    assert list(hops) == [
+        "POST /api/orders/",
+        "orders.tasks.process_order",
+        "orders.tasks.charge_order",
+        "notifications.tasks.send_notification",
+        "orders.tasks.sync_to_fulfillment",
+    ]
+    assert hops["notifications.tasks.send_notification"]["per_order"] == 3
+    assert all(hop["queries"]["p50"] > 0 and hop["wall_ms"]["p50"] > 0 for hop in hops.values())
+    assert any('INSERT INTO "orders_order"' in sql for sql in results["first_order_sql"]["POST /api/orders/"])
+    assert results["sandbox_cpu_ms_per_order"] > 0
+    table = written.with_suffix(".md").read_text()
+    assert "| `orders.tasks.charge_order` | 1 |" in table and "an order, all hops" in table
