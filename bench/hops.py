@@ -27,6 +27,7 @@ and re-created).
 """
 
 import argparse
+import cProfile
 import datetime
 import functools
 import json
@@ -131,7 +132,7 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def run(kind: str, orders: int) -> dict:
+def run(kind: str, orders: int, *, profile: Path | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"bench-hops-{kind}-") as tmp:
         workdir = Path(tmp)
         env = configure(workdir)
@@ -160,14 +161,21 @@ def run(kind: str, orders: int) -> dict:
             sandbox_cpu = cpu_seconds(sandbox)
             by_hop: dict[str, list[Hop]] = {}
             first: list[Hop] = []
+            profiler = cProfile.Profile() if profile else None
             for number in range(1, orders + 1):
+                if profiler:
+                    profiler.enable()
                 hops = one_order(client, make_order, number)
+                if profiler:
+                    profiler.disable()
                 first = first or hops
                 for hop in hops:
                     by_hop.setdefault(hop.name, []).append(hop)
                 for queue in QUEUES:
                     broker.purge(queue)
             sandbox_ms = (cpu_seconds(sandbox) - sandbox_cpu) * 1000 / orders
+            if profiler and profile:
+                profiler.dump_stats(profile)  # read with: python -m pstats <file> (sort cumulative, stats 40)
             return {
                 "broker": {"kind": kind, "label": broker.label, "server_version": broker.server_version()},
                 "orders": orders,
@@ -219,9 +227,10 @@ def main() -> int:
     parser.add_argument("--broker", choices=list(LABELS), default="redis")
     parser.add_argument("--orders", type=int, default=60)
     parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--profile", type=Path, help="also write a cProfile of the measured orders to this file")
     args = parser.parse_args()
     results = {"benchmark": "hops", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    results.update(run(args.broker, args.orders))
+    results.update(run(args.broker, args.orders, profile=args.profile))
     args.results.mkdir(parents=True, exist_ok=True)
     stem = args.results.resolve() / f"{datetime.date.today().isoformat()}-hops"
     stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")

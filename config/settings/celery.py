@@ -191,9 +191,11 @@ CELERY_TASK_PUBLISH_RETRY_POLICY = {
 # Workers log through Django's LOGGING (above), so task lines carry the task and order ids.
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
-# Workers send events so Flower can show tasks live.
+# Workers send events so Flower can show tasks live, from the moment a worker receives one. No task-sent event:
+# it was a second publish (on the event exchange) beside every task's, about 40 % of a publish's time on Redis
+# (bench/hops.py); what waits in a queue is its depth (/metrics, Flower's broker tab).
 CELERY_WORKER_SEND_TASK_EVENTS = True
-CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_TASK_SEND_SENT_EVENT = False
 
 CELERY_TIMEZONE = "UTC"
 # Touches <schedule file>.heartbeat at every tick, for beat's healthcheck (config/beat.py).
