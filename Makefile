@@ -63,10 +63,13 @@ run: $(VENV)/.runtime
 	  exec python -m config.procfile --append flower=--port=$(FLOWER_PORT) \
 	    --after flower=worker-critical,worker-bulk,worker-default Procfile
 
-# Lint first (ruff, mypy, the import contracts: the apps' import graph is a tree), then the suite.
+# Lint first (ruff, mypy, the import contracts: the apps' import graph is a tree), then the suite: the unit
+# tier in two processes (test-unit), then every other test in one (real workers, brokers, browsers: their
+# time bounds assume the machine is theirs), then the compose tier.
 test: $(VENV)/.dev
 	$(MAKE) --no-print-directory lint
-	$(BIN)/pytest
+	$(MAKE) --no-print-directory test-unit
+	$(BIN)/pytest -m "not unit"
 	$(MAKE) --no-print-directory test-compose
 
 # The unit tier: every test marked `unit` (tests/conftest.py: a test that needs no Redis, no sandbox process,
