@@ -55,17 +55,17 @@ def one_snapshot() -> Iterator[None]:
 
     PostgreSQL's default isolation (READ COMMITTED) gives each statement a snapshot of its own, so a row read
     and its relations read a moment later (prefetch_related) can straddle another transaction's commit. Here
-    they share one: a READ ONLY, REPEATABLE READ transaction (two statements more). SQLite's read
-    transaction is one snapshot already. Inside a transaction already begun it adds nothing: that
-    transaction's isolation holds.
+    they share one: a READ ONLY, REPEATABLE READ transaction (two statements more). Inside a transaction
+    already begun it adds nothing: that transaction's isolation holds. On another database (make run's
+    SQLite) it adds nothing either: SQLite's transactions begin IMMEDIATE there, a write lock, and every
+    order page would wait for the workers' writes.
     """
-    if connection.in_atomic_block:
+    if connection.in_atomic_block or connection.vendor != "postgresql":
         yield
         return
     with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        with connection.cursor() as cursor:
+            cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         yield
 
 

@@ -31,7 +31,8 @@ Sku = Annotated[
 # A client's retry key: printable ASCII without spaces, as HTTP headers carry it.
 IdempotencyKey = Annotated[str, Header(alias="Idempotency-Key", min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
 
-Pagination = bounded_pagination(default_limit=100)
+# A page of orders with their refunds, read as of one moment (core.db.one_snapshot).
+Pagination = bounded_pagination(default_limit=100, one_moment=True)
 
 
 class ItemIn(Schema):
@@ -302,10 +303,9 @@ def cancel_order(request: ApiRequest, order_id: int) -> Order:
     """
     try:
         # Read once, under its lock, by owner: another owner's order is a 404 like a missing one.
-        order = services.cancel_order(order_id=order_id, owner=request.auth)
+        order = services.cancel_order(order_id=order_id, owner=request.auth, answer_now=True)
     except Order.DoesNotExist:
         raise Http404("no such order") from None
-    prefetch_related_objects([order], *selectors.ORDER_DETAIL)
     return order
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, prefetch_related_objects
 
 from accounts.services import clean_address
 from core.db import set_prefetched
@@ -24,7 +24,7 @@ from payments import selectors as payment_selectors
 from payments import services as payment_services
 from payments.models import Payment, Refund
 
-from . import pipeline, stock
+from . import pipeline, selectors, stock
 from .models import Order, OrderItem, Product
 
 if TYPE_CHECKING:
@@ -267,23 +267,28 @@ def _refund_late_payment(order: Order, payment: Payment) -> None:
         logger.warning("order %s: paid after it expired; refund %s requested", order.pk, refund.pk)
 
 
-def cancel_order(*, order_id: int, owner: "User") -> Order:
+def cancel_order(*, order_id: int, owner: "User", answer_now: bool = False) -> Order:
     """Cancel the owner's order; stock is released.
 
     Before payment: while pending or confirmed and no charge is under way. Once paid: while the
     warehouse does not have it yet (no hand-over started), and the whole charge is refunded.
+    `answer_now`: the order comes with what selectors.ORDER_DETAIL loads, read before the commit under its
+    lock, so its refunds belong to its status (read after it, a refund that succeeded meanwhile showed beside
+    "cancelled").
     """
     with transaction.atomic():
         order = Order.objects.select_for_update().get(pk=order_id, owner=owner)
         if _not_handed_over(order):
             _cancel_paid(order, reason=Refund.Reason.CANCELLED_BY_SHOPPER, note="cancelled by owner", by=owner)
-            return order
-        # A claimed payment means the provider may already be charging: too late to cancel.
-        if not order.can_cancel or order.payments.exists():
-            raise OrderNotCancellable(order)
-        if order.status == Order.Status.CONFIRMED:
-            _release_stock(order)
-        pipeline.set_status(order, Order.Status.CANCELLED, note="cancelled by owner")
+        else:
+            # A claimed payment means the provider may already be charging: too late to cancel.
+            if not order.can_cancel or order.payments.exists():
+                raise OrderNotCancellable(order)
+            if order.status == Order.Status.CONFIRMED:
+                _release_stock(order)
+            pipeline.set_status(order, Order.Status.CANCELLED, note="cancelled by owner")
+        if answer_now:
+            prefetch_related_objects([order], *selectors.ORDER_DETAIL)
     return order
 
 

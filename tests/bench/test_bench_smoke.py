@@ -121,8 +121,12 @@ def test_the_table_puts_both_brokers_side_by_side():
     assert "| 0.3 (MISSED) | 0.3 (MISSED) | >= 0.5 |" in table
 
 
+# A redis-server and the sandbox of its own, in processes: not the unit tier.
+@pytest.mark.sandbox_process
+@pytest.mark.redis
 def test_the_per_hop_bench_runs_every_hop_of_an_order_and_writes_its_table(tmp_path):
-    database = "postgres://postgres@127.0.0.1:5432/bench_hops_smoke"
+    # Dropped and re-created by the bench: a name of this run's own.
+    database = f"postgres://postgres@127.0.0.1:5432/bench_hops_smoke_{os.getpid()}"
     done = subprocess.run(
         [sys.executable, "-m", "bench.hops", "--orders", "2", "--results", str(tmp_path)],
         cwd=REPO_ROOT,
