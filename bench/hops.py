@@ -40,6 +40,7 @@ from pathlib import Path
 
 from bench.brokers import LABELS, BenchBroker
 from bench.pipeline import (
+    CLIENT_THREADS,
     REPO_ROOT,
     RESULTS_DIR,
     Stack,
@@ -94,7 +95,7 @@ def one_order(client, make_order, number: int) -> list[Hop]:
     from core.models import OutboxItem
 
     since = OutboxItem.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
-    body, headers = make_order(number % 16, number)
+    body, headers = make_order(number % CLIENT_THREADS, number)  # one token per client of bench.pipeline
     api = Hop("POST /api/orders/")
     response = api.measure(
         lambda: client.post(
