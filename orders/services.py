@@ -172,8 +172,11 @@ def place_order(
     return order
 
 
-def _lock_order(order_id: int) -> Order | None:
-    return Order.objects.select_for_update().filter(pk=order_id).first()
+def _lock_order(order_id: int, *, with_card: bool = False) -> Order | None:
+    orders = Order.objects.select_for_update(of=("self",))
+    if with_card:
+        orders = orders.select_related("payment_method")
+    return orders.filter(pk=order_id).first()
 
 
 def _release_stock(order: Order) -> None:
@@ -202,50 +205,65 @@ def process_order(*, order_id: int) -> Order | None:
 def charge_order(*, order_id: int) -> Order | None:
     """Charge a confirmed order once and apply the outcome: -> paid, -> payment_failed (stock released), or on hold.
 
-    The payment is claimed under the order's lock (cancel_order takes the same lock and
-    refuses once a payment exists); the provider is called outside any transaction.
-    An order whose total is zero is paid without a payment. Raises
-    integrations.errors.ProviderUnavailable when the provider could not answer; retrying is safe.
+    The payment is claimed (and its call counted) under the order's lock (cancel_order takes the
+    same lock and refuses once a payment exists) and committed; the provider is called outside any
+    transaction; its answer and the order's move then commit together. An order whose total is zero
+    is paid without a payment. Raises integrations.errors.ProviderUnavailable when the provider could
+    not answer; retrying is safe.
     """
+    counted = False
     with transaction.atomic():
-        order = _lock_order(order_id)
+        # With its card (the claim copies it; the provider is given its token): not read again before the call.
+        order = _lock_order(order_id, with_card=True)
         if order is None:
             logger.warning("charge_order: order %s does not exist", order_id)
             return None
-        payment = Payment.objects.filter(order=order).first()
+        payment = Payment.objects.select_related("payment_method").filter(order=order).first()
         if payment is None:
             if order.status != Order.Status.CONFIRMED:
                 return order
             if order.total == 0:
                 return pipeline.set_status(order, Order.Status.PAID, note="nothing to charge: total is zero")
-            payment = payment_services.claim_order_payment(order=order)
-    payment = payment_services.settle_payment(payment_id=payment.pk)
-    return apply_payment_outcome(order_id=order_id, payment=payment)
+            payment, counted = payment_services.claim_order_payment(order=order), True
+    if payment.status in Payment.FINAL:
+        # Recorded before (a webhook, or a delivery that died before it moved the order): apply it.
+        return apply_payment_outcome(order_id=order_id, payment=payment)
+    # The payment as claimed or read under the lock just now: not read again before the call.
+    outcome = payment_services.call_provider(payment, counted=counted)
+    with transaction.atomic():
+        # The order's lock, then the payment's (record_outcome), as every path that takes both does.
+        order = _lock_order(order_id)
+        payment = payment_services.record_outcome(payment.pk, outcome)
+        return _apply_payment_outcome(order, payment)
 
 
 def apply_payment_outcome(*, order_id: int, payment: Payment) -> Order | None:
     """Move the order as its payment's outcome says. Idempotent; a payment still processing changes nothing."""
     with transaction.atomic():
-        order = _lock_order(order_id)
-        if order is None:
-            return None
-        waiting = order.status == Order.Status.CONFIRMED or _held_from(order, Order.Status.CONFIRMED)
-        if order.status == Order.Status.EXPIRED and payment.status == Payment.Status.SUCCEEDED:
-            _refund_late_payment(order, payment)
-        if not waiting:
-            return order
-        if payment.status == Payment.Status.SUCCEEDED:
-            pipeline.set_status(order, Order.Status.PAID, note="payment succeeded")
-        elif payment.status == Payment.Status.DECLINED:
-            _release_stock(order)
-            pipeline.set_status(order, Order.Status.PAYMENT_FAILED, note=f"payment declined: {payment.failure_reason}")
-        elif payment.status == Payment.Status.NEEDS_ATTENTION and order.status != Order.Status.ON_HOLD:
-            pipeline.set_status(
-                order,
-                Order.Status.ON_HOLD,
-                note=f"payment needs attention: {payment.failure_reason}",
-                hold_reason=HOLD_MESSAGES[Order.Status.CONFIRMED],
-            )
+        return _apply_payment_outcome(_lock_order(order_id), payment)
+
+
+def _apply_payment_outcome(order: Order | None, payment: Payment) -> Order | None:
+    """apply_payment_outcome, for an order locked by the caller (None: it is gone)."""
+    if order is None:
+        return None
+    waiting = order.status == Order.Status.CONFIRMED or _held_from(order, Order.Status.CONFIRMED)
+    if order.status == Order.Status.EXPIRED and payment.status == Payment.Status.SUCCEEDED:
+        _refund_late_payment(order, payment)
+    if not waiting:
+        return order
+    if payment.status == Payment.Status.SUCCEEDED:
+        pipeline.set_status(order, Order.Status.PAID, note="payment succeeded")
+    elif payment.status == Payment.Status.DECLINED:
+        _release_stock(order)
+        pipeline.set_status(order, Order.Status.PAYMENT_FAILED, note=f"payment declined: {payment.failure_reason}")
+    elif payment.status == Payment.Status.NEEDS_ATTENTION and order.status != Order.Status.ON_HOLD:
+        pipeline.set_status(
+            order,
+            Order.Status.ON_HOLD,
+            note=f"payment needs attention: {payment.failure_reason}",
+            hold_reason=HOLD_MESSAGES[Order.Status.CONFIRMED],
+        )
     return order
 
 
@@ -536,19 +554,10 @@ def sync_to_fulfillment(*, order_id: int) -> Order | None:
     Raises integrations.errors.ProviderUnavailable when the warehouse cannot be reached (retrying
     is safe) and ProviderRejected when it refuses. Returns None when the order is gone.
     """
-    order = Order.objects.filter(pk=order_id).first()
-    if order is None or not _awaits_shipment(order):
-        return order
-    key = order.fulfillment_key or _claim_fulfillment_key(order_id)
-    if key is None:
-        return Order.objects.filter(pk=order_id).first()  # cancelled (and refunded) before the hand-over began
-    # Read once the key is claimed: units refunded before went back on hand (an order that waits
-    # for its hand-over gave back nothing else) and are not shipped; a line refunded from now on
-    # may be with the warehouse, so it ships and stays counted.
-    released = stock.released_for_order(order=order)
-    quantities = {item.sku: item.quantity - released[item.product_id] for item in order.items.all()}
-    items = [{"sku": sku, "quantity": quantity} for sku, quantity in quantities.items() if quantity > 0]
-    shipment = warehouse.create_shipment(order_id=order.pk, items=items, idempotency_key=key)
+    order, items = _claim_hand_over(order_id)
+    if order is None or items is None:
+        return order  # gone, handed over already, or cancelled (and refunded) before the hand-over began
+    shipment = warehouse.create_shipment(order_id=order_id, items=items, idempotency_key=order.fulfillment_key)
     with transaction.atomic():
         order = _lock_order(order_id)
         if order is not None and _awaits_shipment(order):
@@ -560,20 +569,24 @@ def sync_to_fulfillment(*, order_id: int) -> Order | None:
     return order
 
 
-def _claim_fulfillment_key(order_id: int) -> str | None:
-    """The order's warehouse key, made (random) and committed before its first hand-over, kept for every retry.
+def _claim_hand_over(order_id: int) -> tuple[Order | None, list[dict[str, object]] | None]:
+    """The order and what to ship, with its warehouse key made (random) and committed before its first hand-over
+    and kept for every retry; no items (None) when it does not await shipment (gone, shipped, or cancelled by its
+    shopper or refunded meanwhile).
 
-    None when the order no longer awaits shipment: cancelled by its shopper, or refunded, meanwhile.
-    Decided under the order's row lock, which a cancel or a refund takes too.
+    Decided under the order's row lock, which a cancel or a refund takes too. The lines are read under it: units
+    refunded before went back on hand (an order that waits for its hand-over gave back nothing else) and are not
+    shipped; a line refunded once the key is committed may be with the warehouse, so it ships and stays counted.
     """
     with transaction.atomic():
-        order = Order.objects.select_for_update().get(pk=order_id)
-        if not order.fulfillment_key and not _awaits_shipment(order):
-            return None
+        order = _lock_order(order_id)
+        if order is None or not _awaits_shipment(order):
+            return order, None
         if not order.fulfillment_key:
             order.fulfillment_key = f"ship_{secrets.token_hex(16)}"
             order.save(update_fields=["fulfillment_key"])
-        return order.fulfillment_key
+        quantities = {sku: quantity for sku, quantity in stock.units_to_ship(order=order)}
+    return order, [{"sku": sku, "quantity": quantity} for sku, quantity in quantities.items() if quantity > 0]
 
 
 def _awaits_shipment(order: Order) -> bool:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from django.db import IntegrityError, transaction
-from django.db.models import F, Sum
+from django.db.models import F, OuterRef, Subquery, Sum
+from django.db.models.functions import Coalesce
 
 from .models import Order, Product, StockMovement
 
@@ -31,10 +32,6 @@ class InsufficientStock(StockError):
         self.delta = delta
         self.on_hand = on_hand
         super().__init__(f"cannot take {-delta} units: only {on_hand} in stock")
-
-
-class _Short(Exception):
-    """Rolls back the partial reservation of an order that cannot be filled."""
 
 
 def _once_per_submission(submission: str, change: Callable[[], StockMovement]) -> StockMovement:
@@ -113,27 +110,33 @@ def reserve_for_order(*, order: Order) -> list[str]:
 
     All or nothing: when any item is short, nothing is taken or recorded. Call while
     holding the order's row lock, once per order (a second call reserves again).
+
+    The products are locked first, in id order as every reservation takes them (two orders never wait
+    on each other in turn), checked here, and written back in one UPDATE: three statements whatever
+    the number of lines, and no savepoint to undo a partial take (issue 18: one UPDATE a line before).
     """
-    short: list[str] = []
     items = list(order.items.order_by("product_id"))
-    try:
-        with transaction.atomic():
-            for item in items:
-                updated = Product.objects.filter(pk=item.product_id, stock__gte=item.quantity).update(
-                    stock=F("stock") - item.quantity
-                )
-                if not updated:
-                    short.append(item.sku)
-            if short:
-                raise _Short()
-            StockMovement.objects.bulk_create(
-                StockMovement(
-                    product_id=item.product_id, delta=-item.quantity, kind=StockMovement.Kind.RESERVED, order=order
-                )
-                for item in items
-            )
-    except _Short:
+    products = {
+        product.pk: product
+        for product in Product.objects.select_for_update()
+        .filter(pk__in={item.product_id for item in items})
+        .order_by("pk")
+        .only("pk", "stock")
+    }
+    short: list[str] = []
+    for item in items:
+        product = products.get(item.product_id)
+        if product is None or product.stock < item.quantity:
+            short.append(item.sku)
+        else:
+            product.stock -= item.quantity
+    if short:
         return short
+    Product.objects.bulk_update(products.values(), ["stock"])
+    StockMovement.objects.bulk_create(
+        StockMovement(product_id=item.product_id, delta=-item.quantity, kind=StockMovement.Kind.RESERVED, order=order)
+        for item in items
+    )
     return []
 
 
@@ -148,15 +151,16 @@ def held_by_order(*, order: Order) -> Counter[int]:
     return Counter({product_id: -net for product_id, net in rows if net < 0})
 
 
-def released_for_order(*, order: Order) -> Counter[int]:
-    """The units of each product given back to stock by the order's `released` movements."""
-    rows = (
-        StockMovement.objects.filter(order=order, kind=StockMovement.Kind.RELEASED)
+def units_to_ship(*, order: Order) -> list[tuple[str, int]]:
+    """(sku, units) of each line less what the order's `released` movements gave back of its product, in one read."""
+    released = (
+        StockMovement.objects.filter(order=order, kind=StockMovement.Kind.RELEASED, product_id=OuterRef("product_id"))
         .values("product_id")
         .annotate(total=Sum("delta"))
-        .values_list("product_id", "total")
+        .values("total")
     )
-    return Counter(dict(rows))
+    lines = order.items.annotate(released=Coalesce(Subquery(released), 0)).values_list("sku", "quantity", "released")
+    return [(sku, quantity - released) for sku, quantity, released in lines]
 
 
 def release_for_order(*, order: Order) -> None:

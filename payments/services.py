@@ -100,11 +100,16 @@ def _claim(*, natural_key: dict[str, Any], **fields: Any) -> Payment:
 Outcome = provider.Charge | provider.CardDeclined | provider.ProviderRejected
 
 
-def _call_provider(payment: Payment) -> Outcome:
-    """Charge with the payment's key (and card, if any); a decline or a refusal is returned, transient errors raise."""
+def call_provider(payment: Payment, *, counted: bool = False) -> Outcome:
+    """Charge with the payment's key (and card, if any); a decline or a refusal is returned, transient errors raise.
+
+    The call is counted on the payment (`attempts`), committed before it is made; `counted`: its caller
+    did that already, in the transaction that claimed it (claim_order_payment).
+    """
     assert_outside_transaction("a charge")
-    # F(): two deliveries of the same work must not lose a count.
-    Payment.objects.filter(pk=payment.pk).update(attempts=F("attempts") + 1, updated_at=timezone.now())
+    if not counted:
+        # F(): two deliveries of the same work must not lose a count.
+        Payment.objects.filter(pk=payment.pk).update(attempts=F("attempts") + 1, updated_at=timezone.now())
     try:
         return provider.charge(
             amount=payment.amount,
@@ -130,8 +135,11 @@ def mismatch(payment: Payment, charge: provider.Charge) -> str:
     return "; ".join(problems)
 
 
-def _record(payment_id: int, outcome: Outcome) -> Payment:
+def record_outcome(payment_id: int, outcome: Outcome) -> Payment:
     """Write the provider's answer onto the payment, checked against it first. Call inside a transaction.
+
+    It takes the payment's row lock; a caller that holds the order's too took that one first, as every
+    path that takes both does (orders.services), so two of them never wait on each other in turn.
 
     A charge whose amount, currency or reference differs from the payment's is never a success:
     the payment needs attention (a dead letter and an alert, through `needs_attention`). So does a
@@ -189,9 +197,9 @@ def settle_payment(*, payment_id: int) -> Payment:
     payment = Payment.objects.select_related("payment_method").get(pk=payment_id)
     if payment.status in Payment.FINAL:
         return payment
-    outcome = _call_provider(payment)
+    outcome = call_provider(payment)
     with transaction.atomic():
-        return _record(payment.pk, outcome)
+        return record_outcome(payment.pk, outcome)
 
 
 def mark_needs_attention(
@@ -254,7 +262,7 @@ def look_up_at_provider(*, payment_id: int) -> Payment:
     if made is None:
         return payment
     with transaction.atomic():
-        return _record(payment.pk, made)
+        return record_outcome(payment.pk, made)
 
 
 def reopen_payment(*, order_id: int) -> Payment | None:
@@ -279,12 +287,18 @@ def reopen_payment(*, order_id: int) -> Payment | None:
 
 
 def claim_order_payment(*, order: Any) -> Payment:  # an orders.Order: payments does not import orders
-    """The order's payment, claimed as processing for its total. Call while holding the order's row lock."""
+    """The order's payment, claimed as processing for its total. Call while holding the order's row lock.
+
+    Its first provider call is counted in the claim (`attempts=1`): the caller makes it next, with
+    `call_provider(payment, counted=True)`, so the count commits with the claim instead of on its own.
+    The card comes from the order as loaded (select_related("payment_method") saves a read).
+    """
     return _claim(
         natural_key={"order": order},
         amount=order.total,
         currency=order.currency,
-        payment_method_id=order.payment_method_id,
+        payment_method=order.payment_method,
+        attempts=1,
     )
 
 
@@ -691,7 +705,7 @@ def process_webhook(*, event_id: int) -> WebhookEvent | None:
         ):
             # Our own task crashed between the provider's answer and our commit: finish it, checked as
             # every outcome is (amount, currency, reference).
-            payment = _record(payment.pk, charge)
+            payment = record_outcome(payment.pk, charge)
             if payment.subscription_id:
                 _apply_to_subscription(payment.subscription_id, payment, date.fromisoformat(payment.billing_period))
             # The order's side follows its payment (orders.pipeline listens): payments never calls orders.

@@ -54,7 +54,7 @@ def test_an_order_refunded_in_full_while_its_hand_over_was_under_way_ends_refund
     nothing left to do).
     """
     # Given a hand-over that has begun (its key claimed, the warehouse not answered yet)
-    services._claim_fulfillment_key(paid.pk)
+    services._claim_hand_over(paid.pk)
 
     # When staff refund all of it, and the refund succeeds at once
     refund = refund_now(django_capture_on_commit_callbacks, order_id=paid.pk)
@@ -76,7 +76,7 @@ def test_an_order_partly_refunded_while_its_hand_over_was_under_way_ends_partial
     The refund succeeded while the order was `paid`, so no partially_refunded move was made; once the
     warehouse answers, the order is `fulfilled` and nothing ever says part of it was given back.
     """
-    services._claim_fulfillment_key(paid.pk)
+    services._claim_hand_over(paid.pk)
     mug = paid.items.get(sku="MUG")
     refund = refund_now(django_capture_on_commit_callbacks, order_id=paid.pk, lines={str(mug.pk): 1})
     assert refund.status == Refund.Status.SUCCEEDED
@@ -98,7 +98,7 @@ def test_an_order_refunded_in_full_while_held_on_its_way_to_the_warehouse_ends_r
     `fulfilled`, with all of its money given back.
     """
     # Given an order whose hand-over failed for good once and waits on hold for the warehouse
-    services._claim_fulfillment_key(paid.pk)
+    services._claim_hand_over(paid.pk)
     services.hold_stuck_order(
         order_id=paid.pk, task_name="orders.tasks.sync_to_fulfillment", reason="warehouse down", resumes=True
     )

@@ -248,7 +248,7 @@ def test_the_shopper_cancels_a_paid_order_before_hand_over_and_gets_everything_b
 
 
 def test_a_paid_order_whose_hand_over_began_cannot_be_cancelled(paid, user):
-    services._claim_fulfillment_key(paid.pk)
+    services._claim_hand_over(paid.pk)
     with pytest.raises(services.OrderNotCancellable):
         services.cancel_order(order_id=paid.pk, owner=user)
     assert not Refund.objects.exists()
@@ -376,7 +376,7 @@ def test_a_line_refunded_once_the_hand_over_began_is_still_shipped_and_no_stock_
     paid, sandbox, django_capture_on_commit_callbacks
 ):
     # The hand-over has claimed its key (the warehouse may have the order) when staff refund a mug.
-    services._claim_fulfillment_key(paid.pk)
+    services._claim_hand_over(paid.pk)
     mug = paid.items.get(sku="MUG")
     refund = refund_now(django_capture_on_commit_callbacks, order_id=paid.pk, lines={str(mug.pk): 1})
     assert refund.status == Refund.Status.SUCCEEDED
@@ -396,7 +396,7 @@ def test_a_shopper_cancelling_while_the_hand_over_starts_either_cancels_it_or_is
 
     def work(i: int) -> str:
         if i == 0:
-            return "key" if services._claim_fulfillment_key(paid.pk) else "no key"
+            return "key" if services._claim_hand_over(paid.pk)[1] is not None else "no key"
         try:
             services.cancel_order(order_id=paid.pk, owner=user)
         except services.OrderNotCancellable:

@@ -82,7 +82,7 @@ def test_charge_order_delivered_again_charges_once(sandbox):
 def test_crash_after_the_provider_charged_an_order_does_not_charge_twice(sandbox):
     """The provider charged, then the worker died before our commit; the redelivery finishes it with the same key."""
     order = OrderFactory(total=Decimal("20.00"))
-    with mock.patch.object(services, "_record", side_effect=SystemExit("worker killed")):
+    with mock.patch.object(services, "record_outcome", side_effect=SystemExit("worker killed")):
         with pytest.raises(SystemExit):
             order_services.charge_order(order_id=order.pk)
     claimed = Payment.objects.get(order=order)
@@ -261,7 +261,7 @@ def test_duplicate_delivery_charges_once(user, plan, sandbox):
 def test_crash_after_provider_charged_does_not_charge_twice(user, plan, sandbox):
     """The provider charged, then the process died before our commit; the redelivery finishes it."""
     subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 5, 1))
-    with mock.patch.object(services, "_record", side_effect=SystemExit("worker killed")):
+    with mock.patch.object(services, "record_outcome", side_effect=SystemExit("worker killed")):
         with pytest.raises(SystemExit):
             services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-05-01")
     claimed = Payment.objects.get(subscription=subscription)

@@ -108,7 +108,7 @@ def test_webhook_finishes_a_payment_whose_worker_died_after_the_charge(user, san
     """The provider's event reconciles a Payment left `processing` by a crash, as the provider reports it."""
     plan = PlanFactory(code="wh", name="Webhook plan", price="5.00")
     subscription = SubscriptionFactory(owner=user, plan=plan, current_period_start=date(2026, 8, 1))
-    with mock.patch.object(services, "_record", side_effect=SystemExit("worker killed")):
+    with mock.patch.object(services, "record_outcome", side_effect=SystemExit("worker killed")):
         with pytest.raises(SystemExit):
             services.charge_subscription(subscription_id=subscription.pk, billing_period="2026-08-01")
     claimed = Payment.objects.get(subscription=subscription)
@@ -138,7 +138,7 @@ def test_webhook_finishes_an_order_whose_charge_worker_died(
 ):
     # Given an order the provider charged, whose worker died before recording it
     order = OrderFactory(total=Decimal("20.00"))
-    with mock.patch.object(services, "_record", side_effect=SystemExit("worker killed")):
+    with mock.patch.object(services, "record_outcome", side_effect=SystemExit("worker killed")):
         with pytest.raises(SystemExit):
             order_services.charge_order(order_id=order.pk)
     [charge] = sandbox.charges(reference=Payment.objects.get(order=order).idempotency_key)
@@ -166,7 +166,7 @@ def test_webhook_for_a_declined_charge_whose_worker_died_releases_the_stock(
     product.refresh_from_db()
     assert product.stock == 3
     sandbox.set_faults(decline_rate=1.0)
-    with mock.patch.object(services, "_record", side_effect=SystemExit("worker killed")):
+    with mock.patch.object(services, "record_outcome", side_effect=SystemExit("worker killed")):
         with pytest.raises(SystemExit):
             order_services.charge_order(order_id=order.pk)
     [charge] = sandbox.charges(reference=Payment.objects.get(order=order).idempotency_key)

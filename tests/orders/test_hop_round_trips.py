@@ -1,0 +1,173 @@
+"""Issue 18: the database round trips of the charge and the hand-over, the two heaviest hops.
+
+Each test counts what the hop sends to PostgreSQL (Django's CaptureQueriesContext, which logs BEGIN
+and COMMIT too) and checks the outcome is the one the pipeline has always reached: fewer round trips,
+the same rows.
+"""
+
+import threading
+import time
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+
+from config.celery import app
+from orders import services
+from orders.models import Order, Product, StockMovement
+from payments.models import Payment
+from tests.concurrency import run_concurrently
+from tests.factories import ProductFactory, UserFactory
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHARGE = "orders.tasks.charge_order"
+
+
+@pytest.fixture(autouse=True)
+def steps_are_published_not_run(monkeypatch):
+    """Each hop is run here, by the test: what a hop dispatches goes to the (memory) broker and stays there."""
+    monkeypatch.setitem(app.conf, "task_always_eager", False)
+
+
+def confirmed_order() -> Order:
+    ProductFactory(sku="HOP-1", stock=10)
+    ProductFactory(sku="HOP-2", stock=10)
+    order = services.place_order(owner=UserFactory(), items=[("HOP-1", 1), ("HOP-2", 2)], idempotency_key="hop")
+    services.process_order(order_id=order.pk)
+    order.refresh_from_db()
+    assert order.status == Order.Status.CONFIRMED
+    return order
+
+
+def statements(captured: CaptureQueriesContext) -> list[str]:
+    """The hop's statements to its last COMMIT: after it, the outbox marks what it published (on the memory
+    broker of these tests; on Redis, the broker the bench measures, it writes nothing there)."""
+    sqls = [query["sql"] for query in captured.captured_queries]
+    return sqls[: len(sqls) - sqls[::-1].index("COMMIT")]
+
+
+def listing(sqls: list[str]) -> str:
+    return "\n".join(sql[:150] for sql in sqls)
+
+
+def touching(sqls: list[str], verb: str, table: str) -> list[str]:
+    return [sql for sql in sqls if sql.startswith(verb) and f'"{table}"' in sql.split(" WHERE ")[0]]
+
+
+def test_a_reservation_locks_its_products_once_and_writes_their_stock_in_one_statement_without_a_savepoint():
+    ProductFactory(sku="HOP-1", stock=10)
+    ProductFactory(sku="HOP-2", stock=10)
+    ProductFactory(sku="HOP-3", stock=10)
+    order = services.place_order(owner=UserFactory(), items=[("HOP-1", 1), ("HOP-2", 2), ("HOP-3", 3)])
+    with CaptureQueriesContext(connection) as captured:
+        services.process_order(order_id=order.pk)
+    sqls = statements(captured)
+
+    assert not [sql for sql in sqls if "SAVEPOINT" in sql], listing(sqls)
+    assert len(touching(sqls, "UPDATE", "orders_product")) == 1, listing(sqls)  # one a line before
+    assert len(sqls) <= 15, listing(sqls)  # 18 before, for three lines
+
+    order.refresh_from_db()
+    assert order.status == Order.Status.CONFIRMED
+    assert dict(Product.objects.values_list("sku", "stock")) == {"HOP-1": 9, "HOP-2": 8, "HOP-3": 7}
+
+
+def test_a_charge_claims_then_records_and_moves_the_order_in_one_commit_reading_its_payment_once():
+    order = confirmed_order()
+    with CaptureQueriesContext(connection) as captured:
+        services.charge_order(order_id=order.pk)
+    sqls = statements(captured)
+
+    # Two transactions: the claim (committed before the provider is called) and the outcome with the order's move.
+    # Before: three, and the attempt count committed on its own between the first two.
+    assert sqls.count("COMMIT") == 2, sqls
+    # The payment is looked for once, under the order's lock; the claimed row is not read back before the call.
+    assert len(touching(sqls, "SELECT", "payments_payment")) == 2, sqls  # the lookup, and _record's row lock
+    # The call is counted with the claim (attempts=1 in its INSERT), not by an UPDATE of its own.
+    assert not [sql for sql in touching(sqls, "UPDATE", "payments_payment") if '"attempts"' in sql], sqls
+    assert len(sqls) <= 15, listing(sqls)  # 19 before
+
+    order.refresh_from_db()
+    payment = Payment.objects.get(order=order)
+    assert (order.status, payment.status, payment.attempts) == (Order.Status.PAID, Payment.Status.SUCCEEDED, 1)
+    assert list(order.events.values_list("to_status", flat=True)) == ["pending", "confirmed", "paid"]
+
+
+def test_a_charge_delivered_again_after_its_claim_counts_its_second_call():
+    order = confirmed_order()
+    with pytest.MonkeyPatch.context() as patch:
+        # The first delivery dies at the provider call, after its claim committed.
+        patch.setattr("payments.services.provider.charge", lambda **kwargs: (_ for _ in ()).throw(SystemExit))
+        with pytest.raises(SystemExit):
+            services.charge_order(order_id=order.pk)
+    assert Payment.objects.get(order=order).attempts == 1
+    services.charge_order(order_id=order.pk)
+    payment = Payment.objects.get(order=order)
+    assert (payment.status, payment.attempts) == (Payment.Status.SUCCEEDED, 2)
+    assert Order.objects.get(pk=order.pk).status == Order.Status.PAID
+
+
+def test_a_hand_over_reads_the_order_under_its_lock_only_and_its_lines_with_what_was_released_at_once():
+    order = confirmed_order()
+    services.charge_order(order_id=order.pk)
+    with CaptureQueriesContext(connection) as captured:
+        services.sync_to_fulfillment(order_id=order.pk)
+    sqls = statements(captured)
+
+    order_reads = touching(sqls, "SELECT", "orders_order")
+    assert len(order_reads) == 2 and all("FOR UPDATE" in sql for sql in order_reads), sqls
+    lines = touching(sqls, "SELECT", "orders_orderitem")
+    assert len(lines) == 1 and "orders_stockmovement" in lines[0], sqls
+    assert [sql for sql in sqls if "orders_stockmovement" in sql] == lines, sqls  # only as the lines' subquery
+    assert len(sqls) <= 13, listing(sqls)  # 15 before
+
+    order.refresh_from_db()
+    assert order.status == Order.Status.FULFILLED and order.fulfillment_key.startswith("ship_")
+
+
+def test_a_hand_over_ships_what_was_not_released_and_each_line_once(sandbox):
+    order = confirmed_order()
+    services.charge_order(order_id=order.pk)
+    # Two units of HOP-2 given back before the hand-over (as a line refund does), one at a time.
+    hop2 = order.items.get(sku="HOP-2")
+    for _ in range(2):
+        StockMovement.objects.create(product_id=hop2.product_id, delta=1, kind=StockMovement.Kind.RELEASED, order=order)
+
+    services.sync_to_fulfillment(order_id=order.pk)
+
+    [shipment] = sandbox.get("/v1/shipments", order_id=order.pk).json()["data"]
+    assert [(item["sku"], item["quantity"]) for item in shipment["items"]] == [("HOP-1", 1)]
+
+
+def test_a_hold_taken_while_the_charge_step_records_its_outcome_waits_its_turn_no_deadlock():
+    """The charge step records its payment and moves its order in one transaction: the order's lock first, then
+    the payment's, as every path that takes both does. Here the step's final failure (another delivery's) holds
+    the order meanwhile (hold_stuck_order: the order's lock, then the payment's): it waits for the step and then
+    finds the order paid. (The payment's lock first would deadlock: the step holding the payment and waiting on
+    the order, the hold the other way round.)"""
+    order = confirmed_order()
+    locks, step_locked = [], threading.Event()
+
+    def charge_step(execute, sql, params, many, context):
+        result = execute(sql, params, many, context)
+        if "FOR UPDATE" in sql:
+            locks.append(sql)
+        if len(locks) == 2 and not step_locked.is_set():
+            # The claim's lock was the first. The provider has charged; the step holds the first lock of the
+            # transaction that records the outcome.
+            step_locked.set()
+            time.sleep(1.5)  # the hold now asks for its locks (PostgreSQL's deadlock check runs after 1 s)
+        return result
+
+    def work(i: int) -> str:
+        if i == 0:
+            with connection.execute_wrapper(charge_step):
+                return services.charge_order(order_id=order.pk).status
+        assert step_locked.wait(10)
+        return services.hold_stuck_order(order_id=order.pk, task_name=CHARGE, reason="redelivered: gave up").status
+
+    assert run_concurrently(2, work, timeout=30) == [Order.Status.PAID, Order.Status.PAID]
+    payment = Payment.objects.get(order=order)
+    assert (payment.status, payment.attempts) == (Payment.Status.SUCCEEDED, 1)
+    assert list(order.events.values_list("to_status", flat=True)) == ["pending", "confirmed", "paid"]
