@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: run test test-unit test-compose fuzz lint lock format clean bench bench-pipeline bench-hops bench-reports
+.PHONY: run test test-unit test-compose fuzz lint lock format clean bench bench-pipeline bench-hops bench-web bench-reports
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -94,7 +94,7 @@ test-compose: $(VENV)/.dev
 
 # Performance harness; results go to bench/results/. Needs PostgreSQL, Redis and RabbitMQ with rabbitmqctl
 # (bench/pipeline.py runs on both brokers; see each script's docstring).
-bench: bench-pipeline bench-hops bench-reports
+bench: bench-pipeline bench-hops bench-web bench-reports
 
 # The order pipeline against ceilings from the same run (a bare INSERT view, no-op tasks) on the
 # Procfile's processes: bench/results/<date>.json and .png, and the table in the README.
@@ -107,6 +107,11 @@ bench-hops: $(VENV)/.dev
 	$(BIN)/python -m bench.hops
 
 # A sales report over 250,000 order lines on a real bulk worker (-c 2): time and each pool process's peak memory.
+# The order API under gunicorn's worker classes (gthread, as the Procfile, against sync) and each worker's share:
+# bench/results/<date>-web.json and .md.
+bench-web: $(VENV)/.bench
+	$(BIN)/python -m bench.web
+
 bench-reports: $(VENV)/.runtime
 	$(BIN)/python bench/report_scale.py
 
