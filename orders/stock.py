@@ -118,7 +118,10 @@ def reserve_for_order(*, order: Order) -> list[str]:
     items = list(order.items.order_by("product_id"))
     products = {
         product.pk: product
-        for product in Product.objects.select_for_update()
+        # FOR NO KEY UPDATE, the lock the UPDATE takes: a line being inserted meanwhile takes a KEY SHARE lock on
+        # its product (the foreign key's check), which FOR UPDATE would block, and an order placed for the same
+        # products in another order would deadlock with this reservation.
+        for product in Product.objects.select_for_update(no_key=True)
         .filter(pk__in={item.product_id for item in items})
         .order_by("pk")
         .only("pk", "stock")
