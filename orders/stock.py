@@ -112,7 +112,7 @@ def reserve_for_order(*, order: Order) -> list[str]:
     holding the order's row lock, once per order (a second call reserves again).
 
     The products are locked first, in id order as every reservation takes them (two orders never wait
-    on each other in turn), checked here, and written back in one UPDATE: three statements whatever
+    on each other in turn), checked here, and taken in one UPDATE, by delta: three statements whatever
     the number of lines, and no savepoint to undo a partial take (issue 18: one UPDATE a line before).
     """
     items = list(order.items.order_by("product_id"))
@@ -127,14 +127,18 @@ def reserve_for_order(*, order: Order) -> list[str]:
         .only("pk", "stock")
     }
     short: list[str] = []
+    taken: Counter[int] = Counter()
     for item in items:
         product = products.get(item.product_id)
-        if product is None or product.stock < item.quantity:
+        if product is None or product.stock - taken[item.product_id] < item.quantity:
             short.append(item.sku)
         else:
-            product.stock -= item.quantity
+            taken[item.product_id] += item.quantity
     if short:
         return short
+    for product_id, quantity in taken.items():
+        # By delta, as every stock change (stock = stock - n): never an absolute number read earlier.
+        products[product_id].stock = F("stock") - quantity
     Product.objects.bulk_update(products.values(), ["stock"])
     StockMovement.objects.bulk_create(
         StockMovement(product_id=item.product_id, delta=-item.quantity, kind=StockMovement.Kind.RESERVED, order=order)

@@ -280,7 +280,8 @@ SQLITE_SCRIPT = textwrap.dedent(
     from unittest import mock
     from django.core.management import call_command
     call_command("migrate", verbosity=0)
-        from django.contrib.auth.models import User
+    from decimal import Decimal
+    from django.contrib.auth.models import User
     from integrations import provider, warehouse
     from orders import services
     from orders.models import Order, Product
