@@ -30,7 +30,6 @@ import argparse
 import cProfile
 import datetime
 import functools
-import json
 import os
 import statistics
 import sys
@@ -46,9 +45,11 @@ from bench.pipeline import (
     Stack,
     children_of,
     configure,
+    load_settings,
     order_request,
     prepare_database,
     recreate_database,
+    write_results,
 )
 
 DEFAULT_DATABASE = "postgres://postgres@127.0.0.1:5432/bench_hops"
@@ -143,14 +144,9 @@ def run(kind: str, orders: int, *, profile: Path | None = None) -> dict:
         try:
             env.update(stack.start_broker())
             recreate_database(env["DATABASE_URL"])
-            for name in ("CELERY_BROKER_URL", "REDIS_URL"):
-                os.environ.pop(name, None)
             env["PAYMENT_PROVIDER_URL"] = env["FULFILLMENT_API_URL"] = stack.start_sandbox()
-            os.environ.update({k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
             sys.path.insert(0, str(REPO_ROOT))
-            import django
-
-            django.setup()
+            load_settings(env)
             from django.test import Client
 
             skus, tokens = prepare_database()
@@ -194,12 +190,10 @@ def run(kind: str, orders: int, *, profile: Path | None = None) -> dict:
                 "first_order_sql": {hop.name: hop.sql for hop in first},
             }
         except BaseException:
-            print(stack.processes.logs()[-6000:], file=sys.stderr)
+            stack.print_logs()
             raise
         finally:
             stack.shutdown()
-            if "django.db" in sys.modules:
-                sys.modules["django.db"].connections.close_all()
             recreate_database(env["DATABASE_URL"], drop_only=True)
 
 
@@ -232,13 +226,7 @@ def main() -> int:
     args = parser.parse_args()
     results = {"benchmark": "hops", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     results.update(run(args.broker, args.orders, profile=args.profile))
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results.resolve() / f"{datetime.date.today().isoformat()}-hops"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown_table(results)
-    stem.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"results: {stem.with_suffix('.json')}")
+    write_results(args.results, f"{datetime.date.today().isoformat()}-hops", results, markdown_table(results))
     return 0
 
 

@@ -352,9 +352,16 @@ class Stack:
             )
         )
 
+    def print_logs(self) -> None:
+        """The processes' logs, last 6,000 characters, to stderr: for a run that failed."""
+        print(self.processes.logs()[-6000:], file=sys.stderr)
+
     def shutdown(self) -> None:
+        """Stop the processes and the broker, and close this process's database connections (if Django is loaded)."""
         self.processes.stop_all()
         self.broker.stop()
+        if "django.db" in sys.modules:
+            sys.modules["django.db"].connections.close_all()
 
 
 # --- Database -------------------------------------------------------------------------
@@ -848,6 +855,26 @@ def configure(workdir: Path) -> dict[str, str]:
     return env
 
 
+def load_settings(env: dict[str, str]) -> None:
+    """Load Django's settings in this process from the bench's environment (its broker's, not the caller's)."""
+    for name in ("CELERY_BROKER_URL", "REDIS_URL"):
+        os.environ.pop(name, None)
+    os.environ.update({k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
+    import django
+
+    django.setup()
+
+
+def write_results(results_dir: Path, stem: str, result: dict, table: str) -> None:
+    """<dir>/<stem>.json and .md (the table), and the table printed."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir.resolve() / stem
+    path.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    path.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    print(f"results: {path.with_suffix('.json')}")
+
+
 def run(kind: str, sizes: Sizes, max_wait: float) -> dict:
     """Every phase on one broker, in this process (its settings load for that broker)."""
     began = time.monotonic()
@@ -863,14 +890,9 @@ def run(kind: str, sizes: Sizes, max_wait: float) -> dict:
         try:
             env.update(stack.start_broker())
             recreate_database(env["DATABASE_URL"])
-            # Before the settings load: this process publishes as the service does on this broker (RabbitMQ: the
-            # same queue arguments as every other process, publisher confirms).
-            for name in ("CELERY_BROKER_URL", "REDIS_URL"):
-                os.environ.pop(name, None)
-            os.environ.update({k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
-            import django
-
-            django.setup()
+            # This process publishes as the service does on this broker (RabbitMQ: the same queue arguments as every
+            # other process, publisher confirms).
+            load_settings(env)
             from django.conf import settings
 
             assert settings.BROKER_KIND == kind, f"settings loaded for {settings.BROKER_KIND}, not {kind}"
@@ -885,14 +907,12 @@ def run(kind: str, sizes: Sizes, max_wait: float) -> dict:
             outcome["results"]["wall_seconds"] = round(time.monotonic() - began)
             return outcome
         except BaseException:
-            print(stack.processes.logs()[-6000:], file=sys.stderr)
+            stack.print_logs()
             raise
         finally:
             if replies is not None:
                 replies.close()
             stack.shutdown()
-            if "django.db" in sys.modules:
-                sys.modules["django.db"].connections.close_all()
             recreate_database(env["DATABASE_URL"], drop_only=True)
 
 

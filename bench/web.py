@@ -20,7 +20,6 @@ Writes bench/results/<date>-web.json and -web.md.
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -36,10 +35,12 @@ from bench.pipeline import (
     RESULTS_DIR,
     Stack,
     configure,
+    load_settings,
     machine,
     order_request,
     prepare_database,
     recreate_database,
+    write_results,
 )
 
 VARIANTS: dict[str, str] = {
@@ -88,12 +89,7 @@ def run(seconds: float, rounds: int) -> dict:
         try:
             env.update(stack.start_broker())
             recreate_database(env["DATABASE_URL"])
-            for name in ("CELERY_BROKER_URL", "REDIS_URL"):
-                os.environ.pop(name, None)
-            os.environ.update({k: v for k, v in env.items() if k != "PROMETHEUS_MULTIPROC_DIR"})
-            import django
-
-            django.setup()
+            load_settings(env)
             skus, tokens = prepare_database()
             make_order = order_request(skus, tokens)
             runs = [
@@ -102,12 +98,10 @@ def run(seconds: float, rounds: int) -> dict:
                 for i, (name, options) in enumerate(VARIANTS.items())
             ]
         except BaseException:
-            print(stack.processes.logs()[-6000:], file=sys.stderr)
+            stack.print_logs()
             raise
         finally:
             stack.shutdown()
-            if "django.db" in sys.modules:
-                sys.modules["django.db"].connections.close_all()
     return {
         "benchmark": "bench.web",
         "date": datetime.date.today().isoformat(),
@@ -149,13 +143,7 @@ def main() -> int:
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder for the JSON and the table")
     args = parser.parse_args()
     result = run(args.seconds, args.rounds)
-    args.results.mkdir(parents=True, exist_ok=True)
-    stem = args.results / f"{result['date']}-web"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(result)
-    stem.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    print(f"results: {stem.with_suffix('.json')}")
+    write_results(args.results, f"{result['date']}-web", result, markdown(result))
     return 0
 
 
