@@ -9,21 +9,14 @@ import http.client
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import numpy
 
+from bench.sample import Sample
+
 # (thread index, request number) -> (body, headers)
 RequestMaker = Callable[[int, int], tuple[bytes, dict[str, str]]]
-
-
-@dataclass(frozen=True)
-class Sample:
-    sent_at: float  # wall clock, to line up with database timestamps
-    seconds: float
-    status: int
-    body: bytes
 
 
 class _Connection:

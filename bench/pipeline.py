@@ -42,10 +42,10 @@ either way.
 """
 
 import argparse
+import base64
 import datetime
 import json
 import os
-import pickle
 import platform
 import random
 import re
@@ -1007,6 +1007,33 @@ def measure(stack: Stack, replies, make_order, sizes: Sizes, quiet: dict) -> dic
     return {"results": results, "phases": phases}
 
 
+def dumps_raw(outcome: dict) -> str:
+    """One broker's outcome (figures and raw series) as JSON for the parent process: no pickle, even between our own
+    processes. A bench.load.Sample is tagged, its body in base64; anything else JSON cannot say is an error."""
+    from bench.sample import Sample
+
+    def default(value: object) -> object:
+        if isinstance(value, Sample):
+            body = base64.b64encode(value.body).decode("ascii")
+            return {"__sample__": [value.sent_at, value.seconds, value.status, body]}
+        raise TypeError(f"the bench's raw outcome holds a {type(value).__name__}, which JSON cannot carry")
+
+    return json.dumps(outcome, default=default)
+
+
+def loads_raw(text: str) -> dict:
+    """dumps_raw's outcome back, its Samples rebuilt."""
+    from bench.sample import Sample
+
+    def hook(obj: dict) -> object:
+        if set(obj) == {"__sample__"}:
+            sent_at, seconds, status, body = obj["__sample__"]
+            return Sample(sent_at, seconds, status, base64.b64decode(body))
+        return obj
+
+    return json.loads(text, object_hook=hook)
+
+
 def run_each(kinds: list[str], sizes: Sizes, args: argparse.Namespace) -> dict[str, dict]:
     """Each broker's run in a process of its own (a process loads the settings of one broker), one after the other.
 
@@ -1015,14 +1042,14 @@ def run_each(kinds: list[str], sizes: Sizes, args: argparse.Namespace) -> dict[s
     outcomes: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         for kind in kinds:
-            raw = Path(tmp) / f"{kind}.pickle"
+            raw = Path(tmp) / f"{kind}.json"
             command = [sys.executable, "-m", "bench.pipeline", "--broker", kind, "--raw-out", str(raw)]
             command += ["--max-wait", str(args.max_wait)] + (["--quick"] if args.quick else [])
             done = subprocess.run(command, cwd=REPO_ROOT)  # noqa: S603 (this interpreter, this module)
             if done.returncode != 0 or not raw.exists():
                 print(f"the run on {LABELS[kind]} failed (exit {done.returncode})", file=sys.stderr)
                 continue
-            outcomes[kind] = pickle.loads(raw.read_bytes())  # noqa: S301 (written by our own child just now)
+            outcomes[kind] = loads_raw(raw.read_text())
     return outcomes
 
 
@@ -1036,14 +1063,14 @@ def main() -> int:
         "--max-wait", type=float, default=60, help=f"seconds to wait for load < {QUIET_LOAD} first (default 60)"
     )
     parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder for the JSON, PNG and table")
-    # One broker's run for a `both` run: its figures and raw series, pickled to this file; nothing else written.
+    # One broker's run for a `both` run: its figures and raw series, as JSON to this file; nothing else written.
     parser.add_argument("--raw-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = QUICK if args.quick else Sizes()
     kinds = list(BROKERS) if args.broker == "both" else [args.broker]
     began = time.monotonic()
     if args.raw_out:
-        args.raw_out.write_bytes(pickle.dumps(run(kinds[0], sizes, args.max_wait)))
+        args.raw_out.write_text(dumps_raw(run(kinds[0], sizes, args.max_wait)))
         return 0
     outcomes = {kinds[0]: run(kinds[0], sizes, args.max_wait)} if len(kinds) == 1 else run_each(kinds, sizes, args)
     if not outcomes:

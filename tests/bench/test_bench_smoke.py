@@ -8,17 +8,14 @@ import json
 import os
 import subprocess
 import sys
-from collections import namedtuple
 
 import pytest
 
 from bench import pipeline, web
 from bench.brokers import BenchBroker
 from bench.pipeline import REPO_ROOT
+from bench.sample import Sample
 from tests.brokers import on_both_brokers
-
-# The fields of bench.load.Sample (that module needs numpy, one of the bench's extras).
-Sample = namedtuple("Sample", "sent_at seconds status body")
 
 
 @pytest.fixture
@@ -188,3 +185,13 @@ def test_the_web_table_gives_each_variant_its_runs_median_and_spread_over_worker
     assert rows["gthread 2x2"] == "| gthread 2x2 | 100, 120 | 110 | 12 / 24 / 60 | 1400, 100; 900, 900 |"
     assert "| 80, 70 | 75 |" in rows["gthread 2x2, no keep-alive"]
     assert rows["sync 4"].endswith("| 340, 330, 340, 340; 350, 330, 340, 345 |")
+
+
+def test_a_brokers_raw_run_crosses_processes_as_json_samples_and_all():
+    # No pickle, even between the bench's own processes: each broker's child hands its outcome to the parent as JSON.
+    outcome = fake_outcome("redis", 1.0)
+    text = pipeline.dumps_raw(outcome)
+    json.loads(text)  # plain JSON
+    assert pipeline.loads_raw(text) == outcome
+    with pytest.raises(TypeError, match="set"):
+        pipeline.dumps_raw({"phases": {"odd": {1, 2}}})
