@@ -585,7 +585,7 @@ def _claim_hand_over(order_id: int) -> tuple[Order | None, list[dict[str, object
         if not order.fulfillment_key:
             order.fulfillment_key = f"ship_{secrets.token_hex(16)}"
             order.save(update_fields=["fulfillment_key"])
-        quantities = {sku: quantity for sku, quantity in stock.units_to_ship(order=order)}
+        quantities = dict(stock.units_to_ship(order=order))
     return order, [{"sku": sku, "quantity": quantity} for sku, quantity in quantities.items() if quantity > 0]
 
 
