@@ -4,8 +4,10 @@ Each node is its own `celery worker` process with its own node name, on the same
 `docker compose up --scale worker-critical=2` or one worker per host gives. The kill takes the node's main
 process and its pool children at once, with the messages it held (one running, one prefetched per process).
 On RabbitMQ those come back as soon as the dead node's connection closes; on Redis once the visibility
-timeout (shortened here) has passed, restored by the surviving node. Either way every order is carried to
-the end once: charged once, shipped once, and nothing is left on the broker.
+timeout (shortened here) has passed, restored by the surviving node. A node killed after a commit and before
+the publish that follows it leaves an outbox item pending: beat's relay (run every second here, with a default
+worker) publishes it, as in production. Either way every order is carried to the end once: charged once,
+shipped once, and nothing is left on the broker.
 """
 
 import os
@@ -38,14 +40,21 @@ FAST_REDELIVERY = {
     "CELERY_UNACKED_RESTORE_INTERVAL": "1",
     "CELERY_UNACKED_RESTORE_THROTTLE": "1",
 }
+# The relay every second, for an item whose fast path died with the node (production: every 5 s, after 10 s).
+RELAY_ENV = {"OUTBOX_RELAY_SECONDS": "1", "OUTBOX_FAST_PATH_GRACE_SECONDS": "2"}
 
 
-def test_two_nodes_per_queue_one_killed_mid_burst_every_order_completes_once(start_worker, broker, sandbox):
+def test_two_nodes_per_queue_one_killed_mid_burst_every_order_completes_once(
+    start_worker, broker, sandbox, processes, worker_env
+):
     ProductFactory(sku="SCALE", stock=ORDERS * 2)
     shopper = UserFactory()
     sandbox.set_faults(latency_ms=150)  # each charge and hand-over takes a while: the kill finds work in flight
-    doomed = start_worker("critical", name="critical-a", concurrency=2, env=FAST_REDELIVERY)
-    survivor = start_worker("critical", name="critical-b", concurrency=2, env=FAST_REDELIVERY)
+    env = {**FAST_REDELIVERY, **RELAY_ENV}
+    processes.beat({**worker_env, **env})
+    start_worker("default", env=env)  # runs the relay
+    doomed = start_worker("critical", name="critical-a", concurrency=2, env=env)
+    survivor = start_worker("critical", name="critical-b", concurrency=2, env=env)
 
     placed: list[int] = []
 
@@ -69,12 +78,16 @@ def test_two_nodes_per_queue_one_killed_mid_burst_every_order_completes_once(sta
     placing.join(60)
     assert len(placed) == ORDERS
 
-    wait_for(
-        lambda: Order.objects.filter(pk__in=placed, status=Order.Status.FULFILLED).count() == ORDERS,
-        90,
-        "every order to be fulfilled by the surviving node",
-        interval=0.5,
-    )
+    try:
+        wait_for(
+            lambda: Order.objects.filter(pk__in=placed, status=Order.Status.FULFILLED).count() == ORDERS,
+            90,
+            "every order to be fulfilled by the surviving node",
+            interval=0.5,
+        )
+    except pytest.fail.Exception:
+        print(stuck_orders(placed, broker))
+        raise
     print(
         f"{broker.kind}: {ORDERS} orders, node killed {killed_at - started:.1f} s in with {in_flight} not fulfilled;"
         f" all fulfilled {time.monotonic() - killed_at:.1f} s after the kill"
@@ -98,10 +111,27 @@ def test_two_nodes_per_queue_one_killed_mid_burst_every_order_completes_once(sta
         .filter(n__gt=1)
     )
     assert list(repeated) == []
-    # Nothing failed, nothing was published twice by the outbox: the broker gave the held messages back.
+    # Nothing failed. The broker gave the held messages back: the relay published only what the killed node lost,
+    # its two processes' items between a commit and its publish (the fast path counted one publish, the relay a
+    # second) and on Redis a message its consumer had popped and not yet recorded as unacknowledged.
     assert FailedTask.objects.count() == 0
     pipeline = OutboxItem.objects.filter(task_name__in=PIPELINE)
     states = Counter(pipeline.values_list("state", flat=True))
     assert states == {OutboxItem.State.DONE: ORDERS * len(PIPELINE)}, states
-    assert set(pipeline.values_list("attempts", flat=True)) == {1}
+    attempts = Counter(pipeline.values_list("attempts", flat=True))
+    assert set(attempts) <= {1, 2} and attempts[2] <= 3, attempts
     wait_for(lambda: broker.depth("critical") == 0 and broker.unacked() == 0, 15, "the broker to hold nothing")
+
+
+def stuck_orders(placed: list[int], broker) -> str:
+    """What a failure needs to be understood: each order left behind, its payment and its outbox items."""
+    lines = [f"broker: critical depth {broker.depth('critical')}, unacked {broker.unacked()}"]
+    for order in Order.objects.filter(pk__in=placed).exclude(status=Order.Status.FULFILLED).order_by("pk"):
+        payment = Payment.objects.filter(order=order).values_list("status", "attempts").first()
+        items = list(
+            OutboxItem.objects.filter(args__0=order.pk, task_name__in=PIPELINE)
+            .order_by("pk")
+            .values_list("task_name", "state", "attempts", "task_id")
+        )
+        lines.append(f"order {order.pk} {order.status} payment {payment} items {items}")
+    return "\n".join(lines)
