@@ -19,10 +19,11 @@ registered with `resume_after_failure`, parks it to try again later) and sends
 on an item after OUTBOX_MAX_ATTEMPTS publishes: failed, `work_failed`, one dead letter.
 A broker outage costs no attempts: an unreachable broker is not the item's fault.
 
-Costs on the fast path: one INSERT (with the business change), and one UPDATE when its task
-finishes (done). Each publish also makes sure the broker's epoch key exists (one SET NX on
-Redis, at most once a second per process). On a broker that cannot be searched (the filesystem
-broker of `make run`, and RabbitMQ), the fast path marks the item published itself: one more UPDATE.
+Costs on the fast path: one INSERT (with the business change; one for all the items of a change inside
+`batched()`), and one UPDATE when its task finishes (done). Each publish also makes sure the broker's
+epoch key exists (one SET NX on Redis, at most once a second per process). On a broker that cannot be
+searched (the filesystem broker of `make run`, and RabbitMQ), the fast path marks the item published
+itself: one more UPDATE.
 
 Redis only: the search of the broker (`_held_by_broker`) and the epoch key, because Redis can lose a
 message it took (its data, without persistence; a worker killed between two steps of kombu's transport).
@@ -38,7 +39,8 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -81,6 +83,7 @@ def enqueue(task_name: str, *args: Any, delay: float = 0, kwargs: dict[str, Any]
     Call inside `transaction.atomic`: the row commits or rolls back with the change that
     causes it. With `delay`, the relay publishes it that many seconds later instead. Tasks take
     positional primary keys; `kwargs` is for replaying a call recorded with keywords (a dead letter).
+    Inside `batched()` the item is written when the block ends (its pk is set then).
     """
     if not in_transaction():
         raise RuntimeError("outbox.enqueue must be called inside transaction.atomic()")
@@ -88,7 +91,7 @@ def enqueue(task_name: str, *args: Any, delay: float = 0, kwargs: dict[str, Any]
     fast = delay <= 0
     # Until the fast path has had its chance, the relay leaves the item alone.
     wait = settings.OUTBOX_FAST_PATH_GRACE_SECONDS if fast else delay
-    item = OutboxItem.objects.create(
+    item = OutboxItem(
         task_name=task_name,
         args=list(args),
         kwargs=kwargs or {},
@@ -96,11 +99,53 @@ def enqueue(task_name: str, *args: Any, delay: float = 0, kwargs: dict[str, Any]
         # The fast path's publish is counted here, so that it need not write when it succeeds.
         attempts=1 if fast else 0,
     )
-    if fast:
-        transaction.on_commit(
-            functools.partial(_publish_after_commit, item.pk, str(item.task_id), task_name, args, kwargs or {})
-        )
+    batch: list[OutboxItem] | None = getattr(_batch, "items", None)
+    if batch is not None:
+        batch.append(item)
+    else:
+        item.save(force_insert=True)
+        _publish_fast(item)
     return item
+
+
+def _publish_fast(item: OutboxItem) -> None:
+    """After commit, the fast path's publish of a written item that is due now (a delayed one is the relay's)."""
+    if item.attempts:
+        transaction.on_commit(
+            functools.partial(_publish_after_commit, item.pk, str(item.task_id), item.task_name, item.args, item.kwargs)
+        )
+
+
+# The items of the open `batched()` block of this thread, in the order enqueued; None outside one.
+_batch = threading.local()
+
+
+@contextmanager
+def batched() -> Iterator[None]:
+    """Inside, `enqueue` only collects its items; they are written in one INSERT when the block ends, and
+    published after commit in the order enqueued.
+
+    For a change that dispatches several pieces of work (an order's status change: the next step, a deadline,
+    an email): one round trip under the caller's locks instead of one an item. Use it inside the change's
+    transaction. A block that raises writes nothing: the change it belongs to fails with it. A block inside
+    another joins it (the outer one writes). Not around a savepoint that may roll back while the block goes
+    on: an item enqueued inside that savepoint would still be written.
+    """
+    if getattr(_batch, "items", None) is not None:
+        yield
+        return
+    items: list[OutboxItem] = []
+    _batch.items = items
+    try:
+        yield
+    finally:
+        _batch.items = None
+    if not in_transaction():
+        raise RuntimeError("outbox.batched must end inside the transaction.atomic() it began in")
+    if items:
+        OutboxItem.objects.bulk_create(items)
+        for item in items:
+            _publish_fast(item)
 
 
 def enqueue_once(task_name: str, *args: Any) -> OutboxItem | None:
@@ -109,6 +154,9 @@ def enqueue_once(task_name: str, *args: Any) -> OutboxItem | None:
     For sweeps that find the same due work again and again (billing): one item per piece of work.
     Call inside `transaction.atomic`.
     """
+    held: list[OutboxItem] = getattr(_batch, "items", None) or []
+    if any(item.task_name == task_name and item.args == list(args) for item in held):
+        return None
     if OutboxItem.objects.filter(task_name=task_name, args=list(args), state__in=OutboxItem.OPEN).exists():
         return None
     return enqueue(task_name, *args)

@@ -96,9 +96,11 @@ def set_status(order: Order, to_status: str, *, note: str = "", hold_reason: str
     order.status = to_status
     order.hold_reason = hold_reason[:255] if to_status == S.ON_HOLD else ""
     order.save(update_fields=["status", "hold_reason", "updated_at"])
-    # The next step first: its message is published first after commit, ahead of the emails.
-    dispatch_next(order)
-    status_changed.send(sender=Order, order=order, from_status=from_status, to_status=to_status)
+    # The next step first: its message is published first after commit, ahead of the emails. All the items
+    # the change writes (the step, a deadline, the emails' through status_changed) go in one INSERT.
+    with outbox.batched():
+        dispatch_next(order)
+        status_changed.send(sender=Order, order=order, from_status=from_status, to_status=to_status)
     return order
 
 

@@ -350,3 +350,64 @@ def test_a_message_lost_in_transit_is_published_again_after_the_horizon_and_a_he
     assert (held.attempts, running.attempts) == (1, 1)
     assert held.next_attempt_at > timezone.now() and running.next_attempt_at > timezone.now()
     assert outbox.relay()["published"] == 0
+
+
+# --- Several items of one change in one INSERT (outbox.batched, issue 18) ----------------------------------------
+
+
+def test_a_batch_writes_its_items_in_one_insert_and_publishes_them_after_commit_in_the_order_given(
+    broker, django_capture_on_commit_callbacks
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as dispatch, django_capture_on_commit_callbacks(execute=True):
+        with transaction.atomic(), outbox.batched():
+            first = outbox.enqueue(TASK, 1)
+            later = outbox.enqueue(TASK, 2, delay=60)  # the relay's, a minute from now: no fast path
+            last = outbox.enqueue(TASK, 3)
+            assert not OutboxItem.objects.exists()  # nothing written before the block ends
+    assert _outbox_writes(dispatch.captured_queries) == ["INSERT"]
+    items = {item.pk: item for item in OutboxItem.objects.all()}
+    assert sorted(items) == sorted([first.pk, later.pk, last.pk])
+    assert first.pk < later.pk < last.pk
+    assert [(items[i.pk].args, items[i.pk].attempts) for i in (first, later, last)] == [([1], 1), ([2], 0), ([3], 1)]
+    assert items[later.pk].next_attempt_at > timezone.now() + timedelta(seconds=50)
+    # Published in the order enqueued: kombu pushes each message at the list's head, so the oldest is last.
+    assert [message["id"] for message in queued(broker)] == [str(last.task_id), str(first.task_id)]
+
+
+def test_a_batch_that_raises_writes_nothing_and_the_next_enqueue_is_its_own_again(
+    broker, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
+        with pytest.raises(ZeroDivisionError), outbox.batched():
+            outbox.enqueue(TASK, 1)
+            1 / 0  # noqa: B018 (the change fails; the caller's transaction would roll back)
+        assert not OutboxItem.objects.exists()
+        alone = outbox.enqueue(TASK, 2)  # no batch left open: written at once
+        assert OutboxItem.objects.get().pk == alone.pk
+    assert [message["args"] for message in queued(broker)] == ["[2]"]
+
+
+def test_a_batch_inside_a_batch_joins_it_and_enqueue_once_sees_what_it_holds(broker):
+    with transaction.atomic(), outbox.batched():
+        outer = outbox.enqueue(TASK, 1)
+        with outbox.batched():
+            inner = outbox.enqueue(TASK, 2)
+            assert outbox.enqueue_once(TASK, 1) is None  # held by the batch, not yet written
+        assert not OutboxItem.objects.exists()  # the inner block wrote nothing: the outer one writes both
+    assert list(OutboxItem.objects.order_by("pk").values_list("pk", "args")) == [(outer.pk, [1]), (inner.pk, [2])]
+
+
+def test_a_batch_rolled_back_with_its_transaction_leaves_no_row_and_no_message(
+    broker, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        with pytest.raises(ZeroDivisionError), transaction.atomic():
+            with outbox.batched():
+                outbox.enqueue(TASK, 1)
+            1 / 0  # noqa: B018 (the change fails after the batch wrote its items)
+    assert callbacks == []
+    assert not OutboxItem.objects.exists()
+    assert queued(broker) == []

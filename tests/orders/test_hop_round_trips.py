@@ -171,3 +171,41 @@ def test_a_hold_taken_while_the_charge_step_records_its_outcome_waits_its_turn_n
     payment = Payment.objects.get(order=order)
     assert (payment.status, payment.attempts) == (Payment.Status.SUCCEEDED, 1)
     assert list(order.events.values_list("to_status", flat=True)) == ["pending", "confirmed", "paid"]
+
+
+def test_a_status_change_writes_all_its_outbox_items_in_one_insert():
+    """Confirming an order dispatches the charge, the payment's deadline and the email: one INSERT for the three,
+    published after commit with the charge first (before: one INSERT each). Payment writes two (the hand-over,
+    the email) in one too."""
+    ProductFactory(sku="HOP-1", stock=10)
+    order = services.place_order(owner=UserFactory(), items=[("HOP-1", 1)])
+    with CaptureQueriesContext(connection) as captured:
+        services.process_order(order_id=order.pk)
+    sqls = statements(captured)
+    [insert] = touching(sqls, "INSERT", "core_outboxitem")
+    assert insert.count("orders.tasks.charge_order") == 1 and insert.count("orders.tasks.expire_order") == 1, insert
+    assert "notifications.tasks.send_notification" in insert
+    assert len(sqls) <= 12, listing(sqls)  # 14 before
+
+    with CaptureQueriesContext(connection) as captured:
+        services.charge_order(order_id=order.pk)
+    sqls = statements(captured)
+    [insert] = touching(sqls, "INSERT", "core_outboxitem")
+    assert "orders.tasks.sync_to_fulfillment" in insert and "notifications.tasks.send_notification" in insert
+    assert len(sqls) <= 14, listing(sqls)  # 15 before
+
+    order.refresh_from_db()
+    assert order.status == Order.Status.PAID
+    tasks = list(order_items(order))
+    assert tasks.index("orders.tasks.charge_order") < tasks.index("notifications.tasks.send_notification")
+    assert tasks.count("notifications.tasks.send_notification") == 2
+
+
+def order_items(order: Order) -> list[str]:
+    """The order's outbox items' tasks, oldest first (the emails' items name their notification, not the order)."""
+    from core.models import OutboxItem
+    from notifications.models import Notification
+
+    emails = [str(pk) for pk in Notification.objects.filter(object_id=order.pk).values_list("pk", flat=True)]
+    items = OutboxItem.objects.order_by("pk").values_list("task_name", "args")
+    return [name for name, args in items if args and (args[0] == order.pk or str(args[0]) in emails)]
