@@ -352,6 +352,19 @@ class Stack:
             )
         )
 
+    def cpu_snapshot(self) -> dict[str, float]:
+        """CPU seconds so far of each running process of the stack (with its children), PostgreSQL, the broker
+        and the bench itself (bench/cpu.py)."""
+        from bench import cpu
+
+        running = {
+            "web" if name == "web-config.wsgi" else name: process.pid
+            for name, process in self.processes.started
+            if process.poll() is None
+        }
+        server = getattr(self.broker.server, "process", None)
+        return cpu.snapshot(running, broker_pid=server.pid if server else None)
+
     def print_logs(self) -> None:
         """The processes' logs, last 6,000 characters, to stderr: for a run that failed."""
         print(self.processes.logs()[-6000:], file=sys.stderr)
@@ -544,7 +557,7 @@ def publish_costs(broker: BenchBroker, count: int) -> dict:
 
 
 def celery_ceiling(stack: Stack, replies, sizes: Sizes) -> dict:
-    from bench import load
+    from bench import cpu, load
 
     sequential_probes(replies, 50)  # warm-up
     probes = sequential_probes(replies, sizes.round_trips)
@@ -558,8 +571,13 @@ def celery_ceiling(stack: Stack, replies, sizes: Sizes) -> dict:
         publish_noop("critical", replies.queue.name)
     publish_seconds = time.perf_counter() - began
     queued = stack.broker.depth("critical")
+    cpu_before, cpu_began = stack.cpu_snapshot(), time.monotonic()
     stack.consume("worker-critical", "critical", on=True)
     records = replies.collect(sizes.noop_burst, timeout=300)
+    # Per no-op task (the "orders" of cpu.spent): what Celery's own machinery costs each process.
+    noop_cpu = cpu.spent(
+        cpu_before, stack.cpu_snapshot(), wall_seconds=time.monotonic() - cpu_began, orders=max(1, len(records))
+    )
     first_start = min(started for _, started, _ in records)
     last_finish = max(finished for _, _, finished in records)
     return {
@@ -571,6 +589,7 @@ def celery_ceiling(stack: Stack, replies, sizes: Sizes) -> dict:
         "noop_burst": len(records),
         "noop_burst_queued": queued,
         "noop_burst_publishes_per_second": round(sizes.noop_burst / publish_seconds, 1),
+        "noop_burst_cpu": noop_cpu,
         "_round_trips": probes["round_trips"],
     }
 
@@ -618,9 +637,10 @@ def isolation(stack: Stack, replies, sizes: Sizes) -> dict:
 
 
 def pipeline_max(stack: Stack, make_request, sizes: Sizes) -> dict:
-    from bench import load
+    from bench import cpu, load
 
     tasks_before = stack.task_counts("worker-critical")
+    cpu_before, cpu_began = stack.cpu_snapshot(), time.monotonic()
     samples = load.burst(
         stack.web_url, "/api/orders/", make_request, threads=CLIENT_THREADS, count=sizes.max_load_orders
     )
@@ -629,6 +649,9 @@ def pipeline_max(stack: Stack, make_request, sizes: Sizes) -> dict:
     # Webhook tasks may still be finishing after the last order is fulfilled; they are part of the work.
     time.sleep(2)
     tasks = stack.task_counts("worker-critical") - tasks_before
+    cpu_spent = cpu.spent(
+        cpu_before, stack.cpu_snapshot(), wall_seconds=time.monotonic() - cpu_began, orders=max(1, len(order_ids))
+    )
     timings = order_timings(order_ids)
     began = samples[0].sent_at
     seconds = max(timings["fulfilled_at"][-1], began) - began
@@ -641,6 +664,8 @@ def pipeline_max(stack: Stack, make_request, sizes: Sizes) -> dict:
         "critical_tasks": tasks,
         "critical_tasks_per_second": round(tasks / (done_at + 2 - began), 1),
         "not_fulfilled": timings["not_fulfilled"],
+        # Where the machine's CPU went meanwhile (bench/cpu.py): each process of the stack, the sandbox among them.
+        "cpu": cpu_spent,
         "_samples": samples,
         "_fulfilled_at": timings["fulfilled_at"],
     }
@@ -729,6 +754,18 @@ def markdown_table(by_broker: dict[str, dict]) -> str:
     def scaling(key: str, unit: str):
         return lambda r: " / ".join(f"{row[key]:g}" for row in r["critical_scaling"]) + f" {unit}"
 
+    def cpu_per_order(r: dict) -> str:
+        return cpu_text(r["pipeline"]["max_load"].get("cpu"))
+
+    def cpu_text(spent: dict | None) -> str:
+        if not spent:
+            return "-"
+        by_group = "; ".join(f"{name.removeprefix('worker-')} {ms:g}" for name, ms in spent["cpu_ms_per_order"].items())
+        return (
+            f"{by_group}; all {spent['total_cpu_ms_per_order']:g}"
+            f" ({100 * spent['total_share_of_cores']:.0f} % of {spent['cores']} cores)"
+        )
+
     def server(r: dict) -> str:
         b = r["broker"]
         return f"{b['label']} {b['server_version']}" + (
@@ -778,6 +815,12 @@ def markdown_table(by_broker: dict[str, dict]) -> str:
             judged("pipeline_tasks_vs_noop_tasks"),
             ">= 0.6",
         ),
+        (
+            f"CPU ms per order at the pipeline max (-c {critical_c}), each process with its children",
+            cpu_per_order,
+            "",
+        ),
+        ("CPU ms per no-op task, draining the burst", lambda r: cpu_text(r["celery"].get("noop_burst_cpu")), ""),
         (
             "created -> paid p50 / p95 at half the max",
             lambda r: (
