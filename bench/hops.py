@@ -37,13 +37,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import cpu
 from bench.brokers import LABELS, BenchBroker
 from bench.pipeline import (
     CLIENT_THREADS,
     REPO_ROOT,
     RESULTS_DIR,
     Stack,
-    children_of,
     configure,
     load_settings,
     order_request,
@@ -54,13 +54,6 @@ from bench.pipeline import (
 
 DEFAULT_DATABASE = "postgres://postgres@127.0.0.1:5432/bench_hops"
 QUEUES = ("critical", "bulk", "default")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its children (the sandbox's gunicorn worker) so far, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(cpu_seconds(child) for child in children_of(pid))
 
 
 class Hop:
@@ -155,7 +148,8 @@ def run(kind: str, orders: int, *, profile: Path | None = None) -> dict:
             sandbox = dict(stack.processes.started)["sandbox"].pid
             # Warm: the first order imports the task modules and opens the connections.
             one_order(client, make_order, 0)
-            sandbox_cpu = cpu_seconds(sandbox)
+            # The sandbox's and PostgreSQL's CPU while the measured orders run (bench/cpu.py), besides this process's.
+            cpu_before = cpu.snapshot({"sandbox": sandbox}, broker_pid=None)
             by_hop: dict[str, list[Hop]] = {}
             first: list[Hop] = []
             profiler = cProfile.Profile() if profile else None
@@ -170,7 +164,9 @@ def run(kind: str, orders: int, *, profile: Path | None = None) -> dict:
                     by_hop.setdefault(hop.name, []).append(hop)
                 for queue in QUEUES:
                     broker.purge(queue)
-            sandbox_ms = (cpu_seconds(sandbox) - sandbox_cpu) * 1000 / orders
+            elsewhere = cpu.spent(
+                cpu_before, cpu.snapshot({"sandbox": sandbox}, broker_pid=None), wall_seconds=1, orders=orders
+            )["cpu_ms_per_order"]
             if profiler and profile:
                 profiler.dump_stats(profile)  # read with: python -m pstats <file> (sort cumulative, stats 40)
             return {
@@ -186,7 +182,8 @@ def run(kind: str, orders: int, *, profile: Path | None = None) -> dict:
                     }
                     for name, hops in by_hop.items()
                 },
-                "sandbox_cpu_ms_per_order": round(sandbox_ms, 2),
+                "sandbox_cpu_ms_per_order": elsewhere["sandbox"],
+                "postgresql_cpu_ms_per_order": elsewhere["postgresql"],
                 "first_order_sql": {hop.name: hop.sql for hop in first},
             }
         except BaseException:
@@ -214,6 +211,8 @@ def markdown_table(results: dict) -> str:
     rows.append("| **an order, all hops (p50 sums)** | | " + " | ".join(f"{v:.1f}" for v in total.values()) + " |")
     rows.append("")
     rows.append(f"The sandbox provider's own CPU: {results['sandbox_cpu_ms_per_order']:g} ms per order.")
+    if "postgresql_cpu_ms_per_order" in results:
+        rows.append(f"PostgreSQL's CPU (its server processes): {results['postgresql_cpu_ms_per_order']:g} ms an order.")
     return "\n".join(rows)
 
 

@@ -163,6 +163,7 @@ def test_the_per_hop_bench_runs_every_hop_of_an_order_and_writes_its_table(tmp_p
     assert all(hop["queries"]["p50"] > 0 and hop["wall_ms"]["p50"] > 0 for hop in hops.values())
     assert any('INSERT INTO "orders_order"' in sql for sql in results["first_order_sql"]["POST /api/orders/"])
     assert results["sandbox_cpu_ms_per_order"] > 0
+    assert results["postgresql_cpu_ms_per_order"] > 0  # the hops' statements cost the server something
     table = written.with_suffix(".md").read_text()
     assert "| `orders.tasks.charge_order` | 1 |" in table and "an order, all hops" in table
 
