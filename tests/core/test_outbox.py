@@ -8,6 +8,9 @@ import pytest
 import redis
 from django.db import transaction
 from django.utils import timezone
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from config.celery import app
 from core import outbox
@@ -411,3 +414,68 @@ def test_a_batch_rolled_back_with_its_transaction_leaves_no_row_and_no_message(
     assert callbacks == []
     assert not OutboxItem.objects.exists()
     assert queued(broker) == []
+
+
+_examples = iter(range(1, 10**6))
+# A program of enqueue calls (the argument, and whether it is due now or delayed), enqueue_once calls, and
+# batched() blocks holding more of them, nested.
+_calls = st.one_of(
+    st.tuples(st.just("enqueue"), st.integers(0, 3), st.booleans()),
+    st.tuples(st.just("once"), st.integers(0, 3)),
+)
+_programs = st.lists(
+    st.recursive(_calls, lambda inner: st.tuples(st.just("batch"), st.lists(inner, max_size=4)), max_leaves=12),
+    max_size=8,
+)
+
+
+@hypothesis_settings(
+    max_examples=80,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(program=_programs)
+def test_batched_blocks_write_and_publish_what_the_calls_alone_would_in_the_same_order(
+    program, django_capture_on_commit_callbacks
+):
+    """Whatever the nesting, batches write the items the calls would write one by one (enqueue_once seeing the
+    items a batch holds), in the same order, one INSERT for each outermost batch that holds any; the publishes
+    after commit are the due items', in that order."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    base = next(_examples) * 10  # this example's own arguments: enqueue_once must not see another example's items
+    expected: list[tuple[int, bool]] = []  # (argument, due now) of each item written, in order
+
+    def run(calls) -> int:
+        """Run the calls; returns how many items they wrote."""
+        written = 0
+        for call in calls:
+            if call[0] == "batch":
+                with outbox.batched():
+                    written += run(call[1])
+                continue
+            argument = base + call[1]
+            if call[0] == "enqueue":
+                outbox.enqueue(TASK, argument, delay=0 if call[2] else 60)
+                expected.append((argument, call[2]))
+                written += 1
+            elif outbox.enqueue_once(TASK, argument) is None:
+                assert any(seen == argument for seen, _ in expected)
+            else:
+                assert all(seen != argument for seen, _ in expected)
+                expected.append((argument, True))
+                written += 1
+        return written
+
+    inserts = 0
+    last = OutboxItem.objects.order_by("-pk").values_list("pk", flat=True).first() or 0
+    with CaptureQueriesContext(connection) as captured, django_capture_on_commit_callbacks() as callbacks:
+        with transaction.atomic():
+            for call in program:
+                inserts += run([call]) > 0  # a call alone, or an outermost batch, writes in one INSERT
+    items = list(OutboxItem.objects.filter(pk__gt=last).order_by("pk"))
+    assert [(item.args, item.attempts) for item in items] == [([arg], int(now)) for arg, now in expected]
+    assert _outbox_writes(captured.captured_queries).count("INSERT") == inserts
+    due = [item.pk for item in items if item.attempts == 1]
+    assert [callback.args[0] for callback in callbacks] == due
