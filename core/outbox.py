@@ -99,9 +99,9 @@ def enqueue(task_name: str, *args: Any, delay: float = 0, kwargs: dict[str, Any]
         # The fast path's publish is counted here, so that it need not write when it succeeds.
         attempts=1 if fast else 0,
     )
-    batch: list[OutboxItem] | None = getattr(_batch, "items", None)
+    batch = _open_batch()
     if batch is not None:
-        batch.append(item)
+        batch.items.append(item)
     else:
         item.save(force_insert=True)
         _publish_fast(item)
@@ -116,8 +116,29 @@ def _publish_fast(item: OutboxItem) -> None:
         )
 
 
-# The items of the open `batched()` block of this thread, in the order enqueued; None outside one.
+class _Batch:
+    """The items of an open `batched()` block, in the order enqueued, and the savepoints open when it began."""
+
+    def __init__(self, savepoints: tuple[str, ...], outer: "_Batch | None"):
+        self.savepoints = savepoints
+        self.outer = outer
+        self.items: list[OutboxItem] = []
+
+
+# The innermost open `batched()` block of this thread (`current`), each one linked to the one around it.
 _batch = threading.local()
+
+
+def _savepoints() -> tuple[str, ...]:
+    # atomic(savepoint=False) makes none: nothing inside it can roll back on its own.
+    return tuple(sid for sid in connection.savepoint_ids if sid)
+
+
+def _open_batch() -> _Batch | None:
+    """The open batch that work here belongs to: only one begun at this very savepoint. Work inside a savepoint
+    begun after it writes at once, so that its row rolls back with that savepoint."""
+    batch: _Batch | None = getattr(_batch, "current", None)
+    return batch if batch is not None and batch.savepoints == _savepoints() else None
 
 
 @contextmanager
@@ -127,25 +148,41 @@ def batched() -> Iterator[None]:
 
     For a change that dispatches several pieces of work (an order's status change: the next step, a deadline,
     an email): one round trip under the caller's locks instead of one an item. Use it inside the change's
-    transaction. A block that raises writes nothing: the change it belongs to fails with it. A block inside
-    another joins it (the outer one writes). Not around a savepoint that may roll back while the block goes
-    on: an item enqueued inside that savepoint would still be written.
+    transaction (refused outside one). A block that raises writes nothing of what it enqueued, also inside
+    another block that goes on. A block inside another at the same savepoint joins it (the outer one writes);
+    work inside a savepoint begun within the block is written at once and rolls back with its savepoint.
     """
-    if getattr(_batch, "items", None) is not None:
-        yield
+    if not in_transaction():
+        raise RuntimeError("outbox.batched must be used inside transaction.atomic()")
+    joined = _open_batch()
+    if joined is not None:
+        mark = len(joined.items)
+        try:
+            yield
+        except BaseException:
+            del joined.items[mark:]
+            raise
         return
-    items: list[OutboxItem] = []
-    _batch.items = items
+    outer: _Batch | None = getattr(_batch, "current", None)
+    batch = _batch.current = _Batch(_savepoints(), outer)
     try:
         yield
     finally:
-        _batch.items = None
-    if not in_transaction():
-        raise RuntimeError("outbox.batched must end inside the transaction.atomic() it began in")
-    if items:
-        OutboxItem.objects.bulk_create(items)
-        for item in items:
+        _batch.current = outer
+    if batch.items:
+        OutboxItem.objects.bulk_create(batch.items)
+        for item in batch.items:
             _publish_fast(item)
+
+
+def _held(task_name: str, args: list[Any]) -> bool:
+    """Whether an open batch of this thread holds an item of this task and arguments (not written yet)."""
+    batch: _Batch | None = getattr(_batch, "current", None)
+    while batch is not None:
+        if any(item.task_name == task_name and item.args == args for item in batch.items):
+            return True
+        batch = batch.outer
+    return False
 
 
 def enqueue_once(task_name: str, *args: Any) -> OutboxItem | None:
@@ -154,8 +191,7 @@ def enqueue_once(task_name: str, *args: Any) -> OutboxItem | None:
     For sweeps that find the same due work again and again (billing): one item per piece of work.
     Call inside `transaction.atomic`.
     """
-    held: list[OutboxItem] = getattr(_batch, "items", None) or []
-    if any(item.task_name == task_name and item.args == list(args) for item in held):
+    if _held(task_name, list(args)):
         return None
     if OutboxItem.objects.filter(task_name=task_name, args=list(args), state__in=OutboxItem.OPEN).exists():
         return None

@@ -52,8 +52,9 @@ def notify(*, kind: str, object_type: str, object_id: int, recipient_id: int) ->
 
     Safe inside the caller's transaction: if it rolls back, neither the row nor the
     send survives. A second call for the same kind and object is a no-op. Two statements
-    when new (the row, its outbox item) and no savepoint: it runs under the order's row
-    lock on every status change.
+    when new (the row, its outbox item; on a status change the item joins the change's one
+    INSERT, `outbox.batched`) and no savepoint: it runs under the order's row lock on every
+    status change.
     """
     notification = Notification(kind=kind, object_type=object_type, object_id=object_id, recipient_id=recipient_id)
     with transaction.atomic(savepoint=False):
