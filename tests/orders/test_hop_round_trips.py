@@ -209,3 +209,54 @@ def order_items(order: Order) -> list[str]:
     emails = [str(pk) for pk in Notification.objects.filter(object_id=order.pk).values_list("pk", flat=True)]
     items = OutboxItem.objects.order_by("pk").values_list("task_name", "args")
     return [name for name, args in items if args and (args[0] == order.pk or str(args[0]) in emails)]
+
+
+def test_a_status_change_writes_its_event_and_the_orders_new_status_in_one_statement():
+    from django.db import transaction
+
+    from orders import pipeline
+
+    """The event's INSERT rides in the order's UPDATE (a data-modifying WITH): one round trip where it was two,
+    on each of an order's moves; the rows are the ones two statements wrote."""
+    ProductFactory(sku="HOP-1", stock=10)
+    order = services.place_order(owner=UserFactory(), items=[("HOP-1", 1)])
+    with CaptureQueriesContext(connection) as captured:
+        services.process_order(order_id=order.pk)
+    sqls = statements(captured)
+    [move] = [sql for sql in sqls if "orders_orderevent" in sql]
+    assert move.startswith("WITH") and 'UPDATE "orders_order"' in move, move
+    assert len(sqls) <= 11, listing(sqls)  # 12 before
+
+    order.refresh_from_db()
+    event = order.events.get(to_status=Order.Status.CONFIRMED)
+    assert (order.status, order.hold_reason, event.from_status, event.note) == (
+        "confirmed",
+        "",
+        "pending",
+        "stock reserved",
+    )
+    assert event.created_at == order.updated_at  # one moment for both rows
+    services.charge_order(order_id=order.pk)
+    order.refresh_from_db()
+    assert [e.to_status for e in order.events.all()] == ["pending", "confirmed", "paid"]
+    # A hold keeps its reason, and leaving the hold clears it, as before.
+    for to_status, reason in ((Order.Status.ON_HOLD, "warehouse down"), (Order.Status.PAID, "")):
+        with transaction.atomic():
+            locked = Order.objects.select_for_update().get(pk=order.pk)
+            pipeline.set_status(locked, to_status, note=f"to {to_status}", hold_reason="warehouse down")
+        order.refresh_from_db()
+        assert (order.status, order.hold_reason) == (to_status, reason)
+    assert [e.to_status for e in order.events.all()] == ["pending", "confirmed", "paid", "on_hold", "paid"]
+
+
+def test_a_move_of_an_order_that_is_gone_is_refused_as_the_orms_save_refused_it():
+    from django.db import DatabaseError, transaction
+
+    from orders import pipeline
+
+    ProductFactory(sku="HOP-1", stock=10)
+    order = services.place_order(owner=UserFactory(), items=[("HOP-1", 1)])
+    with pytest.raises(DatabaseError, match="updated 0 rows"), transaction.atomic():
+        Order.objects.filter(pk=order.pk).delete()
+        pipeline.set_status(order, Order.Status.CONFIRMED, note="stale")
+    assert Order.objects.filter(pk=order.pk).exists()  # rolled back with it
