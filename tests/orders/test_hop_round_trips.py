@@ -212,12 +212,12 @@ def order_items(order: Order) -> list[str]:
 
 
 def test_a_status_change_writes_its_event_and_the_orders_new_status_in_one_statement():
+    """The event's INSERT rides in the order's UPDATE (a data-modifying WITH): one round trip where it was two,
+    on each of an order's moves; the rows are the ones two statements wrote."""
     from django.db import transaction
 
     from orders import pipeline
 
-    """The event's INSERT rides in the order's UPDATE (a data-modifying WITH): one round trip where it was two,
-    on each of an order's moves; the rows are the ones two statements wrote."""
     ProductFactory(sku="HOP-1", stock=10)
     order = services.place_order(owner=UserFactory(), items=[("HOP-1", 1)])
     with CaptureQueriesContext(connection) as captured:
