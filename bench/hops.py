@@ -164,6 +164,7 @@ def run(kind: str, orders: int, *, profile: Path | None = None) -> dict:
                     by_hop.setdefault(hop.name, []).append(hop)
                 for queue in QUEUES:
                     broker.purge(queue)
+            # Only the per-order figures are read here: the share of the cores (wall_seconds) is not.
             elsewhere = cpu.spent(
                 cpu_before, cpu.snapshot({"sandbox": sandbox}, broker_pid=None), wall_seconds=1, orders=orders
             )["cpu_ms_per_order"]

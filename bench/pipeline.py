@@ -754,9 +754,6 @@ def markdown_table(by_broker: dict[str, dict]) -> str:
     def scaling(key: str, unit: str):
         return lambda r: " / ".join(f"{row[key]:g}" for row in r["critical_scaling"]) + f" {unit}"
 
-    def cpu_per_order(r: dict) -> str:
-        return cpu_text(r["pipeline"]["max_load"].get("cpu"))
-
     def cpu_text(spent: dict | None) -> str:
         if not spent:
             return "-"
@@ -817,7 +814,7 @@ def markdown_table(by_broker: dict[str, dict]) -> str:
         ),
         (
             f"CPU ms per order at the pipeline max (-c {critical_c}), each process with its children",
-            cpu_per_order,
+            lambda r: cpu_text(r["pipeline"]["max_load"].get("cpu")),
             "",
         ),
         ("CPU ms per no-op task, draining the burst", lambda r: cpu_text(r["celery"].get("noop_burst_cpu")), ""),
