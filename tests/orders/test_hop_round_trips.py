@@ -260,3 +260,20 @@ def test_a_move_of_an_order_that_is_gone_is_refused_as_the_orms_save_refused_it(
         Order.objects.filter(pk=order.pk).delete()
         pipeline.set_status(order, Order.Status.CONFIRMED, note="stale")
     assert Order.objects.filter(pk=order.pk).exists()  # rolled back with it
+
+
+def test_two_deliveries_of_the_same_step_at_once_write_one_move_and_one_set_of_items():
+    """A duplicate delivery racing the first: the second waits on the order's lock, finds it moved, and writes
+    no event, no status and no outbox item of its own (the move and its items are written in one statement each)."""
+    from core.models import OutboxItem
+
+    ProductFactory(sku="HOP-1", stock=10)
+    order = services.place_order(owner=UserFactory(), items=[("HOP-1", 1)])
+    statuses = run_concurrently(2, lambda i: services.process_order(order_id=order.pk).status, timeout=30)
+    assert statuses == [Order.Status.CONFIRMED, Order.Status.CONFIRMED]
+    assert list(order.events.values_list("to_status", flat=True)) == ["pending", "confirmed"]
+    names = sorted(
+        OutboxItem.objects.exclude(task_name="orders.tasks.process_order").values_list("task_name", flat=True)
+    )
+    assert names == ["notifications.tasks.send_notification", "orders.tasks.charge_order", "orders.tasks.expire_order"]
+    assert Product.objects.get(sku="HOP-1").stock == 9
