@@ -50,6 +50,8 @@ class OutboxItem(models.Model):
                 fields=["next_attempt_at"], condition=Q(state__in=["pending", "published"]), name="outbox_due"
             ),
             models.Index(fields=["task_name", "state"]),
+            # The prune's only query (core.outbox.prune): done items by when they finished.
+            models.Index(fields=["finished_at"], condition=Q(state="done"), name="outbox_done"),
         ]
 
     def __str__(self) -> str:

@@ -489,6 +489,28 @@ def relay(*, limit: int = 500) -> dict[str, int]:
     return counts
 
 
+def prune(*, batch: int = 5000, budget_seconds: float = 20.0) -> int:
+    """Delete done items that finished more than OUTBOX_KEEP_DONE_DAYS ago; returns how many.
+
+    One DELETE per batch (the oldest first, by the partial index `outbox_done`), each committed on its own, until a
+    batch comes back short or `budget_seconds` (under the default queue's soft limit) is spent: the next run goes on.
+    Open and failed items are never deleted: a done item is final (nothing moves it back), a failed one is kept beside
+    its dead letter.
+    """
+    cutoff = timezone.now() - timedelta(days=settings.OUTBOX_KEEP_DONE_DAYS)
+    oldest = OutboxItem.objects.filter(state=OutboxItem.State.DONE, finished_at__lt=cutoff).order_by("finished_at")
+    deadline = time.monotonic() + budget_seconds
+    deleted = 0
+    while True:
+        count, _ = OutboxItem.objects.filter(pk__in=oldest.values("pk")[:batch]).delete()
+        deleted += count
+        if count < batch or time.monotonic() >= deadline:
+            break
+    if deleted:
+        logger.info("outbox prune: %s done items deleted", deleted)
+    return deleted
+
+
 def _give_up(item: OutboxItem, *, reason: str) -> None:
     _mark_failed(item, reason=reason)
     work_failed.send(sender=OutboxItem, item=item, reason=item.last_error, by_relay=True, parked=False)

@@ -9,3 +9,9 @@ from . import outbox
 @shared_task(autoretry_for=(), max_retries=0)
 def relay_outbox() -> dict[str, int]:
     return outbox.relay()
+
+
+# No retries of its own: what one run leaves (its time budget spent) the next hour's run deletes.
+@shared_task(autoretry_for=(), max_retries=0)
+def prune_outbox() -> int:
+    return outbox.prune()

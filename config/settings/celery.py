@@ -212,6 +212,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env.float("OUTBOX_RELAY_SECONDS", default=5.0),
         "options": {"expires": env.float("OUTBOX_RELAY_SECONDS", default=5.0) * 2},
     },
+    # Delete done outbox items older than OUTBOX_KEEP_DONE_DAYS, in batches, within its time budget.
+    "prune-outbox": {
+        "task": "core.tasks.prune_outbox",
+        "schedule": 3600.0,
+    },
     # Fan out the charges of subscriptions whose next period has started.
     "bill-due-subscriptions": {
         "task": "payments.tasks.bill_due_subscriptions",
@@ -241,6 +246,11 @@ RECONCILIATION_GRACE_SECONDS = env.int("RECONCILIATION_GRACE_SECONDS", default=3
 OUTBOX_LOST_AFTER_SECONDS = env.int("OUTBOX_LOST_AFTER_SECONDS", default=900)
 # An item a relay run has claimed is left alone by other runs for this long.
 OUTBOX_CLAIM_SECONDS = env.float("OUTBOX_CLAIM_SECONDS", default=60.0)
+# A done item is deleted this many days after its task finished (beat's `prune-outbox`, hourly): the table
+# keeps what is open, what failed (beside its dead letter) and this much history. At least an hour.
+OUTBOX_KEEP_DONE_DAYS = env.float("OUTBOX_KEEP_DONE_DAYS", default=7.0)
+if not OUTBOX_KEEP_DONE_DAYS >= 1 / 24:
+    raise ImproperlyConfigured("OUTBOX_KEEP_DONE_DAYS must be at least an hour (1/24 day).")
 # Publishes per item before it ends failed with a dead letter. A broker outage costs none.
 OUTBOX_MAX_ATTEMPTS = env.int("OUTBOX_MAX_ATTEMPTS", default=10)
 # Delay between attempts to publish while the broker is unreachable: base x 2^n, capped, jittered.
