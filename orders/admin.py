@@ -221,6 +221,30 @@ dead_letter_finders: list[Callable[[Order], DeadLetters]] = []
 HOLD_REFUSALS = (order_services.NotOnHold, order_services.PaymentTaken, order_services.ProviderNotConfirmed)
 
 
+CONFIRM_ALL = "tick the box to confirm the refund of all that is left"
+
+
+def unconfirmed_refund_all(order: Order, ticked: str) -> str | None:
+    """Why a "refund all" may not go ahead, or None: its box must be ticked, for the amount left now.
+
+    The box sends the amount left when the page was shown; another refund since (a colleague, the API) makes the page
+    stale, and staff confirmed an amount that is no longer what "all" means. An order without a payment is the
+    service's to refuse.
+    """
+    payment = order.payments.first()
+    if payment is None:
+        return None
+    if not re.fullmatch(r"\d{1,12}(\.\d{1,2})?", ticked):
+        return CONFIRM_ALL
+    left = payment_refunds.refundable(payment)
+    if Decimal(ticked) != left:
+        return (
+            f"{left} {payment.currency} is left to refund now, not the {ticked} the page showed (refunded since); "
+            "look at the order again"
+        )
+    return None
+
+
 class RefundForm(OnceForm):
     """One of the order page's refunds; the service checks the amount and the lines and says what is wrong."""
 
@@ -230,6 +254,8 @@ class RefundForm(OnceForm):
     # Text, not a DecimalField: refund_order's own check (two decimals, positive, within what is left) answers.
     amount = forms.CharField(max_length=40, required=False)
     note = forms.CharField(max_length=255, required=False, help_text="Why, for the order's history.")
+    # "All that is left": the box ticked sends the amount left as the page showed it (unconfirmed_refund_all).
+    confirm = forms.CharField(max_length=40, required=False, error_messages={"max_length": CONFIRM_ALL})
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -397,8 +423,14 @@ class OrderAdmin(admin.ModelAdmin):
             self.message_user(request, f"Nothing was refunded: {problems}", messages.ERROR)
             return
         data = form.cleaned_data
+        # Whether this form's token already refunded is decided by the service; this is for the message, and so that
+        # a "refund all" sent twice is told it was sent, not that nothing is left.
+        sent_before = Refund.objects.filter(payment__order=order, submission=data["submission"]).exists()
         amount: str | None = None
         lines: dict[str, Any] | None = None
+        if data["kind"] == "all" and not sent_before and (refused := unconfirmed_refund_all(order, data["confirm"])):
+            self.message_user(request, f"Nothing was refunded: {refused}.", messages.ERROR)
+            return
         if data["kind"] == "amount":
             if not data["amount"]:
                 self.message_user(request, "Nothing was refunded: enter the amount to refund.", messages.ERROR)
@@ -410,8 +442,6 @@ class OrderAdmin(admin.ModelAdmin):
             if not lines:
                 self.message_user(request, "Nothing was refunded: enter how many units of which line.", messages.ERROR)
                 return
-        # Only for the message: whether this form's token already refunded is decided by the service.
-        sent_before = Refund.objects.filter(payment__order=order, submission=data["submission"]).exists()
         try:
             refund = order_services.refund_order(
                 order_id=order.pk,

@@ -83,6 +83,7 @@ def test_staff_refund_a_fulfilled_order_from_the_admin_and_see_it_refunded(page,
         expect(admin.locator(".field-status .readonly")).to_have_text("Partially Refunded")
 
         admin.locator("#refund-all").get_by_label("Note").fill("customer gave up")
+        admin.locator("#refund-all").get_by_label("Yes, refund 12.00 EUR").check()
         admin.get_by_role("button", name="Refund all that is left").click()
         expect(admin.locator(".messagelist")).to_contain_text("of 12.00 EUR requested")
         for _ in range(45):

@@ -64,9 +64,21 @@ def messages_of(response) -> list[str]:
     return [str(message) for message in response.context["messages"]]
 
 
+def confirmation(page) -> str:
+    """The value the "refund all" form's confirmation box sends when ticked: the amount left as the page showed it."""
+    match = re.search(
+        r'<input type="checkbox" name="confirm" value="([^"]*)" id="id_refund_all_confirm" required>', page.text
+    )
+    assert match, "no confirmation box in the refund-all form"
+    return match.group(1)
+
+
 def refund_from_page(client, order, captured, kind: str, **data) -> tuple[object, Refund | None]:
-    """Open the order's page, fill in one refund form and send it; the refund's task runs after commit."""
-    form = {"kind": kind, "submission": token(client.get(page_url(order)), kind), "note": "", **data}
+    """Open the order's page, fill in one refund form (ticking "refund all"'s box) and send it; the refund's task
+    runs after commit."""
+    page = client.get(page_url(order))
+    ticked = {"confirm": confirmation(page)} if kind == "all" else {}
+    form = {"kind": kind, "submission": token(page, kind), "note": "", **ticked, **data}
     with captured(execute=True):
         response = client.post(refund_url(order), form, follow=True)
     return response, Refund.objects.filter(payment__order=order).order_by("-id").first()
@@ -317,6 +329,72 @@ def test_hostile_refund_input_shows_the_error_and_claims_nothing(
     assert not Refund.objects.exists()
     assert not OutboxItem.objects.filter(task_name="payments.tasks.refund_payment").exists()
     assert list(OrderItem.objects.filter(refunded_quantity__gt=0)) == []
+
+
+def test_refund_all_asks_to_confirm_the_amount_the_page_shows(support, fulfilled):
+    page = support.get(page_url(fulfilled))
+    assert confirmation(page) == "25.00"
+    assert "Yes, refund 25.00 EUR" in section(page, "order-actions")
+
+
+@pytest.mark.parametrize("ticked", [None, "", "yes", "on", "abc", "25.001", "-25.00", "NaN", "sNaN", "2" * 60])
+def test_refund_all_without_the_box_ticked_for_the_amount_left_refunds_nothing(
+    support, fulfilled, django_capture_on_commit_callbacks, ticked
+):
+    form = {"kind": "all", "note": "", "submission": token(support.get(page_url(fulfilled)), "all")}
+    if ticked is not None:
+        form["confirm"] = ticked
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = support.post(refund_url(fulfilled), form, follow=True)
+
+    assert response.status_code == 200
+    [message] = messages_of(response)
+    assert "Nothing was refunded" in message and "tick" in message, message
+    assert not Refund.objects.exists()
+    assert not OutboxItem.objects.filter(task_name="payments.tasks.refund_payment").exists()
+
+
+@pytest.mark.parametrize("ticked", ["25.00", "25", "25.0"])
+def test_refund_all_ticked_for_the_amount_left_refunds_it(
+    support, fulfilled, django_capture_on_commit_callbacks, ticked
+):
+    form = {"kind": "all", "note": "", "confirm": ticked, "submission": token(support.get(page_url(fulfilled)), "all")}
+    with django_capture_on_commit_callbacks(execute=True):
+        support.post(refund_url(fulfilled), form)
+    assert list(Refund.objects.values_list("amount", flat=True)) == [Decimal("25.00")]
+
+
+def test_refund_all_from_a_page_shown_before_another_refund_refunds_nothing_and_says_what_is_left(
+    support, fulfilled, django_capture_on_commit_callbacks
+):
+    """A stale page: its "all" was 25.00; a colleague refunded 5.00 since. Staff confirmed 25.00, not 20.00."""
+    page = support.get(page_url(fulfilled))
+    with django_capture_on_commit_callbacks(execute=True):
+        services.refund_order(order_id=fulfilled.pk, amount="5.00")
+    form = {"kind": "all", "note": "", "confirm": confirmation(page), "submission": token(page, "all")}
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = support.post(refund_url(fulfilled), form, follow=True)
+
+    [message] = messages_of(response)
+    assert "Nothing was refunded" in message and "20.00 EUR" in message and "25.00" in message, message
+    assert list(Refund.objects.values_list("amount", flat=True)) == [Decimal("5.00")]
+    assert confirmation(response) == "20.00"  # the page shown again asks for what is left now
+
+
+def test_refund_all_posted_twice_refunds_once_and_says_it_was_sent(
+    support, fulfilled, django_capture_on_commit_callbacks
+):
+    page = support.get(page_url(fulfilled))
+    form = {"kind": "all", "note": "", "confirm": confirmation(page), "submission": token(page, "all")}
+    with django_capture_on_commit_callbacks(execute=True):
+        support.post(refund_url(fulfilled), form)
+    with django_capture_on_commit_callbacks(execute=True):
+        again = support.post(refund_url(fulfilled), form, follow=True)
+
+    assert list(Refund.objects.values_list("amount", flat=True)) == [Decimal("25.00")]
+    assert any("already sent" in note for note in messages_of(again)), messages_of(again)
 
 
 def test_a_refund_form_without_its_one_time_token_is_refused(support, fulfilled):
