@@ -1,0 +1,71 @@
+"""The password-change page (allauth's, linked from the profile): the old password is asked for, the validators
+apply, and a changed password signs out every other session while this one stays signed in."""
+
+import pytest
+from django.test import Client
+
+from tests.factories import UserFactory
+
+pytestmark = pytest.mark.django_db
+
+PAGE = "/accounts/password/change/"
+OLD = "correct-horse-battery"  # noqa: S105 (UserFactory's)
+NEW = "Saffron-tiger-88"  # noqa: S105 (passes the validators)
+
+
+def signed_in(user) -> Client:
+    client = Client()
+    assert client.post("/accounts/login/", {"login": user.username, "password": OLD}).status_code == 302
+    return client
+
+
+def test_the_page_needs_a_signed_in_user(client):
+    for response in (client.get(PAGE), client.post(PAGE, {"oldpassword": OLD, "password1": NEW, "password2": NEW})):
+        assert response.status_code == 302 and response["Location"].startswith("/accounts/login/")
+
+
+def test_the_profile_links_to_it():
+    user = UserFactory()
+    assert f'href="{PAGE}"' in signed_in(user).get("/accounts/profile/").content.decode()
+
+
+def test_a_changed_password_signs_out_every_other_session_and_keeps_this_one():
+    user = UserFactory()
+    here, elsewhere = signed_in(user), signed_in(user)
+
+    response = here.post(PAGE, {"oldpassword": OLD, "password1": NEW, "password2": NEW})
+
+    assert response.status_code == 302
+    user.refresh_from_db()
+    assert user.check_password(NEW) and not user.check_password(OLD)
+    assert here.get("/accounts/profile/").status_code == 200
+    gone = elsewhere.get("/accounts/profile/")
+    assert gone.status_code == 302 and gone["Location"].startswith("/accounts/login/")
+    assert Client().post("/accounts/login/", {"login": user.username, "password": OLD}).status_code == 200  # refused
+    assert Client().post("/accounts/login/", {"login": user.username, "password": NEW}).status_code == 302
+
+
+@pytest.mark.parametrize(
+    ("form", "field"),
+    [
+        ({"oldpassword": "not-my-password", "password1": NEW, "password2": NEW}, "oldpassword"),
+        ({"oldpassword": "", "password1": NEW, "password2": NEW}, "oldpassword"),
+        ({"oldpassword": OLD, "password1": NEW, "password2": NEW + "x"}, "password2"),
+        ({"oldpassword": OLD, "password1": "password", "password2": "password"}, "password1"),
+        ({"oldpassword": OLD, "password1": "12345678901", "password2": "12345678901"}, "password1"),
+        ({"oldpassword": OLD, "password1": "\x00" + NEW, "password2": "\x00" + NEW}, "password1"),
+        ({"oldpassword": OLD}, "password1"),
+    ],
+    ids=["wrong-old", "no-old", "mismatch", "common", "numeric", "nul-byte", "no-new"],
+)
+def test_a_refused_change_says_which_field_and_keeps_the_password(form, field):
+    user = UserFactory()
+    client = signed_in(user)
+
+    response = client.post(PAGE, form)
+
+    assert response.status_code == 200
+    assert field in response.context["form"].errors, response.context["form"].errors
+    user.refresh_from_db()
+    assert user.check_password(OLD)
+    assert client.get("/accounts/profile/").status_code == 200  # still signed in
