@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export VAR_DIR ?= $(CURDIR)/var
 
-.PHONY: run test test-unit test-compose fuzz lint lock format clean bench bench-pipeline bench-hops bench-web bench-reports
+.PHONY: run test test-unit test-rest test-compose fuzz lint lock format clean bench bench-pipeline bench-hops bench-web bench-reports
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -64,13 +64,21 @@ run: $(VENV)/.runtime
 	    --after flower=worker-critical,worker-bulk,worker-default Procfile
 
 # Lint first (ruff, mypy, the import contracts: the apps' import graph is a tree), then the suite: the unit
-# tier in two processes (test-unit), then every other test in one (real workers, brokers, browsers: their
-# time bounds assume the machine is theirs), then the compose tier.
+# tier in two processes (test-unit), then every other test (real workers, brokers, browsers) in two processes
+# too (test-rest), then the compose tier.
 test: $(VENV)/.dev
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory test-unit
-	$(BIN)/pytest -m "not unit"
+	$(MAKE) --no-print-directory test-rest
 	$(MAKE) --no-print-directory test-compose
+
+# Every test not in the unit tier, in two processes: most of their time is waiting (a three-minute warehouse
+# outage, retries' countdowns, 500 orders under chaos), and the other process runs meanwhile. Work stealing
+# keeps both busy to the end. Each process has a test database (test_shop_gw0, _gw1) and a Redis database
+# (15, 14: config/settings/test.py) of its own; every process, port and RabbitMQ virtual host a test starts
+# is its own already.
+test-rest: $(VENV)/.dev
+	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -m "not unit" -n 2 --dist worksteal
 
 # The unit tier: every test marked `unit` (tests/conftest.py: a test that needs no Redis, no sandbox process,
 # no worker, browser or Docker engine), on PostgreSQL alone, in two processes (pytest-xdist, a test database each).

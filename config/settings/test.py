@@ -12,6 +12,16 @@ os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
 os.environ.setdefault("WEBHOOK_SECRET", "test-webhook-secret")
 # Never the settings of a `make run` in this checkout (var/run.env, config/settings/env.py).
 os.environ.setdefault("RUN_ENV_FILE", "")
+# Each pytest-xdist process (gw0, gw1, ...) on a Redis database of its own (15, 14, ...): the `broker` fixture
+# flushes its database before and after a test. Written back to the environment, so processes a test starts
+# without naming a broker land on the same one.
+_xdist_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+if _xdist_worker.startswith("gw"):
+    from urllib.parse import urlsplit
+
+    _redis = urlsplit(os.environ["REDIS_URL"])
+    _db = (int(_redis.path.strip("/") or 0) - int(_xdist_worker.removeprefix("gw"))) % 16
+    os.environ["REDIS_URL"] = _redis._replace(path=f"/{_db}").geturl()
 
 from .base import *  # noqa: E402,F403
 
