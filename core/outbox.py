@@ -489,16 +489,18 @@ def relay(*, limit: int = 500) -> dict[str, int]:
     return counts
 
 
-def prune(*, batch: int = 5000, budget_seconds: float = 20.0) -> int:
+def prune(*, batch: int = 5000, budget_seconds: float | None = None) -> int:
     """Delete done items that finished more than OUTBOX_KEEP_DONE_DAYS ago; returns how many.
 
     One DELETE per batch (the oldest first, by the partial index `outbox_done`), each committed on its own, until a
-    batch comes back short or `budget_seconds` (under the default queue's soft limit) is spent: the next run goes on.
-    Open and failed items are never deleted: a done item is final (nothing moves it back), a failed one is kept beside
-    its dead letter.
+    batch comes back short or `budget_seconds` is spent (by default half the default queue's soft time limit, where
+    the task runs): the next run goes on. Open and failed items are never deleted: no path reopens a done item, and a
+    failed one is kept beside its dead letter.
     """
     cutoff = timezone.now() - timedelta(days=settings.OUTBOX_KEEP_DONE_DAYS)
     oldest = OutboxItem.objects.filter(state=OutboxItem.State.DONE, finished_at__lt=cutoff).order_by("finished_at")
+    if budget_seconds is None:
+        budget_seconds = settings.TASK_TIME_LIMITS["default"][0] / 2
     deadline = time.monotonic() + budget_seconds
     deleted = 0
     while True:

@@ -239,7 +239,7 @@ def unconfirmed_refund_all(order: Order, ticked: str) -> str | None:
     left = payment_refunds.refundable(payment)
     if Decimal(ticked) != left:
         return (
-            f"{left} {payment.currency} is left to refund now, not the {ticked} the page showed (refunded since); "
+            f"{left} {payment.currency} is left to refund now, not the {ticked} the page showed (it changed since); "
             "look at the order again"
         )
     return None
@@ -428,10 +428,15 @@ class OrderAdmin(admin.ModelAdmin):
         sent_before = Refund.objects.filter(payment__order=order, submission=data["submission"]).exists()
         amount: str | None = None
         lines: dict[str, Any] | None = None
-        if data["kind"] == "all" and not sent_before and (refused := unconfirmed_refund_all(order, data["confirm"])):
-            self.message_user(request, f"Nothing was refunded: {refused}.", messages.ERROR)
-            return
-        if data["kind"] == "amount":
+        if data["kind"] == "all":
+            if not sent_before and (refused := unconfirmed_refund_all(order, data["confirm"])):
+                self.message_user(request, f"Nothing was refunded: {refused}.", messages.ERROR)
+                return
+            # The amount confirmed, checked again by the service under the payment's lock: a refund committed since
+            # the check above makes it more than is left (refused), never a smaller "all" nobody confirmed. Equal
+            # to what is left, it is "all" to the service (before the hand-over: the order cancelled).
+            amount = data["confirm"] or None
+        elif data["kind"] == "amount":
             if not data["amount"]:
                 self.message_user(request, "Nothing was refunded: enter the amount to refund.", messages.ERROR)
                 return

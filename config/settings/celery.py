@@ -216,6 +216,7 @@ CELERY_BEAT_SCHEDULE = {
     "prune-outbox": {
         "task": "core.tasks.prune_outbox",
         "schedule": 3600.0,
+        "options": {"expires": 3600.0},
     },
     # Fan out the charges of subscriptions whose next period has started.
     "bill-due-subscriptions": {
@@ -247,10 +248,12 @@ OUTBOX_LOST_AFTER_SECONDS = env.int("OUTBOX_LOST_AFTER_SECONDS", default=900)
 # An item a relay run has claimed is left alone by other runs for this long.
 OUTBOX_CLAIM_SECONDS = env.float("OUTBOX_CLAIM_SECONDS", default=60.0)
 # A done item is deleted this many days after its task finished (beat's `prune-outbox`, hourly): the table
-# keeps what is open, what failed (beside its dead letter) and this much history. At least an hour.
+# keeps what is open, what failed (beside its dead letter) and this much history. At least a day: a broker's
+# late verdict on a delivery that succeeded (core.outbox.task_failed_for_good) finds the done item, and
+# resolves its dead letter, only while the item is kept; Redis redelivers after an hour (visibility timeout).
 OUTBOX_KEEP_DONE_DAYS = env.float("OUTBOX_KEEP_DONE_DAYS", default=7.0)
-if not OUTBOX_KEEP_DONE_DAYS >= 1 / 24:
-    raise ImproperlyConfigured("OUTBOX_KEEP_DONE_DAYS must be at least an hour (1/24 day).")
+if not 1 <= OUTBOX_KEEP_DONE_DAYS <= 36500:
+    raise ImproperlyConfigured("OUTBOX_KEEP_DONE_DAYS must be between 1 and 36500 days.")
 # Publishes per item before it ends failed with a dead letter. A broker outage costs none.
 OUTBOX_MAX_ATTEMPTS = env.int("OUTBOX_MAX_ATTEMPTS", default=10)
 # Delay between attempts to publish while the broker is unreachable: base x 2^n, capped, jittered.

@@ -86,6 +86,7 @@ def test_beat_prunes_hourly_on_the_default_queue():
     entry = settings.CELERY_BEAT_SCHEDULE["prune-outbox"]
     assert entry["task"] == "core.tasks.prune_outbox"
     assert entry["schedule"] == 3600.0
+    assert entry["options"]["expires"] == 3600.0  # copies queued during an outage do not all run when it ends
     app.loader.import_default_modules()
     assert app.amqp.router.route({}, "core.tasks.prune_outbox")["queue"].name == "default"
 
@@ -99,11 +100,24 @@ def test_the_prune_task_runs_prune(settings):
     assert not OutboxItem.objects.exists()
 
 
-@pytest.mark.parametrize("days", ["0.01", "-1"])
-def test_a_retention_under_an_hour_stops_the_site_from_starting(tmp_path, days):
-    """The setting is in days: a value under an hour is a misread unit, not a wish to keep minutes of history."""
+@pytest.mark.parametrize("days", ["0.5", "-1", "1000000"])
+def test_a_retention_under_a_day_or_beyond_a_century_stops_the_site_from_starting(tmp_path, days):
+    """Under a day, a broker's late verdict on a delivery that succeeded finds no item (its dead letter stays open);
+    a million days overflows the date arithmetic at every run."""
     result = run_django(
         tmp_path, ["-c", "import django; django.setup()"], {**PRODUCTION, "OUTBOX_KEEP_DONE_DAYS": days}
     )
     assert result.returncode != 0
     assert "ImproperlyConfigured" in result.stderr and "OUTBOX_KEEP_DONE_DAYS" in result.stderr
+
+
+def test_the_prune_budget_follows_the_default_queues_soft_limit(settings):
+    """Half of it by default: lowered by the environment, the soft limit lowers the budget with it, so the task ends
+    itself and is never stopped by its limit. (A soft limit of 0 cannot start a site; here it means no time.)"""
+    settings.OUTBOX_KEEP_DONE_DAYS = 1
+    settings.TASK_TIME_LIMITS = {**settings.TASK_TIME_LIMITS, "default": (0, 16)}
+    for _ in range(6):
+        item(State.DONE, finished_days_ago=3)
+
+    assert outbox.prune(batch=2) == 2  # one batch, then the budget (0 s) is spent
+    assert OutboxItem.objects.count() == 4

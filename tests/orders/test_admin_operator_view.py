@@ -383,6 +383,33 @@ def test_refund_all_from_a_page_shown_before_another_refund_refunds_nothing_and_
     assert confirmation(response) == "20.00"  # the page shown again asks for what is left now
 
 
+def test_refund_all_when_another_refund_commits_between_the_check_and_the_claim_refunds_nothing(
+    support, fulfilled, django_capture_on_commit_callbacks, monkeypatch
+):
+    """Check then act: the page's 25.00 is still what is left when the admin checks, and a colleague's 5.00 commits
+    before the service takes the locks. The service is given the amount confirmed, so it refuses what is now too
+    much instead of refunding the 20.00 left that nobody confirmed."""
+    from orders import admin as order_admin
+
+    checked = order_admin.unconfirmed_refund_all
+
+    def checked_then_a_colleague_refunds(order, ticked):
+        refused = checked(order, ticked)
+        services.refund_order(order_id=order.pk, amount="5.00")
+        return refused
+
+    monkeypatch.setattr(order_admin, "unconfirmed_refund_all", checked_then_a_colleague_refunds)
+    page = support.get(page_url(fulfilled))
+    form = {"kind": "all", "note": "", "confirm": confirmation(page), "submission": token(page, "all")}
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = support.post(refund_url(fulfilled), form, follow=True)
+
+    [message] = messages_of(response)
+    assert "Nothing was refunded" in message and "20.00" in message, message
+    assert list(Refund.objects.values_list("amount", flat=True)) == [Decimal("5.00")]
+
+
 def test_refund_all_posted_twice_refunds_once_and_says_it_was_sent(
     support, fulfilled, django_capture_on_commit_callbacks
 ):
