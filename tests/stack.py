@@ -196,10 +196,13 @@ class Processes:
     def web(self, env: dict, *, workers: int = 2, port: int | None = None) -> str:
         """gunicorn with the production config (on a free port by default); returns its base URL once it answers."""
         port = port or free_port()
+        # Metrics files of its own unless the test gives a folder: by default gunicorn.conf.py empties
+        # <VAR_DIR>/metrics/web, which a gunicorn of a test in the other pytest-xdist process would share.
+        metrics = {"PROMETHEUS_MULTIPROC_DIR": str(self.log_dir / f"metrics-{port}")}
         self.spawn(
             "web",
             [sys.executable, "-m", "gunicorn", "config.wsgi", "-c", "config/gunicorn.conf.py"],
-            {**env, "GUNICORN_BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(workers)},
+            {**metrics, **env, "GUNICORN_BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(workers)},
         )
         base = f"http://127.0.0.1:{port}"
         wait_for(lambda: http_ok(f"{base}/healthz"), 30, "gunicorn to answer")

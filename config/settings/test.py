@@ -14,9 +14,11 @@ os.environ.setdefault("WEBHOOK_SECRET", "test-webhook-secret")
 os.environ.setdefault("RUN_ENV_FILE", "")
 # Each pytest-xdist process (gw0, gw1, ...) on a Redis database of its own (15, 14, ...): the `broker` fixture
 # flushes its database before and after a test. Written back to the environment, so processes a test starts
-# without naming a broker land on the same one.
+# without naming a broker land on the same one (marked done there, so one that loads these settings again
+# does not move once more).
 _xdist_worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-if _xdist_worker.startswith("gw"):
+if _xdist_worker.startswith("gw") and os.environ.get("TEST_REDIS_DB_OF") != _xdist_worker:
+    os.environ["TEST_REDIS_DB_OF"] = _xdist_worker
     from urllib.parse import urlsplit
 
     _redis = urlsplit(os.environ["REDIS_URL"])

@@ -58,6 +58,8 @@ class MakeRun:
         self.env = {
             **env,
             "VAR_DIR": str(var_dir),
+            # collectstatic's output of its own: the other variant may be starting in the other xdist process.
+            "STATIC_ROOT": str(var_dir / "static"),
             "WEB_PORT": str(self.web_port),
             "FLOWER_PORT": str(self.flower_port),
             "SANDBOX_PORT": str(self.sandbox_port),
@@ -145,7 +147,8 @@ def redis_parts(url: str) -> tuple[str, int, int]:
 def postgres_and_redis():
     """A database of this test's own on the suite's PostgreSQL server, and the suite's Redis database, emptied."""
     server = urlsplit(os.environ["DATABASE_URL"])
-    name = server.path.strip("/") + "_readme"
+    # Per pytest-xdist process (make test-rest): the other one may run this module's other tests at the same time.
+    name = server.path.strip("/") + "_readme" + os.environ.get("PYTEST_XDIST_WORKER", "")
     admin = urlunsplit(server._replace(path="/postgres"))
     with psycopg.connect(admin, autocommit=True) as connection:
         connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
