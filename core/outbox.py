@@ -458,14 +458,12 @@ def relay(*, limit: int = 500) -> dict[str, int]:
     due = _claim_due(limit=limit, epoch=broker_epoch())
     for position, item in enumerate(due):
         if item.attempts >= settings.OUTBOX_MAX_ATTEMPTS:
-            _give_up(item, reason=f"not finished after {item.attempts} publishes")
-            counts["failed"] += 1
+            counts["failed"] += _give_up(item, reason=f"not finished after {item.attempts} publishes")
             continue
         try:
             published = _publish(item.pk, str(item.task_id), item.task_name, item.args, item.kwargs)
         except Unpublishable as exc:
-            _give_up(item, reason=str(exc))
-            counts["failed"] += 1
+            counts["failed"] += _give_up(item, reason=str(exc))
             continue
         except Exception as exc:  # noqa: BLE001 (one item's failure must not stop the others; it is counted)
             logger.exception("outbox item %s (%s) not published", item.pk, item.task_name)
@@ -513,17 +511,25 @@ def prune(*, batch: int = 5000, budget_seconds: float | None = None) -> int:
     return deleted
 
 
-def _give_up(item: OutboxItem, *, reason: str) -> None:
-    _mark_failed(item, reason=reason)
+def _give_up(item: OutboxItem, *, reason: str) -> bool:
+    """The relay's last word on an item it claimed: failed, with its dead letter. False, and nothing sent, when the
+    item ended meanwhile (the task of an earlier publish finished after the claim was committed)."""
+    if not _mark_failed(item, reason=reason):
+        logger.info("outbox item %s (%s) finished while the relay was giving up on it", item.pk, item.task_name)
+        return False
     work_failed.send(sender=OutboxItem, item=item, reason=item.last_error, by_relay=True, parked=False)
+    return True
 
 
-def _mark_failed(item: OutboxItem, *, reason: str) -> None:
+def _mark_failed(item: OutboxItem, *, reason: str) -> bool:
+    """Mark an open item failed; False when it is no longer open (done work is never turned into a failure)."""
     item.state = OutboxItem.State.FAILED
     item.finished_at = timezone.now()
     item.last_error = reason[:500]
-    OutboxItem.objects.filter(pk=item.pk).update(
-        state=item.state, finished_at=item.finished_at, last_error=item.last_error
+    return bool(
+        OutboxItem.objects.filter(pk=item.pk, state__in=OutboxItem.OPEN).update(
+            state=item.state, finished_at=item.finished_at, last_error=item.last_error
+        )
     )
 
 

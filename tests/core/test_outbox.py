@@ -215,6 +215,40 @@ def test_the_relay_gives_up_after_the_attempt_budget_with_one_dead_letter(broker
     assert queued(broker) == []
 
 
+# As above: a real commit, since the dead letter would be written on a connection of its own.
+@pytest.mark.django_db(transaction=True)
+def test_an_item_whose_task_finishes_while_the_relay_gives_up_on_it_stays_done_with_no_dead_letter(
+    broker, settings, monkeypatch
+):
+    """The relay claims an item whose publishes are spent and commits the claim; before it marks the item failed,
+    the task of an earlier publish finishes (the item is done). Giving up must not turn done work into a failure
+    with a dead letter, which staff could replay."""
+    settings.OUTBOX_MAX_ATTEMPTS = 2
+    with transaction.atomic():
+        item = OutboxItemFactory(task_name=TASK, args=[17])
+    OutboxItem.objects.filter(pk=item.pk).update(attempts=2, next_attempt_at=timezone.now())
+    claim = outbox._claim_due
+
+    def claimed_then_the_task_finishes(**kwargs):
+        due = claim(**kwargs)
+        outbox._finish_done(str(item.task_id))
+        return due
+
+    monkeypatch.setattr(outbox, "_claim_due", claimed_then_the_task_finishes)
+    seen = []
+    outbox.work_failed.connect(lambda sender, **kw: seen.append(kw), weak=False, dispatch_uid="test-seen-done")
+    try:
+        counts = outbox.relay()
+    finally:
+        outbox.work_failed.disconnect(dispatch_uid="test-seen-done")
+
+    item.refresh_from_db()
+    assert item.state == OutboxItem.State.DONE
+    assert seen == []
+    assert not FailedTask.objects.filter(task_id=str(item.task_id)).exists()
+    assert counts["failed"] == 0
+
+
 def test_a_finished_task_marks_its_item_done():
     item = enqueue_committed(12)
     # The task runs (in-process here) under the item's task id; it finds no such notification.
