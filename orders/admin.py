@@ -234,10 +234,12 @@ def unconfirmed_refund_all(order: Order, ticked: str) -> str | None:
     payment = order.payments.first()
     if payment is None:
         return None
-    if not re.fullmatch(r"\d{1,12}(\.\d{1,2})?", ticked):
+    try:
+        shown = payment_refunds.clean_amount(ticked)
+    except payment_refunds.InvalidRefundAmount:
         return CONFIRM_ALL
     left = payment_refunds.refundable(payment)
-    if Decimal(ticked) != left:
+    if shown != left:
         return (
             f"{left} {payment.currency} is left to refund now, not the {ticked} the page showed (it changed since); "
             "look at the order again"

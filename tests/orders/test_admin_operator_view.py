@@ -18,6 +18,7 @@ from orders import services
 from orders.models import Order, OrderItem, Product
 from orders.services import place_order
 from payments.models import Refund
+from tests.concurrency import run_concurrently
 from tests.factories import (
     FailedTaskFactory,
     OrderEventFactory,
@@ -408,6 +409,26 @@ def test_refund_all_when_another_refund_commits_between_the_check_and_the_claim_
     [message] = messages_of(response)
     assert "Nothing was refunded" in message and "20.00" in message, message
     assert list(Refund.objects.values_list("amount", flat=True)) == [Decimal("5.00")]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_staff_sending_refund_all_at_once_refund_it_once(fulfilled, django_capture_on_commit_callbacks):
+    """Two colleagues, each with the page showing 25.00 left, send "refund all" together (their own forms): the
+    payment's lock lets one refund 25.00; the other is refused, never a second refund."""
+    colleagues = [
+        staff_client(Client(), "orders", "view_order", "change_order", username=f"support-{name}")
+        for name in ("ann", "bob")
+    ]
+    forms = []
+    for colleague in colleagues:
+        page = colleague.get(page_url(fulfilled))
+        forms.append({"kind": "all", "note": "", "confirm": confirmation(page), "submission": token(page, "all")})
+
+    responses = run_concurrently(2, lambda i: colleagues[i].post(refund_url(fulfilled), forms[i], follow=True))
+
+    assert list(Refund.objects.values_list("amount", flat=True)) == [Decimal("25.00")]
+    said = sorted("requested" in message for response in responses for message in messages_of(response))
+    assert said == [False, True], [messages_of(response) for response in responses]
 
 
 def test_refund_all_posted_twice_refunds_once_and_says_it_was_sent(
