@@ -162,7 +162,9 @@ def test_the_per_hop_bench_runs_every_hop_of_an_order_and_writes_its_table(tmp_p
     assert hops["notifications.tasks.send_notification"]["per_order"] == 3
     assert all(hop["queries"]["p50"] > 0 and hop["wall_ms"]["p50"] > 0 for hop in hops.values())
     assert any('INSERT INTO "orders_order"' in sql for sql in results["first_order_sql"]["POST /api/orders/"])
-    assert results["sandbox_cpu_ms_per_order"] > 0
+    # Reported, but not necessarily above 0: /proc counts CPU in 10 ms ticks, and the sandbox's share of this
+    # smoke run's few orders can stay under one tick (it read 0.0 in one clean-clone run of make test-rest).
+    assert isinstance(results["sandbox_cpu_ms_per_order"], float) and results["sandbox_cpu_ms_per_order"] >= 0
     assert results["postgresql_cpu_ms_per_order"] > 0  # the hops' statements cost the server something
     table = written.with_suffix(".md").read_text()
     assert "| `orders.tasks.charge_order` | 1 |" in table and "an order, all hops" in table
