@@ -27,10 +27,16 @@ def products(db):
 
 
 @pytest.fixture
-def fulfilled(user, products, sandbox, django_capture_on_commit_callbacks):
-    """An order of 2 mugs and 1 tee (25.00), charged at the sandbox and handed to the warehouse."""
-    with django_capture_on_commit_callbacks(execute=True):
-        order = place_order(owner=user, items=[("MUG", 2), ("TEE", 1)])
+def fulfilled(user, products, sandbox):
+    """An order of 2 mugs and 1 tee (25.00), charged at the sandbox and handed to the warehouse.
+
+    Each step's service is called in turn, as `paid` does: what their commits dispatch (the next step, already run
+    here, and the three emails) is not run. Run through the outbox it cost 160 ms a test, for 130 tests.
+    """
+    order = place_order(owner=user, items=[("MUG", 2), ("TEE", 1)])
+    services.process_order(order_id=order.pk)
+    services.charge_order(order_id=order.pk)
+    services.sync_to_fulfillment(order_id=order.pk)
     order.refresh_from_db()
     assert order.status == Order.Status.FULFILLED
     return order

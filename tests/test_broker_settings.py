@@ -21,6 +21,7 @@ def settings_with(tmp_path, **env) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
+@pytest.mark.process
 def test_an_amqp_url_runs_on_rabbitmq_quorum_queues_with_confirms_a_delivery_limit_and_dead_letters(tmp_path):
     shown = settings_with(
         tmp_path, CELERY_BROKER_URL="amqp://shop:secret@rabbit:5672/shop", REDIS_URL="redis://r:6379/0"
@@ -40,6 +41,7 @@ def test_an_amqp_url_runs_on_rabbitmq_quorum_queues_with_confirms_a_delivery_lim
         }
 
 
+@pytest.mark.process
 def test_without_an_amqp_url_the_queues_are_plain_ones_on_redis(tmp_path):
     shown = settings_with(tmp_path, REDIS_URL="redis://r:6379/0")
     assert (shown["kind"], shown["url"]) == ("redis", "redis://r:6379/0")
@@ -49,6 +51,7 @@ def test_without_an_amqp_url_the_queues_are_plain_ones_on_redis(tmp_path):
     }
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     ("env", "message"),
     [

@@ -5,7 +5,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from bench import cpu
+
+# Each test starts a process of its own: out of the unit tier.
+pytestmark = pytest.mark.process
 
 BURN = "import time\nend = time.process_time() + {seconds}\nwhile time.process_time() < end: pass\n"
 

@@ -473,6 +473,7 @@ class _Raised(Exception):
     pass
 
 
+@pytest.mark.fuzz  # 120 programs on PostgreSQL, about 3 s: out of the unit tier
 @hypothesis_settings(
     max_examples=120,
     deadline=None,

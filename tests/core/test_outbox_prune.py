@@ -100,6 +100,7 @@ def test_the_prune_task_runs_prune(settings):
     assert not OutboxItem.objects.exists()
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("days", ["0.5", "-1", "1000000"])
 def test_a_retention_under_a_day_or_beyond_a_century_stops_the_site_from_starting(tmp_path, days):
     """Under a day, a broker's late verdict on a delivery that succeeded finds no item (its dead letter stays open);

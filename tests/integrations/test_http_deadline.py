@@ -18,10 +18,10 @@ from integrations.errors import ProviderRejected, ProviderUnavailable
 from integrations.provider import CardDeclined, Charge, charge, retrieve_charge
 from integrations.warehouse import Shipment, create_shipment
 
-DEADLINE = 0.6
+DEADLINE = 0.3
 # Well above the deadline and above the gap between trickled bytes, so only the deadline can stop the call.
 READ_TIMEOUT = 5.0
-TRICKLE_INTERVAL = 0.1
+TRICKLE_INTERVAL = 0.05
 CHARGE_BODY = {"id": "ch_1", "status": "succeeded", "amount": "12.50", "currency": "EUR", "reference": "order-1"}
 
 Script = Callable[[socket.socket, threading.Event], None]
@@ -287,6 +287,7 @@ def test_one_watchdog_thread_serves_every_call_and_a_finished_call_is_never_cut(
     assert len(watchdogs) == 1
 
 
+@pytest.mark.process
 def test_a_forked_process_has_a_watchdog_of_its_own(provider_at):
     import os
 

@@ -26,6 +26,7 @@ def run(*command: str, cwd: Path = MONITORING) -> str:
     return output
 
 
+@pytest.mark.process
 def test_scrape_config_is_valid(promtool, tmp_path):
     # Laid out as in the Prometheus container: the compose service writes the two secret files next to the config.
     for name in ("prometheus.yml", "alerts.yml"):
@@ -55,10 +56,12 @@ def test_compose_mounts_the_monitoring_files_that_exist():
         assert (REPO_ROOT / mount).exists(), mount
 
 
+@pytest.mark.process
 def test_alert_rules_are_valid(promtool):
     assert "SUCCESS" in run(promtool, "check", "rules", "alerts.yml")
 
 
+@pytest.mark.process
 def test_alert_rules_pass_their_unit_tests(promtool):
     assert "SUCCESS" in run(promtool, "test", "rules", "alerts_test.yml")
 

@@ -4,6 +4,7 @@ Staff refund from the page against the sandbox (the refund's task runs after com
 process, `django_capture_on_commit_callbacks`); the page's forms carry a one-time token.
 """
 
+import html
 import re
 from decimal import Decimal
 
@@ -62,7 +63,10 @@ def token(page, kind: str) -> str:
 
 
 def messages_of(response) -> list[str]:
-    return [str(message) for message in response.context["messages"]]
+    """The messages the page shows, read from its HTML: `response.context` collects every template rendered in the
+    process while the request ran, another thread's too, so two concurrent requests could read each other's."""
+    found = re.search(r'<ul class="messagelist">(.*?)</ul>', response.content.decode(), re.S)
+    return [html.unescape(text) for text in re.findall(r"<li[^>]*>(.*?)</li>", found[1], re.S)] if found else []
 
 
 def confirmation(page) -> str:

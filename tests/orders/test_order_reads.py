@@ -150,6 +150,7 @@ SQLITE_READER = textwrap.dedent(
 )
 
 
+@pytest.mark.process
 def test_reading_an_order_on_sqlite_waits_for_no_writer(tmp_path):
     # make run's SQLite begins its transactions IMMEDIATE (a write lock): a snapshot taken so made every order page
     # and status poll wait for the workers' writes, and fail after the busy timeout.

@@ -365,6 +365,7 @@ operations = st.lists(
 )
 
 
+@pytest.mark.fuzz  # 60 runs of stock moves on PostgreSQL, about 2.5 s: out of the unit tier
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(initial=st.integers(0, 30), steps=operations)
 def test_stock_on_hand_is_the_initial_stock_plus_the_ledger(initial, steps):

@@ -159,6 +159,7 @@ HEADERS = st.one_of(
 )
 
 
+@pytest.mark.fuzz  # 200 requests, about 1 s: out of the unit tier
 @hypothesis.settings(
     max_examples=200,
     derandomize=True,

@@ -399,6 +399,7 @@ def flower(tmp_path) -> Iterator[str]:
             process.wait(5)
 
 
+@pytest.mark.process
 def test_flower_refuses_requests_without_its_credentials(flower):
     for path in ("/", "/workers", "/api/workers"):
         assert requests.get(flower + path, timeout=10).status_code == 401, path

@@ -39,6 +39,7 @@ def run_django(tmp_path: Path, argv: list[str], env: dict[str, str]) -> subproce
     )
 
 
+@pytest.mark.process
 @pytest.mark.parametrize("environment", ["production", ".env.example"])
 def test_deploy_check_is_clean_with_debug_off(tmp_path, environment):
     # .env.example serves plain http out of the box; production behind TLS is its documented switch.
@@ -50,6 +51,7 @@ def test_deploy_check_is_clean_with_debug_off(tmp_path, environment):
     assert "System check identified no issues" in result.stdout
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "secret_key",
     [None, "", "insecure-dev-only-key-do-not-use-in-production", "too-short-" + "x" * 30],
@@ -65,6 +67,7 @@ def test_site_refuses_to_start_without_a_real_secret_key(tmp_path, secret_key):
     assert "SECRET_KEY" in result.stderr
 
 
+@pytest.mark.process
 def test_site_starts_with_a_real_secret_key(tmp_path):
     result = run_django(tmp_path, ["-c", "import django; django.setup()"], PRODUCTION)
     assert result.returncode == 0, result.stderr
