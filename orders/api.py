@@ -297,7 +297,8 @@ def get_order(request: ApiRequest, order_id: int) -> Order:
 )
 def cancel_order(request: ApiRequest, order_id: int) -> Order:
     """Cancel while the order is pending or confirmed and no charge is under way, or once it is paid as long as the
-    warehouse does not have it yet (`can_cancel` says which). Reserved stock is released. A paid order's whole charge
+    warehouse does not have it yet, also when it is on hold on its way from pending or from paid (`can_cancel` says
+    which). Reserved stock is released. A paid order's whole charge
     is refunded: the answer is `cancelled` with a `requested` refund in `refunds`, and the order becomes `refunded`
     once the provider has given the money back. Any other status is a 409.
     """

@@ -94,8 +94,32 @@ class Order(models.Model):
 
     @property
     def can_cancel(self) -> bool:
-        """Before payment, or paid and not yet handed to the warehouse (then refunded in full)."""
-        return self.status in self.CANCELLABLE or (self.status == self.Status.PAID and not self.fulfillment_key)
+        """Before payment, or paid and not yet handed to the warehouse (then refunded in full); also on hold when
+        it was held on its way from one of those: before its stock was reserved, or paid before the hand-over.
+
+        Held on its way to payment it is not: the charge needs staff first (`orders.services.cancel_order`).
+        """
+        if self.status in self.CANCELLABLE:
+            return True
+        status = self.held_from if self.status == self.Status.ON_HOLD else self.status
+        return status == self.Status.PENDING or (status == self.Status.PAID and not self.fulfillment_key)
+
+    @property
+    def held_from(self) -> str | None:
+        """The status an order on hold left when it was held (None when it is not on hold), from its prefetched
+        events when they are loaded. By id, not time: events are written by processes whose clocks may differ."""
+        if self.status != self.Status.ON_HOLD:
+            return None
+        events = getattr(self, "_prefetched_objects_cache", {}).get("events")
+        if events is None:
+            return (
+                self.events.filter(to_status=self.Status.ON_HOLD)
+                .order_by("-id")
+                .values_list("from_status", flat=True)
+                .first()
+            )
+        holds = [event for event in events if event.to_status == self.Status.ON_HOLD]
+        return max(holds, key=lambda event: event.pk).from_status if holds else None
 
     @property
     def is_terminal(self) -> bool:

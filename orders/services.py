@@ -630,15 +630,7 @@ class NotOnHold(OrderError):
 
 def held_from(order: Order) -> str | None:
     """The status an order on hold left when it was held, or None when it is not on hold."""
-    if order.status != Order.Status.ON_HOLD:
-        return None
-    return (
-        # By id, not time: events are written by several processes whose clocks may differ.
-        order.events.filter(to_status=Order.Status.ON_HOLD)
-        .order_by("-id")
-        .values_list("from_status", flat=True)
-        .first()
-    )
+    return order.held_from
 
 
 def _held_from(order: Order, status: str) -> bool:

@@ -372,9 +372,14 @@ class ShopModel(RuleBasedStateMachine):
 
     @rule(data=st.data(), by_owner=st.booleans())
     def cancel_order(self, data, by_owner):
-        order = self.pick_order(data, S.PENDING, S.CONFIRMED, S.PAID)
+        order = self.pick_order(data, S.PENDING, S.CONFIRMED, S.PAID, S.ON_HOLD)
         owner = order.owner if by_owner else next(user for user in self.users if user.pk != order.owner_id)
         paid_not_handed_over = order_services._not_handed_over(order)
+        # Held before its stock was reserved: nothing reserved, nothing charged.
+        held_before_reserving = order_services.held_from(order) == S.PENDING
+        assert order.can_cancel == (
+            order.status in Order.CANCELLABLE or held_before_reserving or paid_not_handed_over
+        ), (order.status, order_services.held_from(order))
         if not by_owner:
             with pytest.raises(Order.DoesNotExist):
                 order_services.cancel_order(order_id=order.pk, owner=owner)
@@ -383,7 +388,7 @@ class ShopModel(RuleBasedStateMachine):
             assert order_services.cancel_order(order_id=order.pk, owner=owner).status == S.CANCELLED
             payment = order.payments.first()
             assert payment is None or payment_refunds.refundable(payment) == 0
-        elif order.status in Order.CANCELLABLE and not order.payments.exists():
+        elif (order.status in Order.CANCELLABLE or held_before_reserving) and not order.payments.exists():
             assert order_services.cancel_order(order_id=order.pk, owner=owner).status == S.CANCELLED
         else:
             with pytest.raises(order_services.OrderNotCancellable):
