@@ -154,6 +154,9 @@ ACCOUNT_PASSWORD_RESET_BY_CODE_ENABLED = False
 # Failed sign-ins are django-axes' to count (AXES_* above: a 429 for the username and address);
 # allauth's other limits stay (sign-ups, reset emails: 5 a minute per address, 20 per IP).
 ACCOUNT_RATE_LIMITS = {"login_failed": None}
+# The owner is emailed when the account's password is changed, set or reset, or an address is added, removed or
+# made primary, with the address and browser it came from (through the outbox, as every email).
+ACCOUNT_EMAIL_NOTIFICATIONS = True
 # A reset asked for an address no account has sends nothing (the page says the same either way).
 ACCOUNT_EMAIL_UNKNOWN_ACCOUNTS = False
 # Links in emails point at this site; the request's host is used when it is empty.

@@ -2,8 +2,10 @@
 apply, and a changed password signs out every other session while this one stays signed in."""
 
 import pytest
+from django.core import mail
 from django.test import Client
 
+from notifications.models import OutgoingEmail
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -69,3 +71,32 @@ def test_a_refused_change_says_which_field_and_keeps_the_password(form, field):
     user.refresh_from_db()
     assert user.check_password(OLD)
     assert client.get("/accounts/profile/").status_code == 200  # still signed in
+
+
+def test_a_changed_password_emails_the_owner_once_after_the_commit(django_capture_on_commit_callbacks):
+    """Someone else who changed it (a session left open) is found out: the owner hears of it, with where it came
+    from. The email goes through the outbox like every email, once."""
+    user = UserFactory()
+    client = signed_in(user)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = client.post(
+            PAGE, {"oldpassword": OLD, "password1": NEW, "password2": NEW}, REMOTE_ADDR="203.0.113.9"
+        )
+
+    assert response.status_code == 302
+    [email] = OutgoingEmail.objects.filter(kind="account/email/password_changed")
+    assert (email.to, email.status) == (user.email, OutgoingEmail.Status.SENT)
+    [message] = [sent for sent in mail.outbox if sent.to == [user.email]]
+    assert "password" in message.subject.lower()
+    assert "Your password has been changed." in message.body and "203.0.113.9" in message.body
+
+
+def test_a_refused_change_emails_nobody(django_capture_on_commit_callbacks):
+    user = UserFactory()
+    client = signed_in(user)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        client.post(PAGE, {"oldpassword": "not-my-password", "password1": NEW, "password2": NEW})
+
+    assert not OutgoingEmail.objects.exists() and mail.outbox == []

@@ -145,6 +145,8 @@ def test_a_password_reset_link_sets_a_new_password_once(client, django_capture_o
     assert done.status_code == 302
     user.refresh_from_db()
     assert user.check_password(new)
+    # The owner hears that the password was reset (ACCOUNT_EMAIL_NOTIFICATIONS), through the outbox.
+    assert OutgoingEmail.objects.filter(kind="account/email/password_reset", to="grace@example.com").count() == 1
     assert Client().post("/accounts/login/", {"login": "grace@example.com", "password": new}).status_code == 302
     # Used once: the same link is refused.
     again = Client().get(reset, follow=True)
