@@ -100,3 +100,19 @@ def test_a_refused_change_emails_nobody(django_capture_on_commit_callbacks):
         client.post(PAGE, {"oldpassword": "not-my-password", "password1": NEW, "password2": NEW})
 
     assert not OutgoingEmail.objects.exists() and mail.outbox == []
+
+
+def test_guessing_the_old_password_is_limited_to_five_tries_a_minute():
+    """A stolen session cannot try old passwords one after another (allauth's change_password limit, 5/m/user):
+    the sixth attempt within the minute is a 429, even with the right one, and the password stays."""
+    user = UserFactory()
+    client = signed_in(user)
+    for guess in range(5):
+        form = {"oldpassword": f"guess-{guess}", "password1": NEW, "password2": NEW}
+        assert client.post(PAGE, form).status_code == 200
+
+    limited = client.post(PAGE, {"oldpassword": OLD, "password1": NEW, "password2": NEW})
+
+    assert limited.status_code == 429
+    user.refresh_from_db()
+    assert user.check_password(OLD)
