@@ -9,18 +9,9 @@ pending was not cancellable at all).
 
 import pytest
 
+from orders import services
 from orders.models import Order, StockMovement
 from orders.selectors import order_get_for
-from orders.services import (
-    NotOnHold,
-    OrderNotCancellable,
-    cancel_order,
-    charge_order,
-    hold_stuck_order,
-    place_order,
-    process_order,
-    retry_held_order,
-)
 from payments.models import Refund
 from tests.concurrency import run_concurrently
 from tests.factories import OrderEventFactory, OrderFactory
@@ -32,12 +23,12 @@ ORDERS = "/api/orders/"
 
 def held(user, step: str, *, before: tuple[str, ...] = ()) -> Order:
     """An order of 2 mugs whose `step` failed for good, after the steps `before` ran."""
-    order = place_order(owner=user, items=[("MUG-001", 2)])
+    order = services.place_order(owner=user, items=[("MUG-001", 2)])
     if "process" in before:
-        process_order(order_id=order.pk)
+        services.process_order(order_id=order.pk)
     if "charge" in before:
-        charge_order(order_id=order.pk)
-    hold_stuck_order(order_id=order.pk, task_name=f"orders.tasks.{step}", reason="ConnectionError")
+        services.charge_order(order_id=order.pk)
+    services.hold_stuck_order(order_id=order.pk, task_name=f"orders.tasks.{step}", reason="ConnectionError")
     order.refresh_from_db()
     assert order.status == Order.Status.ON_HOLD
     return order
@@ -60,8 +51,8 @@ def test_an_order_held_before_its_stock_was_reserved_is_cancelled_by_its_owner_a
     assert (response.json()["status"], response.json()["can_cancel"]) == ("cancelled", False)
     product.refresh_from_db()
     assert product.stock == 10 and not StockMovement.objects.filter(order=order).exists()
-    with pytest.raises(NotOnHold):
-        retry_held_order(order_id=order.pk)
+    with pytest.raises(services.NotOnHold):
+        services.retry_held_order(order_id=order.pk)
     assert Order.objects.get(pk=order.pk).status == Order.Status.CANCELLED
 
 
@@ -82,8 +73,8 @@ def test_an_order_held_on_the_way_to_payment_is_not_cancellable(api_client, user
 
     assert response.status_code == 409, response.content
     assert Order.objects.get(pk=order.pk).status == Order.Status.ON_HOLD
-    with pytest.raises(OrderNotCancellable):
-        cancel_order(order_id=order.pk, owner=user)
+    with pytest.raises(services.OrderNotCancellable):
+        services.cancel_order(order_id=order.pk, owner=user)
 
 
 def test_a_paid_order_held_before_the_hand_over_offers_cancel_and_is_refunded_in_full(
@@ -122,10 +113,10 @@ def test_the_owner_cancelling_while_staff_retry_the_held_order_releases_what_was
         def act(i: int, order_id: int = order.pk) -> str:
             try:
                 if i == 0:
-                    return cancel_order(order_id=order_id, owner=user).status
-                retry_held_order(order_id=order_id)
+                    return services.cancel_order(order_id=order_id, owner=user).status
+                services.retry_held_order(order_id=order_id)
                 return "retried"
-            except (NotOnHold, OrderNotCancellable) as refused:
+            except (services.NotOnHold, services.OrderNotCancellable) as refused:
                 return type(refused).__name__
 
         cancel, retry = run_concurrently(2, act)
