@@ -85,8 +85,8 @@ test-rest: $(VENV)/.dev
 # The provider and warehouse are the sandbox application in-process behind a `responses` stub.
 # Bytecode caches on even where the environment turns them off: without them each process compiles
 # every module again (about 6 s a process on 2 cores). Its test databases are built from the models
-# (--no-migrations: 0.75 s instead of 2.8 s; tests/test_migrations.py checks the migrations make the same
-# schema, and every other tier migrates), and the folders that hold no unit test are not collected.
+# (--no-migrations: 0.75 s instead of 2.8 s; tests/test_migrations.py fails for a model change without its
+# migration, and every other tier migrates), and the folders that hold no unit test are not collected.
 test-unit: $(VENV)/.dev
 	PYTHONDONTWRITEBYTECODE= $(BIN)/pytest -m unit -n 2 --dist worksteal --no-migrations \
 	  --ignore=tests/e2e --ignore=tests/browser --ignore=tests/compose

@@ -16,7 +16,8 @@ Two kinds of test need nothing more but stay out of the unit tier (the tier is m
   promtool, Flower, a fork).
 
 A test with none of these is marked `unit`: it runs on PostgreSQL alone, inside a transaction rolled back
-after it, with Celery's `memory://` broker (eager tasks never reach it) and the stubbed sandbox.
+after it (a dead letter is recorded on a connection of its own, as in production: `dead_letters_forgotten`),
+with Celery's `memory://` broker (eager tasks never reach it) and the stubbed sandbox.
 `pytest -m unit` is the unit tier.
 """
 
@@ -38,12 +39,23 @@ pytest_plugins = ["tests.sandbox_fixtures", "tests.after_sale"]
 TESTS = Path(__file__).resolve().parent
 # What a test may need beyond PostgreSQL; a test with none of them is a unit test.
 NEEDS = ("redis", "rabbitmq", "sandbox_process", "worker", "chaos", "e2e", "browser", "compose")
-# Needs nothing more, but takes long: the schemathesis suite. `make test` runs it, the unit tier does not.
+# Needs nothing more, but takes seconds: the property-based suites (schemathesis, a few Hypothesis tests).
+# `make test` runs them, the unit tier does not; nor does it run the KINDS (the module's docstring).
 SLOW = ("fuzz",)
 KINDS = ("transactional", "process")
+# What makes a test commit for real, as pytest-django tells it: these fixtures, or django_db(True) (positional),
+# django_db(transaction=True) or django_db(reset_sequences=True).
+TRANSACTIONAL_FIXTURES = {
+    "transactional_db",
+    "django_db_reset_sequences",
+    "django_db_serialized_rollback",
+    "live_server",
+}
 NEEDS_REDIS = ("redis", "worker", "chaos", "e2e", "browser")
 NEEDS_SANDBOX_PROCESS = ("sandbox_process", "worker", "chaos", "e2e", "browser")
-TIER_DIRECTORIES = {"e2e": "e2e", "browser": "browser"}
+# By folder, so that a test added there without its marker never passes for a unit test (`make test-unit` does not
+# even collect these folders).
+TIER_DIRECTORIES = {"e2e": "e2e", "browser": "browser", "compose": "compose"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -65,11 +77,17 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker("rabbitmq")
         if fixtures & {"sandbox_process", "payment_provider"}:
             item.add_marker("sandbox_process")
-        db = item.get_closest_marker("django_db")
-        if "transactional_db" in fixtures or (db is not None and db.kwargs.get("transaction")):
+        if fixtures & TRANSACTIONAL_FIXTURES or commits(item.get_closest_marker("django_db")):
             item.add_marker("transactional")
         if not any(item.get_closest_marker(name) for name in (*NEEDS, *SLOW, *KINDS)):
             item.add_marker("unit")
+
+
+def commits(db) -> bool:
+    """Whether a django_db marker asks for a transactional database (pytest-django's own reading of it)."""
+    if db is None:
+        return False
+    return bool((db.args and db.args[0]) or db.kwargs.get("transaction") or db.kwargs.get("reset_sequences"))
 
 
 def needs(item, markers) -> bool:

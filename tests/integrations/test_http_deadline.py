@@ -18,7 +18,7 @@ from integrations.errors import ProviderRejected, ProviderUnavailable
 from integrations.provider import CardDeclined, Charge, charge, retrieve_charge
 from integrations.warehouse import Shipment, create_shipment
 
-DEADLINE = 0.3
+DEADLINE = 0.4
 # Well above the deadline and above the gap between trickled bytes, so only the deadline can stop the call.
 READ_TIMEOUT = 5.0
 TRICKLE_INTERVAL = 0.05
@@ -143,7 +143,7 @@ def in_pieces(conn: socket.socket, stop: threading.Event) -> None:
     head, payload = _reply(201, CHARGE_BODY)
     for start in range(0, len(payload), 20):
         conn.sendall((head if start == 0 else b"") + payload[start : start + 20])
-        stop.wait(0.02)
+        stop.wait(0.01)
 
 
 @pytest.fixture(autouse=True)
