@@ -277,3 +277,31 @@ def test_two_deliveries_of_the_same_step_at_once_write_one_move_and_one_set_of_i
     )
     assert names == ["notifications.tasks.send_notification", "orders.tasks.charge_order", "orders.tasks.expire_order"]
     assert Product.objects.get(sku="HOP-1").stock == 9
+
+
+def test_an_order_email_reads_the_order_with_its_lines_in_one_statement():
+    """send_notification (three an order) read the order, then its lines: one SELECT of the lines joined to their
+    order now. The email lists the same lines."""
+    from django.core import mail
+
+    from notifications import services as notifications
+    from notifications.models import Notification
+
+    order = confirmed_order()
+    notification = Notification.objects.get(kind=Notification.Kind.ORDER_CONFIRMED, object_id=order.pk)
+    with CaptureQueriesContext(connection) as captured:
+        notifications.send_notification(notification_id=notification.pk)
+    sqls = statements(captured)
+
+    reads = [
+        sql for sql in sqls if sql.startswith("SELECT") and ('"orders_order"' in sql or '"orders_orderitem"' in sql)
+    ]
+    assert len(reads) == 1, listing(sqls)
+    assert len(sqls) <= 5, listing(sqls)  # BEGIN, the notification locked, the order with its lines, UPDATE, COMMIT
+    [email] = mail.outbox
+    lines = [line.strip() for line in email.body.splitlines() if " x " in line]
+    assert lines == [
+        f"{item.quantity} x {item.name} ({item.sku}) at {item.unit_price} {order.currency}"
+        for item in order.items.all()
+    ]
+    assert f"Total: {order.total} {order.currency}" in email.body
