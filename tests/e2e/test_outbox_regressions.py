@@ -347,7 +347,13 @@ def test_a_permanent_provider_refusal_holds_the_order_and_flags_the_payment_with
     assert payment.attempts == 1
     # Asked once, not retried: a refusal is an outcome, and the charge step ended normally.
     assert len(provider.bodies("POST /v1/charges", Gate.REJECT)) == 1
-    log = worker.log()
+
+    # The order is held inside the step's transaction; the step's end is logged after its commit, so wait for it.
+    def step_ended() -> str | None:
+        text = worker.log()
+        return text if task_lines(text, CHARGE_ORDER, "succeeded in") else None
+
+    log = wait_for(step_ended, 10, "the charge step's end in the worker's log")
     assert task_lines(log, CHARGE_ORDER, "retry: ") == [], log
     assert len(task_lines(log, CHARGE_ORDER, "succeeded in")) == 1, log
     # Staff see it among the dead letters; the shopper sees the hold, not a spinner.

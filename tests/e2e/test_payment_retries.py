@@ -177,7 +177,12 @@ def test_declined_charge_is_not_retried_and_releases_the_stock(start_worker, san
         timeout=20,
         what=f"order {order.pk} to fail its payment",
     )
-    log = worker.log()
+    # The order moves inside the step's transaction; the step's end is logged after its commit: wait for it.
+    log = wait_for(
+        lambda: worker.log() if task_lines(worker.log(), CHARGE_ORDER, "succeeded in") else None,
+        timeout=10,
+        what="the charge step's end in the worker's log",
+    )
     assert len(task_lines(log, CHARGE_ORDER, "received")) == 1, log
     assert task_lines(log, CHARGE_ORDER, "retry: ") == [], log
     # A decline is an outcome, not an error: the task ends normally, once, returning the order's status.
