@@ -374,7 +374,7 @@ class OrderAdmin(admin.ModelAdmin):
         ]
         left = payment_refunds.refundable(payment) if payment is not None else Decimal("0.00")
         may_act = self.has_change_permission(request, order)
-        origin = order_services.held_from(order)
+        origin = order.held_from
         can_refund = may_act and left > 0 and order.status in order_services.REFUNDABLE_STATUSES
         found = [letters for find in dead_letter_finders if (letters := find(order)).letters]
         return {

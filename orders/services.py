@@ -628,13 +628,8 @@ class NotOnHold(OrderError):
             super().__init__(f"order {order.pk} is {order.status}: cannot {action}")
 
 
-def held_from(order: Order) -> str | None:
-    """The status an order on hold left when it was held, or None when it is not on hold."""
-    return order.held_from
-
-
 def _held_from(order: Order, status: str) -> bool:
-    return order.status == Order.Status.ON_HOLD and held_from(order) == status
+    return order.status == Order.Status.ON_HOLD and order.held_from == status
 
 
 def hold_stuck_order(*, order_id: int, task_name: str, reason: str, resumes: bool = False) -> Order | None:
@@ -712,7 +707,7 @@ def retry_held_order(*, order_id: int) -> Order:
     payment = _settle_with_provider(order_id)
     with transaction.atomic():
         order = _lock_order(order_id)
-        origin = held_from(order) if order is not None else None
+        origin = order.held_from if order is not None else None
         settled = payment is not None and payment.status in (Payment.Status.SUCCEEDED, Payment.Status.DECLINED)
         if origin is None and order is not None and settled and order.status != Order.Status.PAYMENT_FAILED:
             return order  # the provider's answer settled it (paid, or failed by its decline)
@@ -734,7 +729,7 @@ def fail_held_order(*, order_id: int) -> Order:
         order = _lock_order(order_id)
         if payment is not None and payment.status == Payment.Status.SUCCEEDED and order is not None:
             raise PaymentTaken(order)
-        if order is None or held_from(order) != Order.Status.CONFIRMED:
+        if order is None or order.held_from != Order.Status.CONFIRMED:
             raise NotOnHold(order, "fail its payment", order_id)
         _release_stock(order)
         return pipeline.set_status(order, Order.Status.PAYMENT_FAILED, note="payment failed by staff; stock released")

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from email.header import decode_header, make_header
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import pytest
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The timestamp config/settings/logging.py puts at the start of each line (`%(asctime)s`).
+TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d{3}")
 
 
 def free_port() -> int:
@@ -102,6 +105,24 @@ def worker_command(
     ]  # fmt: skip
 
 
+@dataclass(frozen=True)
+class LogLine:
+    at: datetime
+    task_id: str
+    text: str
+
+
+def task_lines(log: str, task_name: str, what: str) -> list[LogLine]:
+    """A worker's lines `Task <task_name>[<id>] <what>...` (received, retry:, succeeded in, ...), with their times."""
+    pattern = re.compile(rf"Task {re.escape(task_name)}\[(?P<id>[0-9a-f-]+)\] {what}")
+    lines = []
+    for line in log.splitlines():
+        if (match := pattern.search(line)) and (stamp := TIMESTAMP_RE.search(line)):
+            at = datetime.strptime(stamp.group().replace(".", ","), "%Y-%m-%d %H:%M:%S,%f")
+            lines.append(LogLine(at=at, task_id=match.group("id"), text=line))
+    return lines
+
+
 @dataclass
 class Worker:
     """A Celery worker process in a session of its own, its output in `log_path`."""
@@ -123,6 +144,19 @@ class Worker:
         if self.process.poll() is not None:
             raise RuntimeError(f"worker {self.name} exited with {self.process.returncode}:\n{self.log()[-4000:]}")
         return False
+
+    def wait_for_task_line(self, task_name: str, what: str, timeout: float, count: int = 1) -> str:
+        """The log once it holds `count` lines `Task <task_name>[<id>] <what>`.
+
+        A task's end is logged after its transaction commits, so a test that saw the task's rows change
+        waits for the line instead of reading the log at once.
+        """
+
+        def logged() -> str | None:
+            text = self.log()
+            return text if len(task_lines(text, task_name, what)) >= count else None
+
+        return wait_for(logged, timeout, f"{count} line(s) `Task {task_name}[...] {what}` in {self.name}'s log")
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

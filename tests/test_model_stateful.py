@@ -327,7 +327,7 @@ class ShopModel(RuleBasedStateMachine):
         self.remember_in_flight(outcome, order.payments.all())
         after = Order.objects.get(pk=order.pk)
         # An order held on its way out of a status still waits for the step (process_order aside: it reserves anew).
-        waiting = order.status == waits_in or (step != "process" and order_services.held_from(order) == waits_in)
+        waiting = order.status == waits_in or (step != "process" and order.held_from == waits_in)
         if not waiting:
             assert after.status == order.status, "a step moved an order that was not waiting for it"
         elif step == "process":
@@ -376,10 +376,10 @@ class ShopModel(RuleBasedStateMachine):
         owner = order.owner if by_owner else next(user for user in self.users if user.pk != order.owner_id)
         paid_not_handed_over = order_services._not_handed_over(order)
         # Held before its stock was reserved: nothing reserved, nothing charged.
-        held_before_reserving = order_services.held_from(order) == S.PENDING
+        held_before_reserving = order.held_from == S.PENDING
         assert order.can_cancel == (
             order.status in Order.CANCELLABLE or held_before_reserving or paid_not_handed_over
-        ), (order.status, order_services.held_from(order))
+        ), (order.status, order.held_from)
         if not by_owner:
             with pytest.raises(Order.DoesNotExist):
                 order_services.cancel_order(order_id=order.pk, owner=owner)
@@ -398,7 +398,7 @@ class ShopModel(RuleBasedStateMachine):
     def staff_resolve_held_order(self, data, action):
         """Staff retry a held step, or give up on a held charge; both ask the provider first what it charged."""
         order = self.pick_order(data, S.ON_HOLD)
-        origin = order_services.held_from(order)
+        origin = order.held_from
         service = order_services.retry_held_order if action == "retry" else order_services.fail_held_order
         try:
             service(order_id=order.pk)

@@ -64,8 +64,12 @@ def test_final_failures_are_recorded_once_with_their_attempts(start_worker, brok
     killed = dead_letter(timed_out.id)
     assert (killed.exception, killed.queue, killed.attempts) == ("TimeLimitExceeded(1,)", "default", 1)
     # Celery sends task_failure twice for a hard time limit (Request.on_failure, then on_timeout): still one row.
-    assert "Task handler raised error: TimeLimitExceeded(1)" in worker.log()
-    assert f"Hard time limit (1s) exceeded for {tasks.outlive_time_limit.name}[{timed_out.id}]" in worker.log()
+    # The dead letter is written by the first, so the second's log line may come a moment later: wait for both.
+    expected = (
+        "Task handler raised error: TimeLimitExceeded(1)",
+        f"Hard time limit (1s) exceeded for {tasks.outlive_time_limit.name}[{timed_out.id}]",
+    )
+    wait_for(lambda: all(line in worker.log() for line in expected), 10, f"the log lines {expected}")
     time.sleep(1)
     assert FailedTask.objects.count() == 3
 

@@ -33,7 +33,7 @@ from orders.services import HOLD_MESSAGES, place_order
 from payments.models import Payment, WebhookEvent
 from reports.models import Report
 from tests.factories import OrderFactory, PaymentFactory, ProductFactory, UserFactory
-from tests.stack import MailServer, RedisServer, wait_for
+from tests.stack import MailServer, RedisServer, task_lines, wait_for
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -41,7 +41,6 @@ SYNC_TO_FULFILLMENT = "orders.tasks.sync_to_fulfillment"
 CHARGE_ORDER = "orders.tasks.charge_order"
 # The relay every second, and a new item left to the fast path for two seconds first.
 FAST_RELAY = {"OUTBOX_RELAY_SECONDS": "1", "OUTBOX_FAST_PATH_GRACE_SECONDS": "2"}
-TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d{3}")
 
 
 # --- Stand-ins for the outside world ----------------------------------------------------
@@ -168,17 +167,6 @@ def private_redis(tmp_path):
 
 
 # --- Helpers ------------------------------------------------------------------------------
-
-
-def task_lines(log: str, task_name: str, what: str) -> list[tuple[float, str, str]]:
-    """(seconds since the epoch of the log's clock, task id, line) for each `Task <name>[<id>] <what>` line."""
-    pattern = re.compile(rf"Task {re.escape(task_name)}\[(?P<id>[0-9a-f-]+)\] {what}")
-    found = []
-    for line in log.splitlines():
-        if (match := pattern.search(line)) and (stamp := TIMESTAMP_RE.search(line)):
-            at = time.mktime(time.strptime(stamp.group()[:19], "%Y-%m-%d %H:%M:%S")) + int(stamp.group()[20:]) / 1000
-            found.append((at, match.group("id"), line))
-    return found
 
 
 def sync_dead_letters(order_ids) -> Counter:
@@ -349,11 +337,7 @@ def test_a_permanent_provider_refusal_holds_the_order_and_flags_the_payment_with
     assert len(provider.bodies("POST /v1/charges", Gate.REJECT)) == 1
 
     # The order is held inside the step's transaction; the step's end is logged after its commit, so wait for it.
-    def step_ended() -> str | None:
-        text = worker.log()
-        return text if task_lines(text, CHARGE_ORDER, "succeeded in") else None
-
-    log = wait_for(step_ended, 10, "the charge step's end in the worker's log")
+    log = worker.wait_for_task_line(CHARGE_ORDER, "succeeded in", timeout=10)
     assert task_lines(log, CHARGE_ORDER, "retry: ") == [], log
     assert len(task_lines(log, CHARGE_ORDER, "succeeded in")) == 1, log
     # Staff see it among the dead letters; the shopper sees the hold, not a spinner.
@@ -459,12 +443,13 @@ def test_a_provider_slower_than_the_soft_limit_costs_a_retry_not_the_pool_proces
     log = worker.log()
     received = task_lines(log, CHARGE_ORDER, "received")
     retries = task_lines(log, CHARGE_ORDER, "retry: ")
-    assert all("ProviderUnavailable" in line for _, _, line in retries), log
-    assert f"no reply within the {float(DEADLINE)}s deadline" in retries[0][2], retries[0][2]
+    assert all("ProviderUnavailable" in line.text for line in retries), log
+    assert f"no reply within the {float(DEADLINE)}s deadline" in retries[0].text, retries[0].text
     # Attempt n+1 ends X_n (its countdown) plus its own run time after attempt n ended.
-    ends = [at for at, _, _ in retries]
-    countdowns = [int(re.search(r"Retry in (\d+)s", line).group(1)) for _, _, line in retries]
-    durations = [ends[0] - received[0][0]] + [b - a - x for a, b, x in zip(ends, ends[1:], countdowns, strict=False)]
+    ends = [line.at.timestamp() for line in retries]
+    countdowns = [int(re.search(r"Retry in (\d+)s", line.text).group(1)) for line in retries]
+    durations = [ends[0] - received[0].at.timestamp()]
+    durations += [b - a - x for a, b, x in zip(ends, ends[1:], countdowns, strict=False)]
     print(f"charge attempts took {[round(d, 2) for d in durations]} s; countdowns {countdowns}")
     assert max(durations) <= DEADLINE + 1.5, durations
     assert "Soft time limit" not in log and "Hard time limit" not in log, log

@@ -13,8 +13,6 @@ failed, and each end of a task as `succeeded in` or `raised unexpected`.
 
 import re
 import socket
-from dataclasses import dataclass
-from datetime import datetime
 
 import pytest
 from celery.utils.time import get_exponential_backoff_interval
@@ -27,31 +25,12 @@ from orders.services import place_order
 from payments import tasks as payment_tasks
 from payments.models import Payment, WebhookEvent
 from tests.factories import ProductFactory, UserFactory, WebhookEventFactory
-from tests.stack import wait_for
+from tests.stack import LogLine, task_lines, wait_for
 
 CHARGE_ORDER = order_tasks.charge_order.name
 PROCESS_WEBHOOK = payment_tasks.process_webhook.name
 # Slack for a measured gap between attempts: the attempt's own run time plus scheduling.
 TOLERANCE = 1.5
-TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d{3}")
-
-
-@dataclass(frozen=True)
-class LogLine:
-    at: datetime
-    task_id: str
-    text: str
-
-
-def task_lines(log: str, task_name: str, what: str) -> list[LogLine]:
-    """The worker's lines `Task <task_name>[<id>] <what>...`, with their timestamps."""
-    pattern = re.compile(rf"Task {re.escape(task_name)}\[(?P<id>[0-9a-f-]+)\] {what}")
-    lines = []
-    for line in log.splitlines():
-        if (match := pattern.search(line)) and (stamp := TIMESTAMP_RE.search(line)):
-            at = datetime.strptime(stamp.group().replace(".", ","), "%Y-%m-%d %H:%M:%S,%f")
-            lines.append(LogLine(at=at, task_id=match.group("id"), text=line))
-    return lines
 
 
 def countdown_of(line: LogLine) -> int:
@@ -178,11 +157,7 @@ def test_declined_charge_is_not_retried_and_releases_the_stock(start_worker, san
         what=f"order {order.pk} to fail its payment",
     )
     # The order moves inside the step's transaction; the step's end is logged after its commit: wait for it.
-    log = wait_for(
-        lambda: worker.log() if task_lines(worker.log(), CHARGE_ORDER, "succeeded in") else None,
-        timeout=10,
-        what="the charge step's end in the worker's log",
-    )
+    log = worker.wait_for_task_line(CHARGE_ORDER, "succeeded in", timeout=10)
     assert len(task_lines(log, CHARGE_ORDER, "received")) == 1, log
     assert task_lines(log, CHARGE_ORDER, "retry: ") == [], log
     # A decline is an outcome, not an error: the task ends normally, once, returning the order's status.
