@@ -10,8 +10,10 @@ on a PostgreSQL database of its own (`bench_shop`, created, migrated and dropped
 deleted at the end; quorum queues and publisher confirms as in production), then:
 
 1. ceiling: `gunicorn bench.ceiling_wsgi` (the same config; one bare view, one INSERT) under
-   16 client threads, then the order API (`POST /api/orders/`, two lines, an Idempotency-Key)
-   under the same client, with no worker running: throughput, p50/p95/p99, their ratio;
+   16 client threads; on the same server issue 18's reference, the naive view (the INSERT in a
+   transaction and a no-op task published on commit, as the service publishes); then the order
+   API (`POST /api/orders/`, two lines, an Idempotency-Key) under the same client, with no worker
+   running: throughput, p50/p95/p99, their ratios to the bare INSERT;
 2. the Celery ceiling on the critical worker: the round trip of sequential no-op tasks
    (bench.tasks.noop, publish to the client seeing it finished, its reply over the same broker),
    the time one publish takes (as the service publishes, and over a plain connection: on RabbitMQ
@@ -769,6 +771,10 @@ def markdown_table(by_broker: dict[str, dict]) -> str:
             ", quorum queues, publisher confirms" if b["kind"] == "rabbitmq" else ""
         )
 
+    def naive_view(r: dict) -> str:
+        naive = r.get("naive_view")  # runs before 2026-12-04 had no naive view
+        return f"{naive['requests_per_second']:g} req/s: {naive['vs_bare_insert']:g}" if naive else "-"
+
     first = by_broker[kinds[0]]
     concurrencies = " / ".join(str(row["concurrency"]) for row in first["critical_scaling"])
     critical_c = procfile_concurrency("worker-critical")
@@ -780,6 +786,11 @@ def markdown_table(by_broker: dict[str, dict]) -> str:
         (
             "ceiling: bare INSERT view, same clients",
             lambda r: f"{r['ceilings']['bare_insert_requests_per_second']:g} req/s",
+            "",
+        ),
+        (
+            "reference: INSERT and publish on commit (the issue's naive view) / bare INSERT",
+            naive_view,
             "",
         ),
         ("**order API / bare INSERT**", judged("order_api_vs_bare_insert"), ">= 0.5"),
@@ -973,10 +984,11 @@ def measure(stack: Stack, replies, make_order, sizes: Sizes, quiet: dict) -> dic
     step("http", "1/6 HTTP: bare INSERT ceiling, then the order API (no workers running)")
     ceiling_url, ceiling = stack.start_web(app="bench.ceiling_wsgi", port=stack.free_port())
     phases["ceiling"] = http_phase(ceiling_url, "/insert/", make_order, sizes)
+    phases["naive"] = http_phase(ceiling_url, "/insert-and-publish/", make_order, sizes)
     stack.stop(ceiling)
     stack.start_web()
     phases["api"] = http_phase(stack.web_url, "/api/orders/", make_order, sizes)
-    # Those orders stay pending: the pipeline phases start from an empty queue.
+    # Those orders stay pending, and the naive view's no-ops unread: the pipeline phases start from an empty queue.
     stack.broker.purge("critical")
     step("workers_start")
     sampler = MemorySampler(stack.start_workers())
@@ -1000,6 +1012,12 @@ def measure(stack: Stack, replies, make_order, sizes: Sizes, quiet: dict) -> dic
         "bare_insert_latency_ms": phases["ceiling"]["latency_ms"],
         "noop_tasks_per_second": phases["celery"]["noop_tasks_per_second"],
         "noop_round_trip_ms": phases["celery"]["noop_round_trip_ms"],
+    }
+    # Issue 18's reference point, not a ceiling: the same INSERT in a transaction, a task published on commit.
+    naive_view = {
+        "requests_per_second": phases["naive"]["requests_per_second"],
+        "latency_ms": phases["naive"]["latency_ms"],
+        "vs_bare_insert": ratio(phases["naive"]["requests_per_second"], ceilings["bare_insert_requests_per_second"]),
     }
     ratios = {
         "order_api_vs_bare_insert": ratio(
@@ -1025,6 +1043,7 @@ def measure(stack: Stack, replies, make_order, sizes: Sizes, quiet: dict) -> dic
         "broker": {"kind": kind, "label": stack.broker.label, "server_version": stack.broker.server_version()},
         "load": quiet,
         "ceilings": ceilings,
+        "naive_view": naive_view,
         "ratios": ratios,
         "p95s": {
             "order_api_latency_ms": phases["api"]["latency_ms"]["p95"],

@@ -107,6 +107,7 @@ def fake_outcome(kind: str, scale: float) -> dict:
 
 def outcomes() -> dict[str, dict]:
     redis = fake_outcome("redis", 1.0)
+    redis["results"]["naive_view"] = {"requests_per_second": 150.0, "latency_ms": {}, "vs_bare_insert": 0.5}
     redis["results"]["pipeline"]["max_load"]["cpu"] = {
         "cores": 2,
         "cpu_ms_per_order": {"sandbox": 9, "critical": 60, "critical main": 15},
@@ -124,6 +125,9 @@ def test_the_table_puts_both_brokers_side_by_side():
     scaling = next(line for line in lines if line.startswith("| pipeline max"))
     assert "-c 1 / 2 / 4" in scaling and "| 10 / 10 / 10 orders/s | 5 / 5 / 5 orders/s |" in scaling
     assert "| 0.3 (MISSED) | 0.3 (MISSED) | >= 0.5 |" in table
+    # Issue 18's naive view beside it, as a reference; "-" for a run without it.
+    naive = next(line for line in lines if line.startswith("| reference: INSERT and publish on commit"))
+    assert naive.endswith("| 150 req/s: 0.5 | - |  |"), naive
     # Issue 18's targets: created -> paid against its parts, the pipeline's tasks against the no-op rate.
     assert "its parts' p95s (2 no-op round trips + the provider call)** | 1.4 (met) | 1.4 (met) | <= 1.5 |" in table
     assert "/ no-op tasks/s** | 0.1 (MISSED) | 0.1 (MISSED) | >= 0.6 |" in table
