@@ -87,7 +87,8 @@ def test_staff_refund_a_fulfilled_order_from_the_admin_and_see_it_refunded(page,
         admin.get_by_role("button", name="Refund all that is left").click()
         expect(admin.locator(".messagelist")).to_contain_text("of 12.00 EUR requested")
         for _ in range(45):
-            if admin.locator(".field-status .readonly").inner_text() == "Refunded":
+            status = admin.locator(".field-status .readonly").inner_text()
+            if status == "Refunded" and refunded.inner_text().count("succeeded") == 2:
                 break
             admin.wait_for_timeout(1000)
             admin.reload()

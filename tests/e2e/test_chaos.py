@@ -252,8 +252,23 @@ def chaos(state: dict, start_worker, stop: threading.Event, log: list[str]) -> N
             log.append(f"{time.strftime('%H:%M:%S')} {action} did not complete: {exc!r}"[:300])
 
 
+def supervise(state: dict, start_worker) -> None:
+    """Start a worker that exited again, as the compose file's `restart: unless-stopped` does.
+
+    A pool process killed at its hard time limit while writing its result can leave billiard's result pipe
+    unreadable, and the worker's main process exits ("Unrecoverable error: UnpicklingError"): seen once,
+    after the failures, in a run beside other e2e tests.
+    """
+    for queue, concurrency in (("critical", CRITICAL_CONCURRENCY), ("default", DEFAULT_CONCURRENCY)):
+        if state[queue].process.poll() is not None:
+            print(f"{queue} worker exited with {state[queue].process.returncode}: started again")
+            state[queue] = start_worker(
+                queue, concurrency=concurrency, env=state["env"], name=f"{queue}-chaos", ready_timeout=60
+            )
+
+
 def heal(state: dict, start_worker) -> None:
-    """After the failures: the broker, the provider, the warehouse, the mail server and a critical worker are up."""
+    """After the failures: the broker, the provider, the warehouse, the mail server and the workers are up."""
     state["broker"].heal()
     if state["sandbox"].process.poll() is not None or not http_ok(f"{state['sandbox'].url}/healthz"):
         kill_sandbox(state)
@@ -262,10 +277,7 @@ def heal(state: dict, start_worker) -> None:
     if not state["mail"].answers():
         state["mail"].stop()
         state["mail"].start()
-    if state["critical"].process.poll() is not None:
-        state["critical"] = start_worker(
-            "critical", concurrency=CRITICAL_CONCURRENCY, env=state["env"], name="critical-chaos", ready_timeout=60
-        )
+    supervise(state, start_worker)
 
 
 class QueueSampler(threading.Thread):
@@ -408,7 +420,13 @@ def run_chaos(stack, start_worker, sampler: QueueSampler):
         with ThreadPoolExecutor(max_workers=6) as pool:
             ids = list(pool.map(paced, plans))
         # Keep failing while the pipeline works through the backlog: two rounds of every failure.
-        wait_for(lambda: len(chaos_log) >= 2 * len(ACTIONS), 300, "two rounds of failures", interval=1)
+        # Rounds of completed failures: a step that did not complete under load is tried again, not counted.
+        wait_for(
+            lambda: sum("did not complete" not in entry for entry in chaos_log) >= 2 * len(ACTIONS),
+            300,
+            "two rounds of failures",
+            interval=1,
+        )
     finally:
         stop.set()
         chaos_thread.join(120)
@@ -422,7 +440,12 @@ def run_chaos(stack, start_worker, sampler: QueueSampler):
     # Safety first, whether or not everything has finished; then liveness: everything finished.
     not_settled = ""
     try:
-        wait_for(settled, SETTLED_WITHIN_SECONDS, "every order and email to settle", interval=2)
+        wait_for(
+            lambda: supervise(stack, start_worker) or settled(),
+            SETTLED_WITHIN_SECONDS,
+            "every order and email to settle",
+            interval=2,
+        )
         print(f"settled {time.monotonic() - healed:.0f} s after the failures stopped")
     except pytest.fail.Exception:
         not_settled = unsettled(stack)

@@ -106,6 +106,8 @@ def test_database_restart_under_load_recovers_and_retries_failed_tasks(
     placing = threading.Thread(target=lambda: during.extend(shopper.place(f"during-{n}") for n in range(4)))
     placing.start()
     time.sleep(4)
+    # A starved machine may take longer for the first answer during the outage: wait for one.
+    wait_for(lambda: len(shopper.answers) > len(before), 30, "an answer while the database is down")
     outage_answers = list(shopper.answers[len(before) :])
     private_postgres.start()
     placing.join(60)

@@ -73,7 +73,10 @@ def test_prefork_worker_serves_the_sum_of_its_pool_processes(start_worker, broke
     def finished() -> str | None:
         text = scrape(url)
         done = total(text, "celery_tasks_total", status="success") + total(text, "celery_tasks_total", status="failure")
-        return text if done >= TASKS + 1 and total(text, "celery_tasks_total", status="unknown") else None
+        # A task's duration is observed a moment after its counter: wait for both.
+        timed = total(text, "celery_task_duration_seconds_count", name="orders.tasks.process_order", queue="critical")
+        refused = total(text, "celery_tasks_total", status="unknown")
+        return text if done >= TASKS + 1 and timed >= TASKS + 1 and refused else None
 
     text = wait_for(finished, 30, f"{TASKS + 1} finished tasks in the worker's metrics")
 

@@ -407,22 +407,23 @@ def test_a_notification_that_failed_during_a_mail_outage_is_sent_once_when_the_m
         assert item.state == OutboxItem.State.DONE
         assert not FailedTask.objects.filter(task_name="notifications.tasks.send_notification", resolved=False).exists()
     finally:
-        mail.stop()
+        mail.close()
 
 
 # --- Finding 6: time limits and the provider call's deadline ------------------------------
 
 DEADLINE = 2
 PROJECT_APPS = ("core", "orders", "payments", "notifications", "reports")
-LIMITS = {"CRITICAL_SOFT_TIME_LIMIT": "3", "CRITICAL_TIME_LIMIT": "5", "PROVIDER_CALL_DEADLINE": str(DEADLINE)}
+# The soft limit well above the deadline, so a starved machine's slower attempt never reaches it first.
+LIMITS = {"CRITICAL_SOFT_TIME_LIMIT": "6", "CRITICAL_TIME_LIMIT": "8", "PROVIDER_CALL_DEADLINE": str(DEADLINE)}
 
 
 def test_a_provider_slower_than_the_soft_limit_costs_a_retry_not_the_pool_process(start_worker, sandbox):
     """Issue 11, finding 6: no time limit on charge_order, and a per-read timeout that never bounded the call."""
-    # Given a worker whose critical tasks have a 3 s soft and 5 s hard limit, and a 2 s deadline on provider calls
+    # Given a worker whose critical tasks have a 6 s soft and 8 s hard limit, and a 2 s deadline on provider calls
     worker = start_worker("critical", env=LIMITS, name="limits")
-    registered = app.control.inspect([worker.nodename], timeout=5).registered("soft_time_limit", "time_limit")
-    assert f"{CHARGE_ORDER} [soft_time_limit=3 time_limit=5]" in registered[worker.nodename], registered
+    registered = app.control.inspect([worker.nodename], timeout=15).registered("soft_time_limit", "time_limit")
+    assert f"{CHARGE_ORDER} [soft_time_limit=6 time_limit=8]" in registered[worker.nodename], registered
     # Every task of the project has limits (its queue's, unless it sets its own), not only reports.
     ours = [line for line in registered[worker.nodename] if line.split(".")[0] in PROJECT_APPS]
     assert len(ours) >= 8 and all("[soft_time_limit=" in line and " time_limit=" in line for line in ours), ours
@@ -451,7 +452,7 @@ def test_a_provider_slower_than_the_soft_limit_costs_a_retry_not_the_pool_proces
     durations = [ends[0] - received[0].at.timestamp()]
     durations += [b - a - x for a, b, x in zip(ends, ends[1:], countdowns, strict=False)]
     print(f"charge attempts took {[round(d, 2) for d in durations]} s; countdowns {countdowns}")
-    assert max(durations) <= DEADLINE + 1.5, durations
+    assert max(durations) <= DEADLINE + 3, durations  # and below the soft limit (6 s)
     assert "Soft time limit" not in log and "Hard time limit" not in log, log
     assert not FailedTask.objects.filter(exception__contains="TimeLimitExceeded").exists()
     assert not FailedTask.objects.exists()

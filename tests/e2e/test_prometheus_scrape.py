@@ -87,9 +87,18 @@ def test_prometheus_scrapes_task_series_from_worker_and_queues_from_web(start_wo
         assert {s["metric"]["name"] for s in series} >= {"orders.tasks.process_order"}
         assert {s["metric"]["queue"] for s in series} == {"critical"}
         # Prometheus starts scraping its targets together, but one may land a moment after the other.
-        web_up = wait_for(lambda: query(prometheus, 'up{job="web"}'), 5, "Prometheus to scrape web")
+        # A scrape slower than the 1 s interval (a starved machine) reads as down: wait for one that succeeded.
+        web_up = wait_for(
+            lambda: (found := query(prometheus, 'up{job="web"}')) and found[0]["value"][1] == "1" and found,
+            30,
+            "Prometheus to scrape web",
+        )
         assert web_up[0]["value"][1] == "1"  # the token was accepted
-        depth = query(prometheus, 'celery_queue_depth{job="web"}')
+        depth = wait_for(
+            lambda: len(found := query(prometheus, 'celery_queue_depth{job="web"}')) >= 3 and found,
+            30,
+            "the queue depths",
+        )
         assert {s["metric"]["queue"] for s in depth} == {"critical", "bulk", "default"}
         # Every dashboard query is valid PromQL on real data, and the alert rules load and evaluate.
         for exprs in dashboard_exprs().values():

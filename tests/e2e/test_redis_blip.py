@@ -138,13 +138,16 @@ def test_charge_running_during_a_redis_blip_finishes_once_and_is_acknowledged_at
     steps = OutboxItem.objects.filter(task_name__startswith="orders.tasks.", args=[order.pk]).values_list(
         "task_name", "state"
     )
-    assert sorted(steps) == [
+    expected = [
         ("orders.tasks.charge_order", "done"),
         # Its payment deadline (PAYMENT_EXPIRY_SECONDS after confirmation) waits in the outbox, unpublished.
         ("orders.tasks.expire_order", "pending"),
         ("orders.tasks.process_order", "done"),
         ("orders.tasks.sync_to_fulfillment", "done"),
     ]
+    # The last step's item is marked done on task_success, after the commit that fulfilled the order.
+    wait_for(lambda: sorted(steps) == expected, 10, "the steps' outbox items")
+    assert sorted(steps) == expected
     assert not FailedTask.objects.exists()
 
     # Nothing left for the visibility timeout: the late ack reached Redis over a new connection

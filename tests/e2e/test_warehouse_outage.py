@@ -28,6 +28,7 @@ from orders.services import place_order
 from payments.models import Payment
 from tests.factories import ProductFactory, UserFactory
 from tests.sandbox_fixtures import SandboxClient, SandboxProcess
+from tests.stack import wait_for
 
 pytestmark = [
     pytest.mark.worker,
@@ -151,6 +152,16 @@ def test_warehouse_down_three_minutes_one_dead_letter_per_order_bounded_queue_on
 
     # The outage really hit every order: each hand-over was retried, none got through while it lasted
     assert Order.Status.FULFILLED not in during
+    # The last hand-overs' items are marked done, and their dead letters resolved, on task_success: after the
+    # commit that fulfilled their orders.
+    wait_for(
+        lambda: (
+            {item.state for item in sync_items().values()} == {OutboxItem.State.DONE}
+            and not FailedTask.objects.filter(resolved=False).exists()
+        ),
+        15,
+        "the hand-overs' items done and their dead letters resolved",
+    )
     items = sync_items()
     assert sorted(items) == sorted(ids)  # one hand-over item per order, never a second one
     assert {str(item.task_id) for item in items.values()} <= retried_task_ids(critical.log())

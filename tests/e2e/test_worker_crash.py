@@ -29,7 +29,9 @@ FAST_REDELIVERY = {
 def test_charge_interrupted_by_killing_the_whole_worker_completes_after_a_worker_returns(start_worker, broker, sandbox):
     ProductFactory(sku="CRASH", stock=5)
     order = place_order(owner=UserFactory(), items=[("CRASH", 1)])  # queued until a worker starts
-    sandbox.set_faults(latency_ms=3000)  # keeps the charge in flight long enough to kill the worker
+    # Keeps the charge in flight long enough to kill the worker, with slack for a starved machine between
+    # seeing the payment and the kill.
+    sandbox.set_faults(latency_ms=6000)
     first = start_worker("critical", name="doomed", env=FAST_REDELIVERY)
 
     wait_for(lambda: Payment.objects.filter(order=order).exists(), 20, "the charge to be in flight")

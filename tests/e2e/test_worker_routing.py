@@ -34,7 +34,7 @@ def test_critical_worker_carries_orders_to_fulfilled_and_leaves_other_queues_alo
     product = ProductFactory(sku="ROUTED", stock=5)
     shopper = UserFactory()
     worker = start_worker("critical")
-    queues = app.control.inspect([worker.nodename], timeout=5, limit=1).active_queues()
+    queues = app.control.inspect([worker.nodename], timeout=15, limit=1).active_queues()
     assert [queue["name"] for queue in queues[worker.nodename]] == ["critical"]
 
     app.send_task("notifications.tasks.nothing", queue="default")

@@ -277,11 +277,12 @@ def test_create_shipment_maps_errors_like_the_provider(provider_at, status, erro
 
 def test_one_watchdog_thread_serves_every_call_and_a_finished_call_is_never_cut(provider_at, settings):
     # Many quick calls under a deadline shorter than the test: each would have started a timer thread before.
-    settings.PROVIDER_CALL_DEADLINE = 0.3
+    # One second each: a local call takes milliseconds, and a starved machine must not cut one.
+    settings.PROVIDER_CALL_DEADLINE = 1.0
     with provider_at(respond(201, CHARGE_BODY)):
         for _ in range(20):
             assert charge_once().id == "ch_1"
-        time.sleep(0.5)  # every deadline of those calls has passed: none may cut the pooled connection now
+        time.sleep(1.2)  # every deadline of those calls has passed: none may cut the pooled connection now
         assert charge_once().id == "ch_1"
     watchdogs = [thread for thread in threading.enumerate() if thread.name == "http-deadline-watchdog"]
     assert len(watchdogs) == 1
