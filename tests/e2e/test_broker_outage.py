@@ -70,7 +70,7 @@ def test_orders_placed_while_the_broker_is_down_are_kept_and_processed_when_it_r
         answers.append((response.status_code, time.monotonic() - started))
     # Committed now, dispatched later: every request answers 201, quickly, and never 500.
     assert [status for status, _ in answers] == [201] * 5
-    assert max(seconds for _, seconds in answers) < 5
+    assert max(seconds for _, seconds in answers) < 10  # against the client's 30 s: no request waits on the broker
     placed = Order.objects.filter(owner=shopper)
     assert placed.count() == 5
     assert set(placed.values_list("status", flat=True)) == {"pending"}
