@@ -347,14 +347,11 @@ class MailServer:
 
     It accepts every message and keeps it (`messages`, `subjects`). Until `start`, and after `stop`,
     nothing listens on the port: a send is refused at once, as with a mail server that is down;
-    `start` opens the same port again. While it is down the port stays bound (not listening), so no
-    other process's `free_port()` or outgoing connection takes it meanwhile; `close` lets it go.
+    `start` opens the same port again.
     """
 
     def __init__(self) -> None:
-        self._placeholder = self._hold(0)
-        assert self._placeholder is not None
-        self.port = self._placeholder.getsockname()[1]
+        self.port = free_port()
         self.messages: list[bytes] = []
         self.lock = threading.Lock()
         self.server: socketserver.ThreadingTCPServer | None = None
@@ -369,25 +366,7 @@ class MailServer:
             messages = list(self.messages)
         return [str(make_header(decode_header(email.message_from_bytes(raw)["Subject"] or ""))) for raw in messages]
 
-    @staticmethod
-    def _hold(port: int) -> socket.socket | None:
-        """A socket bound to the port and not listening: a connection to it is refused at once."""
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the stopped server's TIME_WAITs
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            sock.close()
-            return None
-        return sock
-
-    def _release(self) -> None:
-        if self._placeholder is not None:
-            self._placeholder.close()
-            self._placeholder = None
-
     def start(self) -> None:
-        self._release()
         mail = self
 
         class Handler(socketserver.StreamRequestHandler):
@@ -406,12 +385,6 @@ class MailServer:
             self.server.shutdown()
             self.server.server_close()
             self.server = None
-            self._placeholder = self._hold(self.port)
-
-    def close(self) -> None:
-        """Stop, and let the port go."""
-        self.stop()
-        self._release()
 
     def answers(self) -> bool:
         try:

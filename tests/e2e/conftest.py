@@ -117,4 +117,4 @@ def mail() -> Iterator[MailServer]:
     server = MailServer()
     server.start()
     yield server
-    server.close()
+    server.stop()

@@ -407,7 +407,7 @@ def test_a_notification_that_failed_during_a_mail_outage_is_sent_once_when_the_m
         assert item.state == OutboxItem.State.DONE
         assert not FailedTask.objects.filter(task_name="notifications.tasks.send_notification", resolved=False).exists()
     finally:
-        mail.close()
+        mail.stop()
 
 
 # --- Finding 6: time limits and the provider call's deadline ------------------------------
